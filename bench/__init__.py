@@ -1,0 +1,1 @@
+"""Benchmarks: one script per op plus end-to-end training and sampling."""

@@ -1,0 +1,135 @@
+"""What every benchmark shares: timing, peak memory, and the results file.
+
+* GPU: ``triton.testing.do_bench`` medians, peak memory from the CUDA caching allocator.
+* CPU: medians of ``time.perf_counter`` after warm-up; peak memory as the rise of the process's peak
+  resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` before each measurement).
+* Results append to ``bench/results/<name>.json`` as a list of runs, each with the device, the
+  torch/triton versions, the git sha and every row, so runs on different machines sit side by side.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 2, reps: int = 5) -> dict[str, float]:
+    """Median and spread (min, max) of ``fn``'s wall time in milliseconds."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, quantiles=[0.5, 0.0, 1.0], return_mode="median")
+        return {"ms": q[0], "ms_min": q[1], "ms_max": q[2]}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Extra memory ``fn`` needs at its peak, above what was held before it ran (MiB)."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        base = _proc_status_kib("VmRSS")
+        fn()
+        return (_proc_status_kib("VmHWM") - base) / 1024
+    except OSError:
+        return None  # not Linux, or /proc not writable: report no figure rather than a wrong one
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def run_metadata(device: torch.device | str) -> dict:
+    import triton
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git_sha": git_sha(),
+    }
+
+
+def append_results(name: str, device: torch.device | str, config: dict, rows: list[dict],
+                   out_dir: Path | str | None = None) -> Path:
+    """Append one run (metadata, config, rows) to ``<out_dir>/<name>.json`` and return the path."""
+    path = Path(out_dir or RESULTS_DIR) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append({**run_metadata(device), "config": config, "rows": rows})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(runs, indent=1) + "\n")
+    tmp.replace(path)  # atomic: a crash never leaves a half-written results file
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Print rows as an aligned text table (missing cells blank, floats to 4 significant digits)."""
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -1,0 +1,1 @@
+"""Batching, training, KV cache, generation, sampling and the ``mmfuse`` command line."""

@@ -1,0 +1,78 @@
+"""What every op shares: backend selection and argument checks, written once.
+
+Every public op takes ``backend=None | "torch" | "triton"``:
+
+* ``None`` picks Triton for CUDA tensors and the PyTorch reference otherwise;
+* ``"torch"`` always runs the PyTorch reference;
+* ``"triton"`` runs the Triton kernel; on CPU tensors only when the process was started with
+  ``TRITON_INTERPRET=1`` (how CI runs the kernels without a GPU).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Literal, Sequence
+
+import torch
+
+Backend = Literal["torch", "triton"]
+_BACKENDS = ("torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> Backend:
+    """Map the user's ``backend`` argument to ``"torch"`` or ``"triton"`` for these tensors."""
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    on_cuda = any(t.is_cuda for t in tensors)
+    if backend is None:
+        return "triton" if on_cuda and not triton_interpreting() else "torch"
+    if backend == "triton" and not on_cuda and not triton_interpreting():
+        raise ValueError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: start the process with "
+            "TRITON_INTERPRET=1 (or use backend='torch')"
+        )
+    return backend
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """All named tensors on one device, else a ValueError naming the odd one out."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """Check one argument's type, rank, dtype and (partial) shape; ``None`` in ``shape`` is free."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    return t
+
+
+def is_tracing() -> bool:
+    """True under torch.compile/export tracing, where data-dependent checks must be skipped."""
+    return torch.compiler.is_compiling()

@@ -1,0 +1,703 @@
+"""Attention under a per-query key interval: the fused mixed causal / bidirectional mask.
+
+Query ``i`` of batch row ``b`` attends the keys ``kv_start[b, i] <= j < kv_end[b, i]`` (see
+:mod:`mmfuse.kernels.mask_intervals`). The kernels read two int32 per query instead of an L x L mask:
+
+* a (query-block, key-block) tile that no query of the block sees is never loaded;
+* a tile that every live query of the block sees whole runs without mask arithmetic;
+* only tiles straddling an interval edge are masked.
+
+An empty interval (padding) gives a zero output row and zero gradients. Layout of this file:
+Triton kernels -> launchers -> PyTorch reference -> custom op + autograd -> public function.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    is_tracing,
+    resolve_backend,
+    triton_interpreting,
+)
+
+_LOG2E = 1.4426950408889634
+_TRITON_HEAD_DIMS = (32, 64, 80, 96, 128)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptr, stride_m, stride_d, offs_m, offs_d, row_ok, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; rows past the end and padded head-dim columns read as 0."""
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    x = tl.load(ptr + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile_kind(s, e, live, n0, BLOCK_N: tl.constexpr):
+    """0 = no live query sees keys [n0, n0 + BLOCK_N); 1 = some see part of it; 2 = all see it whole."""
+    n1 = n0 + BLOCK_N
+    all_see = tl.max(tl.where(live, s, 0)) <= n0
+    all_see = all_see & (tl.min(tl.where(live, e, n1)) >= n1)
+    some_see = tl.max(((s < n1) & (e > n0) & live).to(tl.int32)) > 0
+    return tl.where(all_see & some_see, 2, tl.where(some_see, 1, 0))
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, n0, LK, s, e,
+              qk_scale, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    cols = n0 + offs_n
+    col_ok = cols < LK
+    k = _load_rows(k_base, stride_kn, stride_kd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
+    v = _load_rows(v_base, stride_vn, stride_vd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        seen = (cols[None, :] >= s[:, None]) & (cols[None, :] < e[:, None])
+        qk = tl.where(seen, qk, float("-inf"))
+    # m_i starts finite, so a row with nothing seen yet never computes (-inf) - (-inf).
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _mixed_attention_fwd_kernel(
+    Q, K, V, O, LSE, KV_START, KV_END, TILE_COUNTS,
+    qk_scale, split_len,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_os, stride_ob, stride_oh, stride_om, stride_od,
+    stride_ls, stride_lb, stride_lh,
+    H_Q, GROUP, LQ, LK,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (batch, head) against the keys of one split window."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H_Q
+    h = pid_bh % H_Q
+    hk = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < LQ
+
+    # The split window [win_lo, win_hi) clips every interval (one window when not splitting).
+    win_lo = pid_s * split_len
+    win_hi = tl.minimum(win_lo + split_len, LK)
+    s = tl.maximum(tl.load(KV_START + b * LQ + offs_m, mask=row_ok, other=0), win_lo)
+    e = tl.minimum(tl.load(KV_END + b * LQ + offs_m, mask=row_ok, other=0), win_hi)
+    live = row_ok & (s < e)
+    lo = tl.min(tl.where(live, s, LK))
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.max(tl.where(live, e, 0))
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, row_ok, HEAD_DIM, UPCAST)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    n_full = 0
+    n_masked = 0
+    n_skipped = 0
+    for n0 in range(lo, hi, BLOCK_N):
+        kind = _tile_kind(s, e, live, n0, BLOCK_N)
+        if kind == 2:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+                                      n0, LK, s, e, qk_scale, HEAD_DIM, UPCAST, False, DOT_PRECISION)
+            n_full += 1
+        elif kind == 1:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+                                      n0, LK, s, e, qk_scale, HEAD_DIM, UPCAST, True, DOT_PRECISION)
+            n_masked += 1
+        else:
+            n_skipped += 1
+
+    has_keys = live & (l_i > 0)
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = tl.where(has_keys[:, None], out, 0.0)
+    # Natural-log LSE; an empty row stores -inf (the log-sum-exp of nothing).
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+
+    o_ptrs = O + pid_s * stride_os + b * stride_ob + h * stride_oh
+    o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
+    if COUNT_TILES:
+        pid = (pid_s * tl.num_programs(1) + pid_bh) * tl.num_programs(0) + pid_m
+        tl.store(TILE_COUNTS + pid * 3 + 0, n_full)
+        tl.store(TILE_COUNTS + pid * 3 + 1, n_masked)
+        tl.store(TILE_COUNTS + pid * 3 + 2, n_skipped)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, base, offs_m, row_ok):
+    """log2-domain LSE (+inf for empty rows, so their probabilities are 0) and delta = rowsum(dO*O)."""
+    lse = tl.load(LSE + base + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + base + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, KV_START, KV_END, q_base, do_base, stat_base, int_base,
+                   stride_qm, stride_qd, stride_dom, stride_dod, qb, cols, offs_m, offs_d, qk_scale, LQ,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    rows = qb * BLOCK_M + offs_m
+    row_ok = rows < LQ
+    q = _load_rows(Q + q_base, stride_qm, stride_qd, rows, offs_d, row_ok, HEAD_DIM, UPCAST)
+    do = _load_rows(DO + do_base, stride_dom, stride_dod, rows, offs_d, row_ok, HEAD_DIM, UPCAST)
+    lse, delta = _load_row_stats(LSE, DELTA, stat_base, rows, row_ok)
+    # Transposed orientation: keys on axis 0, queries on axis 1.
+    p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+    if MASKED:
+        s = tl.load(KV_START + int_base + rows, mask=row_ok, other=0)
+        e = tl.load(KV_END + int_base + rows, mask=row_ok, other=0)
+        seen = (cols[:, None] >= s[None, :]) & (cols[:, None] < e[None, :])
+        p_t = tl.where(seen, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _mixed_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, KV_START, KV_END, QB_LO, QB_HI, DK, DV,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H_KV, GROUP, LQ, LK, NUM_KB,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dK, dV of BLOCK_N keys of one KV head, summed over its GQA group (no atomics)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    hk = pid_bh % H_KV
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < LK
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, stride_kn, stride_kd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh, stride_vn, stride_vd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Query blocks whose block-level key range overlaps this key block (precomputed, O(blocks^2)).
+    qb_lo = tl.load(QB_LO + b * NUM_KB + pid_n)
+    qb_hi = tl.load(QB_HI + b * NUM_KB + pid_n)
+    int_base = b * LQ
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = b * stride_qb + h * stride_qh
+        do_base = b * stride_dob + h * stride_doh
+        stat_base = (b * H_KV * GROUP + h) * LQ
+        for qb in range(qb_lo, qb_hi):
+            rows = qb * BLOCK_M + offs_m
+            row_ok = rows < LQ
+            s = tl.load(KV_START + int_base + rows, mask=row_ok, other=0)
+            e = tl.load(KV_END + int_base + rows, mask=row_ok, other=0)
+            kind = _tile_kind(s, e, row_ok & (s < e), n0, BLOCK_N)
+            if kind == 2:
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, KV_START, KV_END, q_base, do_base,
+                                        stat_base, int_base, stride_qm, stride_qd, stride_dom, stride_dod, qb,
+                                        cols, offs_m, offs_d, qk_scale, LQ, HEAD_DIM, BLOCK_M, UPCAST, False,
+                                        DOT_PRECISION)
+            elif kind == 1:
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, KV_START, KV_END, q_base, do_base,
+                                        stat_base, int_base, stride_qm, stride_qd, stride_dom, stride_dod, qb,
+                                        cols, offs_m, offs_d, qk_scale, LQ, HEAD_DIM, BLOCK_M, UPCAST, True,
+                                        DOT_PRECISION)
+    dk *= sm_scale
+    store_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+                 n0, LK, s, e,
+                 qk_scale, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    cols = n0 + offs_n
+    col_ok = cols < LK
+    k = _load_rows(k_base, stride_kn, stride_kd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
+    v = _load_rows(v_base, stride_vn, stride_vd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+    if MASKED:
+        seen = (cols[None, :] >= s[:, None]) & (cols[None, :] < e[:, None])
+        p = tl.where(seen, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _mixed_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, KV_START, KV_END, DQ,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H_Q, GROUP, LQ, LK,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dQ of BLOCK_M queries of one head, visiting the same tiles as the forward."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_Q
+    h = pid_bh % H_Q
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < LQ
+    s = tl.load(KV_START + b * LQ + offs_m, mask=row_ok, other=0)
+    e = tl.load(KV_END + b * LQ + offs_m, mask=row_ok, other=0)
+    live = row_ok & (s < e)
+    lo = (tl.min(tl.where(live, s, LK)) // BLOCK_N) * BLOCK_N
+    hi = tl.max(tl.where(live, e, 0))
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, row_ok, HEAD_DIM, UPCAST)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, stride_dom, stride_dod, offs_m, offs_d, row_ok, HEAD_DIM,
+                    UPCAST)
+    lse, delta = _load_row_stats(LSE, DELTA, pid_bh * LQ, offs_m, row_ok)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        kind = _tile_kind(s, e, live, n0, BLOCK_N)
+        if kind == 2:
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, n0, LK,
+                              s, e, qk_scale, HEAD_DIM, UPCAST, False, DOT_PRECISION)
+        elif kind == 1:
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, n0, LK,
+                              s, e, qk_scale, HEAD_DIM, UPCAST, True, DOT_PRECISION)
+    dq *= sm_scale
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_sizes(head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim on this process."""
+    if triton_interpreting():
+        return 32, 32, 4, 1  # bigger numpy tiles are cheaper than more interpreted iterations
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 64, 64, 4, 3
+
+
+def _kernel_flags(dtype: torch.dtype) -> dict:
+    return dict(
+        # The interpreter's tl.dot on bf16 returns garbage; fp32 inputs stay exact (no tf32).
+        UPCAST=triton_interpreting(),
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+
+def _default_num_splits(batch_heads: int, num_q_blocks: int, kv_len: int, block_n: int, device: torch.device) -> int:
+    """Split the keys when too few (batch, head, query-block) programs exist to fill the GPU (decode)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = batch_heads * num_q_blocks
+    if programs >= sms:
+        return 1
+    max_splits = triton.cdiv(kv_len, 4 * block_n)  # keep at least 4 tiles of work per split
+    return max(1, min(triton.cdiv(2 * sms, programs), max_splits, 64))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+def _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits, count_tiles=False):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    block_m, block_n, num_warps, num_stages = _block_sizes(D)
+    num_q_blocks = triton.cdiv(Lq, block_m)
+    if num_splits is None:
+        num_splits = _default_num_splits(B * Hq, num_q_blocks, Lk, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(Lk, num_splits), block_n) * block_n
+    num_splits = max(1, triton.cdiv(Lk, split_len))
+    grid = (num_q_blocks, B * Hq, num_splits)
+    if num_splits == 1:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty((1, B, Hq, Lq), device=q.device, dtype=torch.float32)
+        o_strides = (0, *_strides(out))
+    else:
+        out = torch.empty((num_splits, B, Hq, Lq, D), device=q.device, dtype=torch.float32)
+        lse = torch.empty((num_splits, B, Hq, Lq), device=q.device, dtype=torch.float32)
+        o_strides = _strides(out)
+    counts = torch.zeros((math.prod(grid), 3) if count_tiles else (1,), device=q.device, dtype=torch.int32)
+    torch.library.wrap_triton(_mixed_attention_fwd_kernel)[grid](
+        q, k, v, out, lse, kv_start, kv_end, counts,
+        scale * _LOG2E, split_len,
+        *_strides(q), *_strides(k), *_strides(v), *o_strides, *_strides(lse)[:3],
+        Hq, Hq // Hkv, Lq, Lk,
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
+        COUNT_TILES=count_tiles, num_warps=num_warps, num_stages=num_stages, **_kernel_flags(q.dtype),
+    )
+    if num_splits > 1:
+        out, lse = _combine_splits(out, lse, q.dtype)
+    else:
+        lse = lse[0]
+    if count_tiles:
+        return out, lse, counts
+    return out, lse
+
+
+def _combine_splits(out_parts: torch.Tensor, lse_parts: torch.Tensor, dtype: torch.dtype):
+    """Merge per-split normalised outputs by their log-sum-exp weights; empty rows stay 0 / -inf."""
+    lse = torch.logsumexp(lse_parts, dim=0)
+    finite = torch.isfinite(lse)
+    weights = torch.exp(lse_parts - torch.where(finite, lse, 0.0))
+    weights = torch.where(finite, weights, 0.0)
+    out = (weights[..., None] * out_parts).sum(0)
+    return out.to(dtype), lse
+
+
+def _query_block_ranges(kv_start, kv_end, kv_len, block_m, block_n):
+    """For each key block, the [first, last+1) query blocks whose key range can reach it.
+
+    Costs O(B * query_blocks * key_blocks) small integers, never O(L^2).
+    """
+    B, Lq = kv_start.shape
+    nqb, nkb = triton.cdiv(Lq, block_m), triton.cdiv(kv_len, block_n)
+    pad = nqb * block_m - Lq
+    s = torch.nn.functional.pad(kv_start, (0, pad)).view(B, nqb, block_m)
+    e = torch.nn.functional.pad(kv_end, (0, pad)).view(B, nqb, block_m)
+    live = s < e
+    blk_lo = torch.where(live, s, kv_len).amin(-1)
+    blk_hi = torch.where(live, e, 0).amax(-1)
+    n0 = torch.arange(nkb, device=s.device, dtype=torch.int32) * block_n
+    reach = (blk_lo[:, :, None] < (n0 + block_n)) & (blk_hi[:, :, None] > n0)  # (B, nqb, nkb)
+    qb = torch.arange(nqb, device=s.device, dtype=torch.int32)[None, :, None]
+    qb_lo = torch.where(reach, qb, nqb).amin(1).to(torch.int32)
+    qb_hi = (torch.where(reach, qb, -1).amax(1) + 1).to(torch.int32)
+    return qb_lo.contiguous(), qb_hi.contiguous(), nkb
+
+
+def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    block_m, block_n, num_warps, num_stages = _block_sizes(D)
+    delta = (do.float() * out.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    common = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
+                  num_warps=num_warps, num_stages=num_stages, **_kernel_flags(q.dtype))
+    qb_lo, qb_hi, nkb = _query_block_ranges(kv_start, kv_end, Lk, block_m, block_n)
+    torch.library.wrap_triton(_mixed_attention_bwd_dkdv_kernel)[(nkb, B * Hkv)](
+        q, k, v, do, lse, delta, kv_start, kv_end, qb_lo, qb_hi, dk, dv,
+        scale * _LOG2E, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        Hkv, Hq // Hkv, Lq, Lk, nkb, **common,
+    )
+    torch.library.wrap_triton(_mixed_attention_bwd_dq_kernel)[(triton.cdiv(Lq, block_m), B * Hq)](
+        q, k, v, do, lse, delta, kv_start, kv_end, dq,
+        scale * _LOG2E, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        Hq, Hq // Hkv, Lq, Lk, **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference backend: exact, chunked over queries, never B x H x L x L at once
+# ----------------------------------------------------------------------------------------------
+
+_REF_CHUNK_ELEMENTS = 1 << 24  # score elements per query chunk (64 MiB in fp32)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _query_chunks(kv_start, kv_end, batch_heads, kv_len):
+    """Yield (q0, q1, k0, k1): query chunks and the key window their intervals can reach."""
+    Lq = kv_start.shape[1]
+    chunk = max(1, min(Lq, _REF_CHUNK_ELEMENTS // max(1, batch_heads * kv_len)))
+    for q0 in range(0, Lq, chunk):
+        q1 = min(Lq, q0 + chunk)
+        s, e = kv_start[:, q0:q1], kv_end[:, q0:q1]
+        live = s < e
+        if not bool(live.any()):
+            yield q0, q1, 0, 0
+            continue
+        k0 = int(torch.where(live, s, kv_len).min())
+        k1 = int(torch.where(live, e, 0).max())
+        yield q0, q1, k0, k1
+
+
+def _chunk_scores(q_c, k_w, kv_start_c, kv_end_c, k0, scale):
+    """Masked scores (B, Hkv, G, C, W) for a query chunk against the key window starting at k0."""
+    B, Hkv, W, D = k_w.shape
+    s = torch.matmul(q_c, k_w.unsqueeze(2).transpose(-1, -2)) * scale
+    cols = torch.arange(k0, k0 + W, device=q_c.device)
+    seen = (cols >= kv_start_c[..., None]) & (cols < kv_end_c[..., None])  # (B, C, W)
+    return s, seen[:, None, None]
+
+
+def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    ct = _compute_dtype(q.dtype)
+    out = torch.zeros(B, Hkv, G, Lq, D, device=q.device, dtype=ct)
+    lse = torch.full((B, Hkv, G, Lq), float("-inf"), device=q.device, dtype=ct)
+    qg = q.to(ct).view(B, Hkv, G, Lq, D) if q.is_contiguous() else q.to(ct).reshape(B, Hkv, G, Lq, D)
+    for q0, q1, k0, k1 in _query_chunks(kv_start, kv_end, B * Hq, Lk):
+        if k1 <= k0:
+            continue
+        k_w, v_w = k[:, :, k0:k1].to(ct), v[:, :, k0:k1].to(ct)
+        s, seen = _chunk_scores(qg[:, :, :, q0:q1], k_w, kv_start[:, q0:q1], kv_end[:, q0:q1], k0, scale)
+        s = s.masked_fill(~seen, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        has_keys = l > 0
+        out[:, :, :, q0:q1] = torch.matmul(p, v_w.unsqueeze(2)) / torch.where(has_keys, l, 1.0)
+        lse[:, :, :, q0:q1] = torch.where(has_keys, m + torch.log(torch.where(has_keys, l, 1.0)), float("-inf")).squeeze(-1)
+    return out.view(B, Hq, Lq, D).to(q.dtype), lse.view(B, Hq, Lq).to(torch.float32)
+
+
+def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    ct = _compute_dtype(q.dtype)
+    qg = q.to(ct).reshape(B, Hkv, G, Lq, D)
+    dog = do.to(ct).reshape(B, Hkv, G, Lq, D)
+    delta = (dog * out.to(ct).reshape(B, Hkv, G, Lq, D)).sum(-1, keepdim=True)
+    lse_g = lse.to(ct).reshape(B, Hkv, G, Lq, 1)
+    lse_g = torch.where(torch.isneginf(lse_g), float("inf"), lse_g)  # empty rows: probabilities 0
+    dq = torch.zeros_like(qg)
+    dk = torch.zeros(B, Hkv, Lk, D, device=q.device, dtype=ct)
+    dv = torch.zeros_like(dk)
+    for q0, q1, k0, k1 in _query_chunks(kv_start, kv_end, B * Hq, Lk):
+        if k1 <= k0:
+            continue
+        k_w, v_w = k[:, :, k0:k1].to(ct), v[:, :, k0:k1].to(ct)
+        q_c, do_c = qg[:, :, :, q0:q1], dog[:, :, :, q0:q1]
+        s, seen = _chunk_scores(q_c, k_w, kv_start[:, q0:q1], kv_end[:, q0:q1], k0, scale)
+        p = torch.where(seen, torch.exp(s - lse_g[:, :, :, q0:q1]), 0.0)
+        dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), do_c).sum(2)
+        dp = torch.matmul(do_c, v_w.unsqueeze(2).transpose(-1, -2))
+        ds = p * (dp - delta[:, :, :, q0:q1]) * scale
+        dq[:, :, :, q0:q1] = torch.matmul(ds, k_w.unsqueeze(2))
+        dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), q_c).sum(2)
+    return dq.view(B, Hq, Lq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops + autograd (torch.compile traces through these without graph breaks)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mmfuse::mixed_attention_fwd", mutates_args=())
+def _mixed_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
+    scale: float, backend: str, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits or None)
+    return _attention_fwd_torch(q, k, v, kv_start, kv_end, scale)
+
+
+@_mixed_attention_fwd_op.register_fake
+def _(q, k, v, kv_start, kv_end, scale, backend, num_splits):
+    B, Hq, Lq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmfuse::mixed_attention_bwd", mutates_args=())
+def _mixed_attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale)
+    return _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale)
+
+
+@_mixed_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, kv_start, kv_end, scale, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_start, kv_end, scale, backend, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
+    dq, dk, dv = _mixed_attention_bwd_op(grad_out, q, k, v, out, lse, kv_start, kv_end, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_mixed_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, kv_start, kv_end, backend) -> None:
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES + (torch.float64,))
+    B, Hq, Lq, D = q.shape
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,))
+    Hkv, Lk = k.shape[1], k.shape[2]
+    check_tensor("k", k, shape=(B, None, None, D))
+    check_tensor("v", v, dtypes=(q.dtype,), shape=(B, Hkv, Lk, D))
+    check_tensor("kv_start", kv_start, dtypes=(torch.int32,), shape=(B, Lq))
+    check_tensor("kv_end", kv_end, dtypes=(torch.int32,), shape=(B, Lq))
+    check_same_device(q=q, k=k, v=v, kv_start=kv_start, kv_end=kv_end)
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q has {Hq} heads, which is not a multiple of k's {Hkv} heads (GQA needs Hq % Hkv == 0)")
+    if min(B, Lq, D) == 0:
+        raise ValueError(f"q must have non-zero batch, length and head dim, got shape {tuple(q.shape)}")
+    if backend == "triton":
+        if q.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"q dtype {q.dtype} is not supported by the Triton backend (fp16, bf16, fp32)")
+        if D not in _TRITON_HEAD_DIMS:
+            raise ValueError(f"q head dim {D} is not supported by the Triton backend (one of {_TRITON_HEAD_DIMS})")
+    if not is_tracing():  # data-dependent: skipped under torch.compile
+        for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+            if bool(((t < 0) | (t > Lk)).any()):
+                raise ValueError(f"{name} values must lie in [0, Lk={Lk}], got [{int(t.min())}, {int(t.max())}]")
+
+
+def mixed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention where query ``i`` sees keys ``kv_start[b, i] <= j < kv_end[b, i]``.
+
+    Args:
+        q: (B, Hq, Lq, D) fp16 / bf16 / fp32 (fp64 on the torch backend).
+        k, v: (B, Hkv, Lk, D), same dtype; ``Hq`` a multiple of ``Hkv`` (GQA). ``Lk`` may differ
+            from ``Lq``: queries are then a new chunk against a KV cache and the intervals index it.
+        kv_start, kv_end: int32 (B, Lq), values in [0, Lk]; see :func:`mask_intervals`.
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
+        num_splits: split the keys into this many chunks reduced afterwards (split-KV, for decode);
+            None picks from the GPU's occupancy. Triton backend only; the result does not depend on it.
+
+    Returns:
+        (B, Hq, Lq, D) in q's dtype; rows with an empty interval are 0 (and get zero gradients).
+    """
+    backend = resolve_backend(backend, q, k, v)
+    _check_inputs(q, k, v, kv_start, kv_end, backend)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    out, _ = _mixed_attention_fwd_op(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend,
+                                     num_splits or 0)
+    return out
+
+
+def mixed_attention_tile_counts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor
+) -> dict[str, int]:
+    """Run the Triton forward with tile counters: ``{"full", "masked", "skipped"}`` summed over programs.
+
+    ``full`` tiles ran without mask arithmetic, ``masked`` ones straddled an interval edge, and
+    ``skipped`` ones lay inside a block's key range but no query saw them (never loaded). Compare
+    with :func:`tile_stats`, which gives the minimum the mask needs.
+    """
+    resolve_backend("triton", q, k, v)
+    _check_inputs(q, k, v, kv_start, kv_end, "triton")
+    scale = q.shape[-1] ** -0.5
+    _, _, counts = _attention_fwd_triton(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, 1,
+                                         count_tiles=True)
+    full, masked, skipped = (int(c) for c in counts.sum(0))
+    return {"full": full, "masked": masked, "skipped": skipped}
+
+
+def tile_stats(kv_start: torch.Tensor, kv_end: torch.Tensor, kv_len: int, num_heads: int = 1,
+               block_m: int | None = None, block_n: int | None = None, head_dim: int = 64) -> dict[str, int]:
+    """Tile accounting of one forward pass, computed from the intervals alone (no kernel runs).
+
+    Returns ``needed`` (tiles holding at least one unmasked query/key pair: the minimum any
+    tile-based kernel must compute), ``full`` (needed tiles every live query sees whole),
+    ``masked`` (``needed - full``) and ``dense`` (all tiles, what a dense-mask kernel computes).
+    Block sizes default to this process's Triton choice for ``head_dim``.
+    """
+    dm, dn, _, _ = _block_sizes(head_dim)
+    block_m, block_n = block_m or dm, block_n or dn
+    B, Lq = kv_start.shape
+    nqb, nkb = triton.cdiv(Lq, block_m), triton.cdiv(kv_len, block_n)
+    pad = nqb * block_m - Lq
+    s = torch.nn.functional.pad(kv_start.long(), (0, pad)).view(B, nqb, block_m, 1)
+    e = torch.nn.functional.pad(kv_end.long(), (0, pad)).view(B, nqb, block_m, 1)
+    live = s < e
+    n0 = torch.arange(nkb, device=s.device) * block_n
+    n1 = n0 + block_n
+    sees_part = live & (s < n1) & (e > n0)  # (B, nqb, block_m, nkb)
+    # Like the kernel, a tile running past kv_len is never "full": its missing keys need the mask.
+    sees_all = ~live | ((s <= n0) & (e >= n0 + block_n))
+    needed = sees_part.any(2)
+    full = needed & sees_all.all(2)
+    return {
+        "needed": int(needed.sum()) * num_heads,
+        "full": int(full.sum()) * num_heads,
+        "masked": int((needed & ~full).sum()) * num_heads,
+        "dense": B * nqb * nkb * num_heads,
+    }

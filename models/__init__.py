@@ -1,0 +1,1 @@
+"""Lean model definitions that load Hugging Face safetensors checkpoints."""

@@ -1,0 +1,42 @@
+"""Installs the four code folders under the single import root ``mmfuse``.
+
+The repository keeps ``kernels/ models/ engine/ bench/`` at the top level (and the tiny root package
+in ``src/mmfuse`` so that it never shadows the installed one on ``sys.path``); ``package_dir`` maps
+them to ``mmfuse.kernels`` etc. so no generic top-level name is claimed in a user's environment.
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "mmfuse": "src/mmfuse",
+    "mmfuse.kernels": "kernels",
+    "mmfuse.models": "models",
+    "mmfuse.engine": "engine",
+    "mmfuse.bench": "bench",
+}
+
+# Ranges that a CPU machine satisfies with the cached CPU torch wheel and that leave a GPU image's
+# torch 2.11 + triton 3.6 alone (see DESIGN.md section 4).
+INSTALL_REQUIRES = [
+    "torch>=2.11,<2.14",
+    "triton>=3.6,<3.9",
+    "numpy>=2.0,<2.4",  # triton's interpreter breaks on numpy >= 2.4
+    "transformers>=5.17,<6",
+    "diffusers>=0.42,<0.43",
+    "safetensors>=0.8",
+    "tqdm",
+]
+
+setup(
+    name="mmfuse",
+    version="0.1.0",
+    description="Fast kernels and engine for unified multimodal transformers",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4"],
+        "flash": ["flash-attn"],  # CUDA-only benchmark baseline, never a default dependency
+    },
+    entry_points={"console_scripts": ["mmfuse=mmfuse.engine.cli:main"]},
+)

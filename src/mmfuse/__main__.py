@@ -1,0 +1,3 @@
+from mmfuse.engine.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""mixed_attention vs a dense float64 reference, on both backends (Triton through the interpreter on CPU)."""
+import importlib
+
+import pytest
+import torch
+
+from mmfuse.kernels import mask_intervals, mixed_attention, mixed_attention_tile_counts, tile_stats
+from tests.helpers import random_layout, rel_err, triton_devices
+
+attn_mod = importlib.import_module("mmfuse.kernels.mixed_attention")  # the package re-exports a same-named function
+
+BACKENDS = [("torch", "cpu")] + [("triton", d) for d in triton_devices()]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def dense_reference(q, k, v, kv_start, kv_end, scale=None):
+    """Plain softmax attention over an explicit (B, Lq, Lk) mask, in q's dtype; empty rows give 0."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    j = torch.arange(Lk, device=q.device)
+    mask = (j >= kv_start[..., None].long()) & (j < kv_end[..., None].long())
+    scores = (q @ k.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row is NaN -> 0
+    return probs @ v
+
+
+def run_case(q, k, v, kv_start, kv_end, backend, device, scale=None, num_splits=None):
+    """Output and (dq, dk, dv) of mmfuse, the float64 reference, and eager attention in q's dtype."""
+    q, k, v = (t.to(device).detach().requires_grad_() for t in (q, k, v))
+    kv_start, kv_end = kv_start.to(device), kv_end.to(device)
+    out = mixed_attention(q, k, v, kv_start, kv_end, scale, backend=backend, num_splits=num_splits)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    def reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        ref = dense_reference(*leaves, kv_start, kv_end, scale)
+        return ref, torch.autograd.grad(ref, leaves, grad_out.to(dtype))
+
+    return (out, grads), reference(torch.float64), reference(q.dtype)
+
+
+def assert_close_to_reference(case, dtype):
+    (out, grads), (ref, ref_grads), (eager, eager_grads) = case
+    for name, got, want, pt in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads),
+                                   (eager, *eager_grads)):
+        assert not torch.isnan(got).any(), f"{name} has NaN"
+        err = rel_err(got, want)
+        assert err <= TOL[dtype], f"{name}: relative error {err:.3g} > {TOL[dtype]}"
+        if dtype != torch.float32:
+            # FlashAttention's rule: no worse than twice PyTorch's own error in the same dtype.
+            pt_err = rel_err(pt, want)
+            assert err <= 2 * pt_err + 1e-6, f"{name}: error {err:.3g} > 2 x eager {dtype} error {pt_err:.3g}"
+
+
+@pytest.fixture
+def poisoned_allocations():
+    """torch.empty fills with NaN, so any output element the kernels fail to write shows up."""
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old[0])
+    torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+def packed_inputs(B, Hq, Hkv, L, D, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    span, doc = random_layout(B, L, gen)
+    kv_start, kv_end = mask_intervals(span, doc)
+    q = torch.randn(B, Hq, L, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
+    return q, k, v, kv_start, kv_end
+
+
+# (L, D, Hq, Hkv): awkward lengths, every supported head dim family, GQA ratios 1, 2, 4.
+SHAPES = [(1, 32, 2, 2), (45, 64, 4, 2), (97, 80, 4, 1), (130, 128, 2, 2), (70, 96, 2, 1)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L,D,Hq,Hkv", SHAPES)
+def test_packed_layout_matches_reference(backend, device, dtype, L, D, Hq, Hkv, poisoned_allocations):
+    inputs = packed_inputs(2, Hq, Hkv, L, D, dtype, seed=L * D)
+    assert_close_to_reference(run_case(*inputs, backend, device), dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_fp16_and_custom_scale(backend, device):
+    inputs = packed_inputs(1, 4, 4, 64, 64, torch.float16, seed=3)
+    assert_close_to_reference(run_case(*inputs, backend, device, scale=0.3), torch.float16)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    B, L, H, D = 2, 50, 2, 64
+    gen = torch.Generator().manual_seed(5)
+    # (B, L, H, D) storage viewed as (B, H, L, D): the layout a fused QKV projection produces.
+    q, k, v = (torch.randn(B, L, H, D, generator=gen).transpose(1, 2) for _ in range(3))
+    span, doc = random_layout(B, L, gen)
+    kv_start, kv_end = mask_intervals(span, doc)
+    assert not q.is_contiguous()
+    assert_close_to_reference(run_case(q, k, v, kv_start, kv_end, backend, device), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_extend_image_chunk_against_cached_prefix(backend, device, poisoned_allocations):
+    """Diffusion sampling: a bidirectional image chunk attends itself and a cached text prefix."""
+    prefix, chunk, B, Hq, Hkv, D = 37, 24, 2, 4, 2, 64
+    Lk = prefix + chunk
+    q = torch.randn(B, Hq, chunk, D)
+    k, v = torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    kv_start = torch.zeros(B, chunk, dtype=torch.int32)
+    kv_start[1] = 5  # row 1's document starts at cache position 5
+    kv_end = torch.full((B, chunk), Lk, dtype=torch.int32)
+    assert_close_to_reference(run_case(q, k, v, kv_start, kv_end, backend, device), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
+def test_decode_one_query(backend, device, num_splits):
+    if backend == "torch" and num_splits not in (None, 1):
+        pytest.skip("splits are a Triton launch choice")
+    B, Hq, Hkv, Lk, D = 3, 4, 1, 203, 32
+    q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    kv_start = torch.tensor([[0], [17], [0]], dtype=torch.int32)
+    kv_end = torch.tensor([[203], [150], [0]], dtype=torch.int32)  # row 2: empty interval
+    case = run_case(q, k, v, kv_start, kv_end, backend, device, num_splits=num_splits)
+    assert_close_to_reference(case, torch.float32)
+    out, (dq, dk, dv) = case[0]
+    assert out[2].abs().max() == 0 and dq[2].abs().max() == 0 and dk[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_fully_masked_rows_give_zero_output_and_gradients(backend, device):
+    B, H, L, D = 2, 2, 40, 32
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    doc = torch.zeros(B, L, dtype=torch.long)
+    doc[0, 30:] = -1
+    doc[1] = -1  # an all-padding row
+    kv_start, kv_end = mask_intervals(torch.zeros(B, L, dtype=torch.long), doc)
+    case = run_case(q, k, v, kv_start, kv_end, backend, device)
+    assert_close_to_reference(case, torch.float32)
+    out, (dq, dk, dv) = case[0]
+    assert out[0, :, 30:].abs().max() == 0 and dq[0, :, 30:].abs().max() == 0
+    assert out[1].abs().max() == 0 and dk[1].abs().max() == 0 and dv[1].abs().max() == 0
+
+
+def test_torch_backend_chunks_queries_exactly(monkeypatch):
+    """Force tiny query chunks so the memory-lean loop runs many times, on a long awkward length."""
+    monkeypatch.setattr(attn_mod, "_REF_CHUNK_ELEMENTS", 4096)
+    inputs = packed_inputs(1, 2, 1, 1025, 32, torch.float32, seed=11)
+    assert_close_to_reference(run_case(*inputs, "torch", "cpu"), torch.float32)
+
+
+@pytest.mark.skipif(not triton_devices(), reason="needs the Triton interpreter or a GPU")
+def test_tile_counts_match_the_minimum():
+    dev = triton_devices()[0]
+    gen = torch.Generator().manual_seed(7)
+    B, H, L, D = 2, 2, 150, 32
+    span, doc = random_layout(B, L, gen)
+    kv_start, kv_end = (t.to(dev) for t in mask_intervals(span, doc))
+    q, k, v = (torch.randn(B, H, L, D, device=dev) for _ in range(3))
+    counts = mixed_attention_tile_counts(q, k, v, kv_start, kv_end)
+    stats = tile_stats(kv_start, kv_end, L, num_heads=H, head_dim=D)
+    # The kernel computes exactly the tiles holding an unmasked pair, and masks only the edge ones.
+    assert counts["full"] + counts["masked"] == stats["needed"]
+    assert counts["full"] == stats["full"] and counts["masked"] == stats["masked"]
+    assert stats["needed"] < stats["dense"]
+
+
+@pytest.mark.skipif(not triton_devices(), reason="needs the Triton interpreter or a GPU")
+def test_causal_tile_counts():
+    dev = triton_devices()[0]
+    L, D = 160, 32
+    block_m, block_n, _, _ = attn_mod._block_sizes(D)
+    kv_start, kv_end = (t.to(dev) for t in mask_intervals(torch.zeros(1, L, dtype=torch.long)))
+    q, k, v = (torch.randn(1, 1, L, D, device=dev) for _ in range(3))
+    counts = mixed_attention_tile_counts(q, k, v, kv_start, kv_end)
+    nb = L // block_m
+    assert block_m == block_n and L % block_m == 0
+    # Causal with square blocks: the diagonal tiles are masked, the ones below run mask-free.
+    assert counts == {"full": nb * (nb - 1) // 2, "masked": nb, "skipped": 0}
+
+
+def test_tile_stats_counts_by_hand():
+    # Two documents of 4 tokens, blocks of 4: each document needs only its own diagonal tile.
+    kv_start, kv_end = mask_intervals(torch.zeros(1, 8, dtype=torch.long), torch.tensor([[0] * 4 + [1] * 4]))
+    stats = tile_stats(kv_start, kv_end, 8, block_m=4, block_n=4)
+    assert stats == {"needed": 2, "full": 0, "masked": 2, "dense": 4}
+    bidir = torch.zeros(1, 8, dtype=torch.int32), torch.full((1, 8), 8, dtype=torch.int32)
+    assert tile_stats(*bidir, 8, block_m=4, block_n=4) == {"needed": 4, "full": 4, "masked": 0, "dense": 4}
+
+
+def test_compiles_without_graph_breaks():
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v, kv_start, kv_end):
+            return mixed_attention(q, k, v, kv_start, kv_end, backend="torch").sum(dim=1)
+
+    inputs = packed_inputs(2, 4, 2, 33, 32, torch.float32, seed=1)
+    q = inputs[0].requires_grad_()
+    compiled = torch.compile(Block(), fullgraph=True, backend="aot_eager")
+    out = compiled(q, *inputs[1:])
+    out.square().sum().backward()
+    q_eager = inputs[0].detach().requires_grad_()
+    ref = Block()(q_eager, *inputs[1:])
+    ref.square().sum().backward()
+    assert rel_err(out, ref) < 1e-6 and rel_err(q.grad, q_eager.grad) < 1e-6
+
+
+def _good():
+    q = torch.randn(2, 4, 8, 32)
+    k = torch.randn(2, 2, 10, 32)
+    s = torch.zeros(2, 8, dtype=torch.int32)
+    e = torch.full((2, 8), 10, dtype=torch.int32)
+    return dict(q=q, k=k, v=k.clone(), kv_start=s, kv_end=e)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(q=torch.randn(2, 3, 8, 32)), ValueError, "multiple"),
+        (dict(k=torch.randn(3, 2, 10, 32)), ValueError, "k must have shape"),
+        (dict(v=torch.randn(2, 2, 9, 32)), ValueError, "v must have shape"),
+        (dict(k=torch.randn(2, 2, 10, 16)), ValueError, "k must have shape"),
+        (dict(q=torch.randn(4, 8, 32)), ValueError, "q must have 4 dimensions"),
+        (dict(v=torch.randn(2, 2, 10, 32).half()), TypeError, "v must have dtype"),
+        (dict(kv_start=torch.zeros(2, 8, dtype=torch.int64)), TypeError, "kv_start must have dtype"),
+        (dict(kv_end=torch.zeros(2, 7, dtype=torch.int32)), ValueError, "kv_end must have shape"),
+        (dict(kv_end=torch.full((2, 8), 11, dtype=torch.int32)), ValueError, r"kv_end values must lie in \[0, Lk=10\]"),
+        (dict(kv_start=torch.full((2, 8), -1, dtype=torch.int32)), ValueError, "kv_start values"),
+        (dict(kv_start=torch.zeros(2, 8, dtype=torch.int32, device="meta")), ValueError, "kv_start is on meta"),
+        (dict(q=torch.randn(2, 4, 8, 32).int()), TypeError, "q must have dtype"),
+    ],
+)
+def test_rejects_bad_input(change, error, match):
+    args = {**_good(), **change}
+    with pytest.raises(error, match=match):
+        mixed_attention(**args, backend="torch")
+
+
+def test_rejects_bad_backend_and_options():
+    with pytest.raises(ValueError, match="backend"):
+        mixed_attention(**_good(), backend="cuda")
+    with pytest.raises(ValueError, match="num_splits"):
+        mixed_attention(**_good(), backend="torch", num_splits=0)
+
+
+@pytest.mark.skipif(not triton_devices(), reason="needs the Triton interpreter or a GPU")
+def test_triton_rejects_unsupported_head_dim_before_launch():
+    args = _good()
+    args.update(q=torch.randn(2, 4, 8, 48), k=torch.randn(2, 2, 10, 48), v=torch.randn(2, 2, 10, 48))
+    args = {n: t.to(triton_devices()[0]) for n, t in args.items()}
+    with pytest.raises(ValueError, match="head dim 48"):
+        mixed_attention(**args, backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L,D,Hq,Hkv", [(1025, 128, 8, 2), (777, 64, 4, 4), (512, 80, 4, 1)])
+def test_cuda_large_packed_layouts(dtype, L, D, Hq, Hkv):
+    inputs = packed_inputs(2, Hq, Hkv, L, D, dtype, seed=L)
+    assert_close_to_reference(run_case(*inputs, "triton", "cuda"), dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_decode_split_kv_default():
+    B, Hq, Hkv, Lk, D = 1, 8, 2, 4099, 128
+    q = torch.randn(B, Hq, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, Lk, D, dtype=torch.bfloat16) for _ in range(2))
+    kv_start = torch.zeros(B, 1, dtype=torch.int32)
+    kv_end = torch.full((B, 1), Lk, dtype=torch.int32)
+    assert_close_to_reference(run_case(q, k, v, kv_start, kv_end, "triton", "cuda"), torch.bfloat16)
