@@ -62,6 +62,16 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS, so that reusing them counts as new resident memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the figure may then undercount reuse of freed memory
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> float | None:
     """Extra memory ``fn`` needs at its peak, above what was held before it ran (MiB)."""
     device = torch.device(device)
@@ -73,6 +83,7 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> flo
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set

@@ -450,7 +450,8 @@ def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
 # PyTorch reference backend: exact, chunked over queries, never B x H x L x L at once
 # ----------------------------------------------------------------------------------------------
 
-_REF_CHUNK_ELEMENTS = 1 << 24  # score elements per query chunk (64 MiB in fp32)
+_REF_CHUNK_ELEMENTS = 1 << 21  # score elements per query chunk (8 MiB in fp32): cache-sized work
+_REF_MIN_CHUNK = 32  # queries; fewer would make Python overhead dominate
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -458,28 +459,40 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _query_chunks(kv_start, kv_end, batch_heads, kv_len):
-    """Yield (q0, q1, k0, k1): query chunks and the key window their intervals can reach."""
+    """Yield (q0, q1, k0, k1): query chunks and the key window their intervals can reach.
+
+    Small chunks keep the scores cache-sized and let the window shrink to what the chunk's
+    documents and spans need (the reference's version of tile skipping).
+    """
     Lq = kv_start.shape[1]
-    chunk = max(1, min(Lq, _REF_CHUNK_ELEMENTS // max(1, batch_heads * kv_len)))
+    chunk = max(_REF_MIN_CHUNK, _REF_CHUNK_ELEMENTS // max(1, batch_heads * kv_len))
     for q0 in range(0, Lq, chunk):
         q1 = min(Lq, q0 + chunk)
         s, e = kv_start[:, q0:q1], kv_end[:, q0:q1]
         live = s < e
-        if not bool(live.any()):
-            yield q0, q1, 0, 0
-            continue
         k0 = int(torch.where(live, s, kv_len).min())
         k1 = int(torch.where(live, e, 0).max())
-        yield q0, q1, k0, k1
+        if k1 > k0:
+            yield q0, q1, k0, k1
 
 
-def _chunk_scores(q_c, k_w, kv_start_c, kv_end_c, k0, scale):
-    """Masked scores (B, Hkv, G, C, W) for a query chunk against the key window starting at k0."""
-    B, Hkv, W, D = k_w.shape
-    s = torch.matmul(q_c, k_w.unsqueeze(2).transpose(-1, -2)) * scale
-    cols = torch.arange(k0, k0 + W, device=q_c.device)
-    seen = (cols >= kv_start_c[..., None]) & (cols < kv_end_c[..., None])  # (B, C, W)
-    return s, seen[:, None, None]
+def _grouped(t: torch.Tensor, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Hq, L, D) -> (B, Hkv, G, L, D) in the compute dtype (the GQA group as its own axis)."""
+    B, Hq, L, D = t.shape
+    return t.to(dtype).reshape(B, num_kv_heads, Hq // num_kv_heads, L, D)
+
+
+def _chunk(t: torch.Tensor, q0: int, q1: int) -> torch.Tensor:
+    """Rows q0:q1 of a grouped (B, Hkv, G, L, X) tensor as (B, Hkv, G * C, X): one matmul per KV head."""
+    B, Hkv, G, _, X = t.shape
+    return t[:, :, :, q0:q1].reshape(B, Hkv, G * (q1 - q0), X)
+
+
+def _chunk_seen(kv_start, kv_end, q0, q1, k0, k1):
+    """(B, 1, 1, C, W) bool: which keys of the window [k0, k1) each query of the chunk sees."""
+    cols = torch.arange(k0, k1, device=kv_start.device)
+    seen = (cols >= kv_start[:, q0:q1, None]) & (cols < kv_end[:, q0:q1, None])
+    return seen[:, None, None]
 
 
 def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
@@ -487,22 +500,23 @@ def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     ct = _compute_dtype(q.dtype)
+    qg = _grouped(q * scale, Hkv, ct)
     out = torch.zeros(B, Hkv, G, Lq, D, device=q.device, dtype=ct)
-    lse = torch.full((B, Hkv, G, Lq), float("-inf"), device=q.device, dtype=ct)
-    qg = q.to(ct).view(B, Hkv, G, Lq, D) if q.is_contiguous() else q.to(ct).reshape(B, Hkv, G, Lq, D)
+    lse = torch.full((B, Hkv, G, Lq, 1), float("-inf"), device=q.device, dtype=ct)
     for q0, q1, k0, k1 in _query_chunks(kv_start, kv_end, B * Hq, Lk):
-        if k1 <= k0:
-            continue
-        k_w, v_w = k[:, :, k0:k1].to(ct), v[:, :, k0:k1].to(ct)
-        s, seen = _chunk_scores(qg[:, :, :, q0:q1], k_w, kv_start[:, q0:q1], kv_end[:, q0:q1], k0, scale)
-        s = s.masked_fill(~seen, float("-inf"))
-        m = s.amax(-1, keepdim=True)
+        C, W = q1 - q0, k1 - k0
+        scores = torch.matmul(_chunk(qg, q0, q1), k[:, :, k0:k1].to(ct).transpose(-1, -2))
+        probs = scores.view(B, Hkv, G, C, W)
+        probs.masked_fill_(~_chunk_seen(kv_start, kv_end, q0, q1, k0, k1), float("-inf"))
+        m = probs.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, 0.0)
-        p = torch.exp(s - m)
-        l = p.sum(-1, keepdim=True)
+        probs.sub_(m).exp_()  # in place: the chunk's scores become its unnormalised probabilities
+        l = probs.sum(-1, keepdim=True)
         has_keys = l > 0
-        out[:, :, :, q0:q1] = torch.matmul(p, v_w.unsqueeze(2)) / torch.where(has_keys, l, 1.0)
-        lse[:, :, :, q0:q1] = torch.where(has_keys, m + torch.log(torch.where(has_keys, l, 1.0)), float("-inf")).squeeze(-1)
+        l = torch.where(has_keys, l, 1.0)
+        o = torch.matmul(scores, v[:, :, k0:k1].to(ct)).view(B, Hkv, G, C, D)
+        out[:, :, :, q0:q1] = o / l
+        lse[:, :, :, q0:q1] = torch.where(has_keys, m + torch.log(l), float("-inf"))
     return out.view(B, Hq, Lq, D).to(q.dtype), lse.view(B, Hq, Lq).to(torch.float32)
 
 
@@ -511,26 +525,26 @@ def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     ct = _compute_dtype(q.dtype)
-    qg = q.to(ct).reshape(B, Hkv, G, Lq, D)
-    dog = do.to(ct).reshape(B, Hkv, G, Lq, D)
-    delta = (dog * out.to(ct).reshape(B, Hkv, G, Lq, D)).sum(-1, keepdim=True)
-    lse_g = lse.to(ct).reshape(B, Hkv, G, Lq, 1)
+    qg, dog = _grouped(q, Hkv, ct), _grouped(do, Hkv, ct)
+    delta = (dog * _grouped(out, Hkv, ct)).sum(-1, keepdim=True)
+    lse_g = _grouped(lse.unsqueeze(-1), Hkv, ct)
     lse_g = torch.where(torch.isneginf(lse_g), float("inf"), lse_g)  # empty rows: probabilities 0
     dq = torch.zeros_like(qg)
     dk = torch.zeros(B, Hkv, Lk, D, device=q.device, dtype=ct)
     dv = torch.zeros_like(dk)
     for q0, q1, k0, k1 in _query_chunks(kv_start, kv_end, B * Hq, Lk):
-        if k1 <= k0:
-            continue
+        C, W = q1 - q0, k1 - k0
         k_w, v_w = k[:, :, k0:k1].to(ct), v[:, :, k0:k1].to(ct)
-        q_c, do_c = qg[:, :, :, q0:q1], dog[:, :, :, q0:q1]
-        s, seen = _chunk_scores(q_c, k_w, kv_start[:, q0:q1], kv_end[:, q0:q1], k0, scale)
-        p = torch.where(seen, torch.exp(s - lse_g[:, :, :, q0:q1]), 0.0)
-        dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), do_c).sum(2)
-        dp = torch.matmul(do_c, v_w.unsqueeze(2).transpose(-1, -2))
-        ds = p * (dp - delta[:, :, :, q0:q1]) * scale
-        dq[:, :, :, q0:q1] = torch.matmul(ds, k_w.unsqueeze(2))
-        dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), q_c).sum(2)
+        q_c, do_c = _chunk(qg, q0, q1), _chunk(dog, q0, q1)
+        probs = torch.matmul(q_c, k_w.transpose(-1, -2)).mul_(scale).view(B, Hkv, G, C, W)
+        probs.sub_(lse_g[:, :, :, q0:q1]).exp_()
+        probs.masked_fill_(~_chunk_seen(kv_start, kv_end, q0, q1, k0, k1), 0.0)
+        p = probs.view(B, Hkv, G * C, W)
+        dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), do_c)  # sums over the GQA group too
+        dp = torch.matmul(do_c, v_w.transpose(-1, -2)).view(B, Hkv, G, C, W)
+        ds = probs.mul_(dp.sub_(delta[:, :, :, q0:q1])).mul_(scale).view(B, Hkv, G * C, W)
+        dq[:, :, :, q0:q1] = torch.matmul(ds, k_w).view(B, Hkv, G, C, D)
+        dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), q_c)
     return dq.view(B, Hq, Lq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
