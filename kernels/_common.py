@@ -2,21 +2,45 @@
 
 Every public op takes ``backend=None | "torch" | "triton"``:
 
-* ``None`` picks Triton for CUDA tensors and the PyTorch reference otherwise;
+* ``None`` picks Triton for CUDA tensors and the PyTorch reference otherwise (or what an enclosing
+  ``with default_backend(...)`` says: how a whole model is run on one backend);
 * ``"torch"`` always runs the PyTorch reference;
 * ``"triton"`` runs the Triton kernel; on CPU tensors only when the process was started with
   ``TRITON_INTERPRET=1`` (how CI runs the kernels without a GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
 
 Backend = Literal["torch", "triton"]
 _BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# A plain module global, not a ContextVar: torch.compile traces (and guards on) globals but not
+# ContextVar.get. The setting is process-wide, like torch's own backend flags.
+_default_backend_override: str | None = None
+
+
+@contextlib.contextmanager
+def default_backend(backend: str | None) -> Iterator[None]:
+    """Within the block, ops called with ``backend=None`` use ``backend`` ("torch" or "triton").
+
+    This is how a whole model built from the ops runs on one backend, e.g. the Triton kernels on CPU
+    through the interpreter in tests. ``None`` restores the automatic choice.
+    """
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    global _default_backend_override
+    previous, _default_backend_override = _default_backend_override, backend
+    try:
+        yield
+    finally:
+        _default_backend_override = previous
 
 
 def triton_interpreting() -> bool:
@@ -29,6 +53,8 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> Backend:
     if backend is not None and backend not in _BACKENDS:
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     on_cuda = any(t.is_cuda for t in tensors)
+    if backend is None:
+        backend = _default_backend_override
     if backend is None:
         return "triton" if on_cuda and not triton_interpreting() else "torch"
     if backend == "triton" and not on_cuda and not triton_interpreting():
@@ -71,6 +97,21 @@ def check_tensor(
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     return t
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The arithmetic dtype of the PyTorch backends: fp32 for fp16 / bf16 / fp32 inputs, fp64 if any is fp64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """``UPCAST`` / ``DOT_PRECISION`` constexprs for kernels that call ``tl.dot`` on ``dtype`` operands.
+
+    The interpreter's ``tl.dot`` on bf16 returns garbage, so interpreted kernels upcast operands to
+    fp32 and multiply them exactly; on the GPU fp32 inputs stay exact (no tf32) too.
+    """
+    interpreting = triton_interpreting()
+    return dict(UPCAST=interpreting, DOT_PRECISION="ieee" if dtype == torch.float32 or interpreting else "tf32")
 
 
 def is_tracing() -> bool:

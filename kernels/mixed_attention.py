@@ -22,13 +22,15 @@ from ._common import (
     FLOAT_DTYPES,
     check_same_device,
     check_tensor,
+    compute_dtype,
+    dot_flags,
     is_tracing,
     resolve_backend,
     triton_interpreting,
 )
 
 _LOG2E = 1.4426950408889634
-_TRITON_HEAD_DIMS = (32, 64, 80, 96, 128)
+_TRITON_HEAD_DIMS = (32, 64, 72, 80, 96, 128)  # 72: SigLIP so400m (1152 / 16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,14 +330,6 @@ def _block_sizes(head_dim: int) -> tuple[int, int, int, int]:
     return 64, 64, 4, 3
 
 
-def _kernel_flags(dtype: torch.dtype) -> dict:
-    return dict(
-        # The interpreter's tl.dot on bf16 returns garbage; fp32 inputs stay exact (no tf32).
-        UPCAST=triton_interpreting(),
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-    )
-
-
 def _default_num_splits(batch_heads: int, num_q_blocks: int, kv_len: int, block_n: int, device: torch.device) -> int:
     """Split the keys when too few (batch, head, query-block) programs exist to fill the GPU (decode)."""
     if device.type != "cuda":
@@ -377,7 +371,7 @@ def _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits, count_ti
         *_strides(q), *_strides(k), *_strides(v), *o_strides, *_strides(lse)[:3],
         Hq, Hq // Hkv, Lq, Lk,
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        COUNT_TILES=count_tiles, num_warps=num_warps, num_stages=num_stages, **_kernel_flags(q.dtype),
+        COUNT_TILES=count_tiles, num_warps=num_warps, num_stages=num_stages, **dot_flags(q.dtype),
     )
     if num_splits > 1:
         out, lse = _combine_splits(out, lse, q.dtype)
@@ -429,7 +423,7 @@ def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     common = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
-                  num_warps=num_warps, num_stages=num_stages, **_kernel_flags(q.dtype))
+                  num_warps=num_warps, num_stages=num_stages, **dot_flags(q.dtype))
     qb_lo, qb_hi, nkb = _query_block_ranges(kv_start, kv_end, Lk, block_m, block_n)
     torch.library.wrap_triton(_mixed_attention_bwd_dkdv_kernel)[(nkb, B * Hkv)](
         q, k, v, do, lse, delta, kv_start, kv_end, qb_lo, qb_hi, dk, dv,
@@ -452,10 +446,6 @@ def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
 
 _REF_CHUNK_ELEMENTS = 1 << 21  # score elements per query chunk (8 MiB in fp32): cache-sized work
 _REF_MIN_CHUNK = 32  # queries; fewer would make Python overhead dominate
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _query_chunks(kv_start, kv_end, batch_heads, kv_len):
@@ -499,7 +489,7 @@ def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q)
     qg = _grouped(q * scale, Hkv, ct)
     out = torch.zeros(B, Hkv, G, Lq, D, device=q.device, dtype=ct)
     lse = torch.full((B, Hkv, G, Lq, 1), float("-inf"), device=q.device, dtype=ct)
@@ -524,7 +514,7 @@ def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q)
     qg, dog = _grouped(q, Hkv, ct), _grouped(do, Hkv, ct)
     delta = (dog * _grouped(out, Hkv, ct)).sum(-1, keepdim=True)
     lse_g = _grouped(lse.unsqueeze(-1), Hkv, ct)

@@ -1,0 +1,123 @@
+"""linear_cross_entropy vs the LM-head losses users would otherwise run, side by side in one process.
+
+Baselines: eager ``F.cross_entropy(h @ W.T, y)`` (autograd keeps the (N, V) logits, their
+log-softmax and their gradient) and Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` where it is
+installed (GPU only). Modes: "fwd" (no grad: an eval loss) and "fwd+bwd" (dhidden and dweight).
+Every row carries ms, peak extra memory and ``mem_vs_eager`` (the CPU target for mmfuse: <= 0.25);
+``loss_diff`` is the absolute difference from eager's loss, a sanity check.
+
+    python -m mmfuse.bench.bench_linear_ce [--quick] [--device cpu|cuda] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mmfuse.bench.common import append_results, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.kernels.linear_cross_entropy import linear_cross_entropy
+
+MODES = ("fwd", "fwd+bwd")
+
+
+def _liger_loss() -> Callable | str:
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return "liger-kernel not installed"
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+    return lambda h, w, y: loss_fn(w, h, y)
+
+
+def implementations(device: torch.device) -> dict[str, Callable | str]:
+    impls: dict[str, Callable | str] = {
+        "mmfuse": lambda h, w, y: linear_cross_entropy(h, w, y),
+        "eager": lambda h, w, y: F.cross_entropy(h @ w.T, y),
+    }
+    impls["liger"] = _liger_loss() if device.type == "cuda" else "Liger's kernels need CUDA"
+    return impls
+
+
+def measure(fn: Callable, hidden, weight, labels, mode: str, device: torch.device, reps: int) -> dict:
+    h, w = (t.detach().requires_grad_(mode == "fwd+bwd") for t in (hidden, weight))
+
+    def step():
+        with torch.set_grad_enabled(mode == "fwd+bwd"):
+            loss = fn(h, w, labels)
+            if mode == "fwd+bwd":
+                torch.autograd.grad(loss, (h, w))
+            return loss
+
+    try:
+        loss = step()
+        sync(device)
+    except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size (e.g. out of memory)
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
+    # Memory first: after the timing loop a CPU allocator may serve the next run from freed pages.
+    row = {"peak_mib": peak_memory_mib(step, device), "loss": float(loss.detach())}
+    row.update(time_ms(step, device, warmup=1, reps=reps))
+    return row
+
+
+def sizes(quick: bool, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int]]]:
+    """(dtype, [(N tokens, D hidden, V vocabulary)])."""
+    if device.type == "cuda":
+        return torch.bfloat16, [(4096, 4096, 128256)] if quick else [(4096, 4096, 128256), (16384, 4096, 128256)]
+    return torch.float32, [(1024, 256, 32000)] if quick else [(4096, 1024, 32000), (4096, 2048, 32000)]
+
+
+def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
+    dtype, cases = sizes(quick, device)
+    reps = 3 if device.type == "cpu" else 10
+    rows = []
+    for n, d, v in cases:
+        hidden = torch.randn(n, d, device=device, dtype=dtype)
+        weight = (torch.randn(v, d, device=device) * d**-0.5).to(dtype)
+        labels = torch.randint(0, v, (n,), device=device)
+        labels[::7] = -100  # some padding, as in a packed batch
+        for mode in MODES:
+            for name, fn in implementations(device).items():
+                row = {"impl": name, "mode": mode, "N": n, "D": d, "V": v, "dtype": str(dtype).removeprefix("torch.")}
+                row.update({"error": fn} if isinstance(fn, str) else measure(fn, hidden, weight, labels, mode, device, reps))
+                rows.append(row)
+                print(f"  {name:7s} {mode:8s} N={n} D={d} V={v}: {row.get('ms', '-')} ms, {row.get('peak_mib', '-')} MiB")
+        del hidden, weight, labels
+    _add_ratios(rows)
+    print_table(rows, ["N", "D", "V", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "mem_vs_eager", "loss_diff", "error"])
+    config = dict(quick=quick, dtype=str(dtype), cases=cases, reps=reps)
+    path = append_results("linear_cross_entropy", device, config, rows, out_dir)
+    print(f"appended to {path}")
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """``vs_mmfuse``: time over mmfuse's (> 1: mmfuse faster); ``mem_vs_eager``: peak over eager's."""
+    def key(r):
+        return r["N"], r["D"], r["V"], r["mode"]
+
+    ours = {key(r): r for r in rows if r["impl"] == "mmfuse"}
+    eager = {key(r): r for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        mine, base = ours.get(key(r), {}), eager.get(key(r), {})
+        if r.get("ms") and mine.get("ms"):
+            r["vs_mmfuse"] = r["ms"] / mine["ms"]
+        if r.get("peak_mib") is not None and base.get("peak_mib"):
+            r["mem_vs_eager"] = r["peak_mib"] / base["peak_mib"]
+        if "loss" in r and "loss" in base:
+            r["loss_diff"] = abs(r["loss"] - base["loss"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one small size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    run(args.quick, torch.device(args.device), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The fused losses vs the eager PyTorch forms users would otherwise write, side by side in one process.
+
+Each loss contributes a list of :class:`Case` (one function per loss: ``cosine_cases``,
+``diffusion_cases``, ``pair_cases``); :data:`CASE_BUILDERS` lists those functions, so another loss
+adds its own builder there. Every case times each implementation on the same inputs:
+
+* cosine: ``cosine_loss`` vs ``((1 - F.cosine_similarity(p, t, dim=-1)) * mask).sum() / mask.sum()``
+  (MetaMorph's visual-token regression), fwd+bwd;
+* diffusion: ``diffusion_loss`` vs ``(((p - t) ** 2).mean(dims) * w).mean()``, fwd+bwd;
+* ddpm_v_pair: ``ddpm_training_pair(..., "v_prediction")`` vs diffusers' ``add_noise`` + ``get_velocity``
+  formulas, forward only (the noised input is built without grad in training).
+
+On CPU mmfuse runs its PyTorch backend; "mmfuse_nocheck" is the same call with ``check_finite=False``
+(the default NaN/Inf check of CPU inputs costs one extra read). Rows carry ms, peak extra memory,
+``gbps`` (the bytes a fused implementation must move over the time: the same numerator for every
+implementation, so it ranks them) and ``vs_mmfuse`` (baseline time / mmfuse time).
+
+    python -m mmfuse.bench.bench_losses [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mmfuse.bench.common import append_results, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.kernels.cosine_loss import cosine_loss
+from mmfuse.kernels.diffusion_loss import ddpm_training_pair, diffusion_loss
+
+
+@dataclass
+class Case:
+    """One benchmark problem: inputs, the implementations to compare on them, and what to time.
+
+    ``impls`` maps a name to ``fn(**inputs) -> tensor`` (a loss, or a tuple for "fwd" cases);
+    ``grad_inputs`` names the inputs that get gradients in "fwd+bwd" mode; ``bytes_moved`` is the
+    minimum memory traffic of the timed step, for GB/s.
+    """
+
+    loss: str
+    shape: str
+    mode: str  # "fwd" or "fwd+bwd"
+    inputs: dict[str, torch.Tensor]
+    impls: dict[str, Callable[..., object]]
+    grad_inputs: tuple[str, ...] = ()
+    bytes_moved: int = 0
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _ours(fn: Callable, device: torch.device) -> dict[str, Callable]:
+    impls = {"mmfuse": fn}
+    if device.type == "cpu":
+        impls["mmfuse_nocheck"] = lambda **kw: fn(check_finite=False, **kw)
+    return impls
+
+
+# ----------------------------------------------------------------------------------------------
+# One function per loss
+# ----------------------------------------------------------------------------------------------
+
+
+def cosine_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    """MetaMorph: SigLIP-width (1152) visual tokens, about half of them generated (selected)."""
+    rows_list = ([2048] if quick else [2048, 8192]) if device.type == "cpu" else ([16384] if quick else [16384, 65536])
+    cases = []
+    for n in rows_list:
+        pred = torch.randn(n, 1152, device=device, dtype=dtype)
+        target = torch.randn(n, 1152, device=device, dtype=dtype)
+        mask = torch.rand(n, device=device) < 0.5
+
+        def eager(pred, target, mask):
+            per_row = 1 - F.cosine_similarity(pred, target, dim=-1)
+            return (per_row * mask).sum() / mask.sum()
+
+        ours = _ours(lambda pred, target, mask, **kw: cosine_loss(pred, target, mask, **kw), device)
+        # fwd reads p, t; bwd reads p, t and writes dp.
+        cases.append(Case("cosine", f"N={n} D=1152", "fwd+bwd", dict(pred=pred, target=target, mask=mask),
+                          {**ours, "eager": eager}, ("pred",), _bytes(pred, target) * 2 + _bytes(pred)))
+    return cases
+
+
+def diffusion_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    """SD1.5 latents at 512 px (4x64x64) and SANA's at 1024 px (32x32x32), min-SNR-style weights."""
+    batch = 32 if device.type == "cpu" else 64
+    shapes = [(batch, 4, 64, 64)] if quick else [(batch, 4, 64, 64), (batch, 32, 32, 32)]
+    cases = []
+    for shape in shapes:
+        pred = torch.randn(shape, device=device, dtype=dtype)
+        target = torch.randn(shape, device=device, dtype=dtype)
+        weights = torch.rand(shape[0], device=device)
+
+        def eager(pred, target, weights):
+            return (((pred - target) ** 2).mean(dim=tuple(range(1, pred.dim()))) * weights).mean()
+
+        ours = _ours(lambda pred, target, weights, **kw: diffusion_loss(pred, target, weights, **kw), device)
+        cases.append(Case("diffusion", "x".join(map(str, shape)), "fwd+bwd",
+                          dict(pred=pred, target=target, weights=weights), {**ours, "eager": eager}, ("pred",),
+                          _bytes(pred, target) * 2 + _bytes(pred)))
+    return cases
+
+
+def pair_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    """DDPM v-prediction pair (x_t, v) for SD1.5 latents: read x0 and noise once, write both."""
+    batch = 32 if device.type == "cpu" else 64
+    shape = (batch, 4, 64, 64)
+    x0 = torch.randn(shape, device=device, dtype=dtype)
+    noise = torch.randn(shape, device=device, dtype=dtype)
+    abar = torch.rand(batch, device=device)
+
+    def eager(x0, noise, abar):  # diffusers' add_noise + get_velocity, as a training script calls them
+        a = abar.to(x0.dtype).sqrt().view(-1, 1, 1, 1)
+        s = (1 - abar.to(x0.dtype)).sqrt().view(-1, 1, 1, 1)
+        return a * x0 + s * noise, a * noise - s * x0
+
+    def ours(x0, noise, abar):
+        return ddpm_training_pair(x0, noise, abar, "v_prediction")
+
+    return [Case("ddpm_v_pair", "x".join(map(str, shape)), "fwd", dict(x0=x0, noise=noise, abar=abar),
+                 {"mmfuse": ours, "eager": eager}, (), _bytes(x0, noise) * 2)]
+
+
+CASE_BUILDERS: list[Callable[[bool, torch.device, torch.dtype], list[Case]]] = [
+    cosine_cases,
+    diffusion_cases,
+    pair_cases,
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def measure(case: Case, name: str, fn: Callable, device: torch.device) -> dict:
+    row = {"loss": case.loss, "shape": case.shape, "mode": case.mode, "impl": name}
+    inputs = {k: (v.detach().requires_grad_() if k in case.grad_inputs else v) for k, v in case.inputs.items()}
+    leaves = [inputs[k] for k in case.grad_inputs]
+
+    def step():
+        if case.mode == "fwd":
+            with torch.no_grad():
+                return fn(**inputs)
+        return torch.autograd.grad(fn(**inputs), leaves)
+
+    try:
+        step()
+        sync(device)
+    except Exception as exc:  # noqa: BLE001 - recorded as "does not run here"
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        return row
+    row.update(time_ms(step, device, warmup=3, reps=11))  # the median of 11 steadies a shared CPU
+    row["peak_mib"] = peak_memory_mib(step, device)
+    if case.bytes_moved:
+        row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
+    return row
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """``vs_mmfuse``: the implementation's time over mmfuse's on the same case (> 1: mmfuse is faster)."""
+    ours = {(r["loss"], r["shape"]): r.get("ms") for r in rows if r["impl"] == "mmfuse"}
+    for r in rows:
+        mine = ours.get((r["loss"], r["shape"]))
+        if r.get("ms") and mine:
+            r["vs_mmfuse"] = r["ms"] / mine
+
+
+def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for build in CASE_BUILDERS:
+        for case in build(quick, device, dtype):
+            rows += [measure(case, name, fn, device) for name, fn in case.impls.items()]
+    _add_ratios(rows)
+    print_table(rows, ["loss", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps", "error"])
+    config = dict(quick=quick, dtype=str(dtype), cpu_threads=torch.get_num_threads())
+    path = append_results("losses", device, config, rows, out_dir)
+    print(f"appended to {path}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default torch's); 1 keeps timings steady on a shared machine")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    run(args.quick, torch.device(args.device), args.out)
+
+
+if __name__ == "__main__":
+    main()

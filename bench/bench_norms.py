@@ -1,0 +1,180 @@
+"""The per-token kernels vs the eager PyTorch forms a model would otherwise run, side by side.
+
+* rms_norm: ``rms_norm`` vs transformers' ``LlamaRMSNorm``;
+* routed_rms_norm: ``routed_rms_norm`` (2 modalities) vs both norms over every token + ``torch.where``
+  (how LlamaFusion-style code routes without a kernel);
+* rope: ``apply_rope`` vs transformers' ``apply_rotary_pos_emb``, q/k as views of a fused qkv output;
+* swiglu: ``swiglu`` vs ``F.silu(g) * u`` on the halves of a fused gate/up output.
+
+Each in "fwd" (no grad) and "fwd+bwd" mode. On CPU mmfuse runs its PyTorch backend, on CUDA its
+Triton kernels. Rows carry ms, the peak extra memory, ``gbps`` (the bytes a fused implementation must
+move over the time: one numerator for every implementation, so it ranks them) and ``vs_mmfuse``
+(baseline time / mmfuse time; > 1: mmfuse is faster).
+
+    python -m mmfuse.bench.bench_norms [--quick] [--device cpu|cuda] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from mmfuse.bench.common import append_results, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.kernels.rms_norm import rms_norm, routed_rms_norm
+from mmfuse.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
+from mmfuse.kernels.swiglu import swiglu
+
+
+@dataclass
+class Case:
+    """One problem: ``make()`` builds the input tensor, ``views(t)`` the impls' arguments from it.
+
+    In "fwd+bwd" mode the input gets the gradient (through the views, as in a model where q/k or
+    gate/up are slices of one projection output); ``fwd_bytes`` / ``bwd_bytes`` are the minimum
+    memory traffic of each pass (for GB/s).
+    """
+
+    op: str
+    shape: str
+    make: Callable[[], torch.Tensor]
+    views: Callable[[torch.Tensor], tuple]
+    impls: dict[str, Callable[..., object]]
+    fwd_bytes: int
+    bwd_bytes: int
+
+
+def _sizes(quick: bool, device: torch.device) -> dict[str, int]:
+    """Tokens N, hidden D, FFN width I, heads (Llama-3-8B widths on GPU, a 1B-class model on CPU)."""
+    if device.type == "cuda":
+        return dict(N=4096 if quick else 16384, D=4096, I=14336, Hq=32, Hkv=8, Dh=128)
+    return dict(N=512 if quick else 2048, D=2048, I=8192, Hq=16, Hkv=4, Dh=128)
+
+
+def norm_cases(s: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    N, D = s["N"], s["D"]
+    es = torch.finfo(dtype).bits // 8
+    hf = LlamaRMSNorm(D).to(device=device, dtype=dtype)
+    hf_text, hf_image = (LlamaRMSNorm(D).to(device=device, dtype=dtype) for _ in range(2))
+    modality = (torch.rand(N, device=device) < 0.5).long()
+
+    def make():
+        return torch.randn(N, D, device=device, dtype=dtype)
+
+    def routed_where(x):
+        return torch.where(modality[:, None] == 0, hf_text(x), hf_image(x))
+
+    routed_weights = [hf_text.weight, hf_image.weight]
+    return [
+        Case("rms_norm", f"N={N} D={D}", make, lambda x: (x,),
+             {"mmfuse": lambda x: rms_norm(x, hf.weight, hf.variance_epsilon), "transformers": hf},
+             2 * N * D * es, 3 * N * D * es),
+        Case("routed_rms_norm", f"N={N} D={D} E=2", make, lambda x: (x,),
+             {"mmfuse": lambda x: routed_rms_norm(x, modality, routed_weights), "both+where": routed_where},
+             2 * N * D * es, 3 * N * D * es),
+    ]
+
+
+def rope_cases(s: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    N, Hq, Hkv, Dh = s["N"], s["Hq"], s["Hkv"], s["Dh"]
+    B, L = 2, N // 2
+    es = torch.finfo(dtype).bits // 8
+    cos, sin = rope_cos_sin(torch.arange(L, device=device)[None], rope_frequencies(Dh, 500000.0).to(device), dtype)
+
+    def make():
+        return torch.randn(B, L, (Hq + 2 * Hkv) * Dh, device=device, dtype=dtype)
+
+    def views(qkv):
+        q = qkv[..., : Hq * Dh].view(B, L, Hq, Dh).transpose(1, 2)
+        k = qkv[..., Hq * Dh: (Hq + Hkv) * Dh].view(B, L, Hkv, Dh).transpose(1, 2)
+        return q, k
+
+    qk_bytes = B * L * (Hq + Hkv) * Dh * es
+    return [Case("rope", f"B={B} L={L} Hq={Hq} Hkv={Hkv} Dh={Dh}", make, views,
+                 {"mmfuse": lambda q, k: apply_rope(q, k, cos, sin),
+                  "transformers": lambda q, k: apply_rotary_pos_emb(q, k, cos, sin)},
+                 2 * qk_bytes, 2 * qk_bytes)]
+
+
+def swiglu_cases(s: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    N, I = s["N"], s["I"]
+    es = torch.finfo(dtype).bits // 8
+
+    def make():
+        return torch.randn(N, 2 * I, device=device, dtype=dtype)
+
+    return [Case("swiglu", f"N={N} I={I}", make, lambda h: (h[:, :I], h[:, I:]),
+                 {"mmfuse": swiglu, "eager": lambda g, u: F.silu(g) * u},
+                 3 * N * I * es, 5 * N * I * es)]
+
+
+CASE_BUILDERS: list[Callable[[dict, torch.device, torch.dtype], list[Case]]] = [norm_cases, rope_cases, swiglu_cases]
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def measure(case: Case, mode: str, name: str, fn: Callable, device: torch.device) -> dict:
+    row = {"op": case.op, "shape": case.shape, "mode": mode, "impl": name}
+    base = case.make()
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(*case.views(base))
+    else:
+        base.requires_grad_()
+        grads = [torch.randn_like(o) for o in _outputs(fn(*case.views(base)))]
+
+        def step():
+            return torch.autograd.grad(_outputs(fn(*case.views(base))), base, grads)
+    step()
+    sync(device)
+    row.update(time_ms(step, device))
+    row["peak_mib"] = peak_memory_mib(step, device)
+    nbytes = case.fwd_bytes + (case.bwd_bytes if mode == "fwd+bwd" else 0)
+    row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
+    return row
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    ours = {(r["op"], r["shape"], r["mode"]): r["ms"] for r in rows if r["impl"] == "mmfuse"}
+    for r in rows:
+        r["vs_mmfuse"] = r["ms"] / ours[(r["op"], r["shape"], r["mode"])]
+
+
+def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sizes = _sizes(quick, device)
+    rows = []
+    for build in CASE_BUILDERS:
+        for case in build(sizes, device, dtype):
+            for mode in ("fwd", "fwd+bwd"):
+                rows += [measure(case, mode, name, fn, device) for name, fn in case.impls.items()]
+    _add_ratios(rows)
+    print_table(rows, ["op", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps"])
+    path = append_results("norms", device, dict(quick=quick, dtype=str(dtype), **sizes), rows, out_dir)
+    print(f"appended to {path}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    run(args.quick, torch.device(args.device), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Text generation with a static KV cache: one prefill, then one-token decode steps.
+
+The decode step takes the cache position as a tensor and reads no value back to the host, so it can
+be compiled once (``compile=True``: ``torch.compile``, with CUDA graphs on GPU) and replayed for
+every position. Left-padded prompts of different lengths share a batch: each row's key interval
+starts at its first real token, so padding is never attended.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from mmfuse.models.decoder import Decoder
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) float logits -> (B,) int64 next tokens: greedy at temperature 0, else filtered sampling."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    # argmax(p / Exp(1)) draws from p without torch.multinomial's host sync.
+    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / q).argmax(dim=-1)
+
+
+def _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p) -> None:
+    if not isinstance(model, Decoder):
+        raise TypeError(f"model must be an mmfuse Decoder, got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be an integer tensor (B, L), got {getattr(input_ids, 'shape', input_ids)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one token per row")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+
+
+@torch.no_grad()
+def generate(
+    model: Decoder,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    compile: bool = False,
+    progress: bool | None = False,
+) -> torch.Tensor:
+    """Continue ``input_ids`` (B, L) by ``max_new_tokens`` tokens; returns (B, L + max_new_tokens).
+
+    Args:
+        temperature: 0 = greedy; otherwise sample from softmax(logits / temperature) after the
+            ``top_k`` / ``top_p`` filters.
+        eos_token_id: a row that emits it keeps emitting it (the padding transformers uses when the
+            pad token is the EOS token); generation stops early once every row has.
+        attention_mask: (B, L) 1 for real tokens, 0 for left padding (prompts of different lengths).
+        compile: compile the decode step (CUDA graphs on GPU).
+        progress: show a progress bar (None: only when stderr is a terminal).
+    """
+    _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p)
+    B, L = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        first = torch.zeros(B, 1, dtype=torch.int32, device=device)
+        position_ids = torch.arange(L, device=device).expand(B, L)
+    else:
+        mask = attention_mask.to(device).long()
+        first = (L - mask.sum(dim=1, keepdim=True)).to(torch.int32)  # left padding: first real token
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    model.setup_cache(B, L + max_new_tokens)
+    out = torch.empty(B, L + max_new_tokens, dtype=input_ids.dtype, device=device)
+    out[:, :L] = input_ids
+    if max_new_tokens == 0:
+        return out
+
+    def step(tokens, pos, positions):
+        """tokens (B, T) at cache slots ``pos`` (T,) -> next token (B,)."""
+        kv_start = first.expand(B, tokens.shape[1])
+        kv_end = (pos + 1).to(torch.int32).expand(B, tokens.shape[1])
+        hidden = model(tokens, position_ids=positions, kv_start=kv_start, kv_end=kv_end, input_pos=pos)
+        return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, generator)
+
+    decode: Callable = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None,
+                                     dynamic=False) if compile else step
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = position_ids[:, -1:] + 1
+    tok = step(input_ids, torch.arange(L, device=device), position_ids)  # prefill
+    for i in tqdm(range(max_new_tokens), disable=progress is False if progress is not None else None, desc="decode"):
+        if eos_token_id is not None:
+            tok = torch.where(done, eos_token_id, tok)
+            done |= tok == eos_token_id
+        out[:, L + i] = tok
+        if i + 1 == max_new_tokens or (eos_token_id is not None and i % 16 == 15 and bool(done.all())):
+            if i + 1 < max_new_tokens:
+                out[:, L + i + 1:] = eos_token_id
+            break
+        tok = decode(tok[:, None], torch.tensor([L + i], device=device), next_pos + i)
+    return out

@@ -1,0 +1,205 @@
+"""The training loop: AdamW, warmup + cosine schedule, accumulation, clipping, checkpoints, exact resume.
+
+Batches come from ``get_batch(step, micro)``, a pure function of the step: together with a per-step
+noise generator (seeded from the step) this makes a resumed run reproduce the uninterrupted one's
+losses exactly. Checkpoints are safetensors only (model, optimizer, RNG) plus a JSON of scalars,
+written to a temporary folder and renamed into place, so a crash mid-write never corrupts the latest.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mmfuse.kernels.objectives import Objective
+
+LossFn = Callable[[object, torch.Generator], Objective]  # (batch, noise generator) -> objective
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end (when out_dir is set)
+    out_dir: str | None = None
+
+    def __post_init__(self):
+        if self.steps < 0 or self.grad_accum < 1 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"bad training config: steps={self.steps}, grad_accum={self.grad_accum}, "
+                             f"lr={self.lr}, warmup_steps={self.warmup_steps}")
+
+
+def lr_at(step: int, c: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    on_cuda = params[0].is_cuda
+    # fused AdamW: one kernel for all parameters on GPU; foreach is the fast path on CPU.
+    return torch.optim.AdamW(params, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay,
+                             fused=on_cuda or None, foreach=None if on_cuda else True)
+
+
+class Trainer:
+    """Runs ``config.steps`` optimizer steps of ``loss_fn(get_batch(step, micro), generator)``."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, get_batch: Callable[[int, int], object],
+                 config: TrainConfig, count: Callable[[object], dict[str, int]] | None = None):
+        self.model, self.loss_fn, self.get_batch, self.config = model, loss_fn, get_batch, config
+        self.count = count or (lambda batch: {})
+        self.optimizer = make_optimizer(model, config)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+
+    def _noise_generator(self, step: int, micro: int) -> torch.Generator:
+        device = next(self.model.parameters()).device
+        return torch.Generator(device=device).manual_seed(self.config.seed * 1_000_003 + step * 997 + micro)
+
+    def train_step(self) -> dict[str, float]:
+        c, step = self.config, self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, c)
+        self.model.train()
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for micro in range(c.grad_accum):
+            batch = self.get_batch(step, micro)
+            objective = self.loss_fn(batch, self._noise_generator(step, micro))
+            if not torch.isfinite(objective.total.detach()):
+                parts = {k: float(v) for k, v in objective.components.items()}
+                raise FloatingPointError(f"non-finite loss at step {step} (micro-batch {micro}): "
+                                         f"total={float(objective.total)}, components={parts}")
+            (objective.total / c.grad_accum).backward()
+            for name, value in {"loss": objective.total, **objective.components}.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / c.grad_accum
+            for name, n in self.count(batch).items():
+                counts[name] = counts.get(name, 0) + n
+        if c.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.grad_clip)
+            totals["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"step": self.step, "lr": lr_at(step, c), **totals, **counts}
+        self.history.append(record)
+        return record
+
+    def train(self, progress: bool | None = None) -> list[dict[str, float]]:
+        c = self.config
+        if self.out_dir:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.out_dir / "train_log.jsonl", "a") if self.out_dir else None
+        bar = tqdm(total=c.steps, initial=self.step, disable=progress is False if progress is not None else None,
+                   desc="train")
+        t0, seen = time.perf_counter(), {}
+        try:
+            while self.step < c.steps:
+                record = self.train_step()
+                for k in ("tokens", "images"):
+                    seen[k] = seen.get(k, 0) + int(record.get(k, 0))
+                elapsed = time.perf_counter() - t0
+                record.update({f"{k}_per_s": v / elapsed for k, v in seen.items()})
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "tokens", "images")})
+                bar.update(1)
+                if self.out_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        if self.out_dir:
+            self.save_checkpoint()
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, out_dir: str | os.PathLike | None = None) -> Path:
+        """Write ``step_XXXXXXX/`` atomically and point ``latest`` at it; returns its path."""
+        root = Path(out_dir or self.out_dir)
+        final = root / f"step_{self.step:07d}"
+        tmp = root / f".tmp_step_{self.step:07d}_{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        optim_tensors, optim_meta = _flatten_optimizer(self.optimizer)
+        save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+        save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        meta = {"step": self.step, "config": asdict(self.config), "optimizer": optim_meta, "history": self.history}
+        (tmp / "trainer.json").write_text(json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Resume from a ``step_*`` folder, or from the one a run folder's ``latest`` names."""
+        path = Path(path)
+        if (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()
+        if not (path / "trainer.json").is_file():
+            raise FileNotFoundError(f"no checkpoint at {path} (expected trainer.json and safetensors files)")
+        meta = json.loads((path / "trainer.json").read_text())
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
+        _restore_optimizer(self.optimizer, load_file(str(path / "optimizer.safetensors"), device=str(device)),
+                           meta["optimizer"])
+        torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu_rng"])
+        self.step, self.history = meta["step"], meta["history"]
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as safetensors-friendly tensors plus JSON metadata (no pickle)."""
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    groups = meta["param_groups"]
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,270 @@
+"""Rotary position embedding (RoPE) in the rotate-half convention of transformers' Llama / Qwen2.
+
+* :func:`rope_frequencies` gives ``inv_freq`` (plain, or with Llama-3's frequency scaling);
+* :func:`rope_cos_sin` turns arbitrary position ids (packed documents restart them, an image span may
+  share one) into the ``cos, sin`` tables of ``LlamaRotaryEmbedding``;
+* :func:`apply_rope` rotates q and k with them, as ``apply_rotary_pos_emb``.
+
+For a head vector ``x = [x1, x2]`` (halves) and ``cos = [c1, c2]``, ``sin = [s1, s2]``:
+``y1 = x1 * c1 - x2 * s1`` and ``y2 = x2 * c2 + x1 * s2``. The backward is the transposed map, i.e. the
+same kernel with ``(s1, s2) -> (-s2, -s1)`` (for the usual ``c1 == c2``, ``s1 == s2``: rotation by
+``-sin``). The Triton kernel rotates q and k in one launch and reads cos/sin once per position block.
+No gradient flows into cos/sin (they come from position ids). Layout of this file: Triton kernel ->
+launcher -> PyTorch backend -> custom ops + autograd -> public functions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, resolve_backend
+
+_TILE_ELEMENTS = 2048  # positions per program chosen so one half-tile holds about this many elements
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotate_heads(
+    X, Y, b, pos, cols, mask, c1, c2, s1, s2, num_heads,
+    stride_xb, stride_xh, stride_xl, stride_xd, stride_yb, stride_yh, stride_yl,
+    HALF: tl.constexpr,
+):
+    """Rotate every head of batch row b at positions ``pos``; Y is contiguous in its last dim."""
+    for h in range(num_heads):
+        x_ptrs = X + b * stride_xb + h * stride_xh + pos[:, None] * stride_xl + cols[None, :] * stride_xd
+        x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptrs + HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        y_ptrs = Y + b * stride_yb + h * stride_yh + pos[:, None] * stride_yl + cols[None, :]
+        tl.store(y_ptrs, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs + HALF, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    Q, K, COS, SIN, QO, KO,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_cb, stride_cl, stride_cd,
+    stride_sb, stride_sl, stride_sd,
+    stride_qob, stride_qoh, stride_qol,
+    stride_kob, stride_koh, stride_kol,
+    H_Q, H_KV, L,
+    HALF: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr, TRANSPOSE: tl.constexpr,
+):
+    """One program: BLOCK_L positions of one batch row, all q heads then all k heads."""
+    pos = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (pos[:, None] < L) & (cols[None, :] < HALF)
+    c_ptrs = COS + b * stride_cb + pos[:, None] * stride_cl + cols[None, :] * stride_cd
+    s_ptrs = SIN + b * stride_sb + pos[:, None] * stride_sl + cols[None, :] * stride_sd
+    c1 = tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_ptrs + HALF * stride_cd, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptrs + HALF * stride_sd, mask=mask, other=0.0).to(tl.float32)
+    if TRANSPOSE:  # backward: the transposed rotation
+        s1, s2 = -s2, -s1
+    _rotate_heads(Q, QO, b, pos, cols, mask, c1, c2, s1, s2, H_Q,
+                  stride_qb, stride_qh, stride_ql, stride_qd, stride_qob, stride_qoh, stride_qol, HALF)
+    _rotate_heads(K, KO, b, pos, cols, mask, c1, c2, s1, s2, H_KV,
+                  stride_kb, stride_kh, stride_kl, stride_kd, stride_kob, stride_koh, stride_kol, HALF)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _rope_triton(q, k, cos, sin, transpose):
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    half = D // 2
+    block_half = triton.next_power_of_2(half)
+    block_l = max(1, min(64, _TILE_ELEMENTS // block_half))
+    qo = torch.empty((B, Hq, L, D), device=q.device, dtype=q.dtype)
+    ko = torch.empty((B, Hkv, L, D), device=k.device, dtype=k.dtype)
+    if B * L == 0:
+        return qo, ko
+    # cos/sin shared by the batch arrive with a batch stride of 0 (expanded, never copied).
+    torch.library.wrap_triton(_rope_kernel)[(triton.cdiv(L, block_l), B)](
+        q, k, cos, sin, qo, ko,
+        *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
+        *qo.stride()[:3], *ko.stride()[:3],
+        Hq, Hkv, L,
+        HALF=half, BLOCK_L=block_l, BLOCK_HALF=block_half, TRANSPOSE=transpose, num_warps=4,
+    )
+    return qo, ko
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch backend
+# ----------------------------------------------------------------------------------------------
+
+
+def _rope_torch(q, k, cos, sin, transpose):
+    ct = compute_dtype(q)
+    half = q.shape[-1] // 2
+    # The (B, L, D) tables are H times smaller than q/k: upcasting them is cheap and makes every
+    # product below run in float32 (a bf16 x bf16 product would round before the sum).
+    c1, c2 = cos[:, None, :, :half].to(ct), cos[:, None, :, half:].to(ct)
+    s1, s2 = sin[:, None, :, :half].to(ct), sin[:, None, :, half:].to(ct)
+    if transpose:
+        s1, s2 = -s2, -s1
+
+    def rotate(x):
+        # Written into the halves of one output buffer: no temporaries of q/k's size.
+        out = torch.empty(x.shape, device=x.device, dtype=ct)
+        x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+        torch.mul(x1, c1, out=o1).addcmul_(x2, s1, value=-1)
+        torch.mul(x2, c2, out=o2).addcmul_(x1, s2)
+        return out.to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op + autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mmfuse::rope", mutates_args=())
+def _rope_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _rope_triton(q, k, cos, sin, transpose)
+    return _rope_torch(q, k, cos, sin, transpose)
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, transpose, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, cos, sin, transpose, backend = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.transpose, ctx.backend = transpose, backend
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq_in, dk_in = _rope_op(dq, dk, cos, sin, not ctx.transpose, ctx.backend)
+    return dq_in, dk_in, None, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_frequencies(head_dim: int, base: float = 10000.0, rope_scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies ``inv_freq`` (head_dim // 2,) float32, as transformers computes them.
+
+    Args:
+        head_dim: rotated head dimension (even).
+        base: ``rope_theta``.
+        rope_scaling: None / ``{"rope_type": "default"}`` for plain RoPE, or Llama-3.1's
+            ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}`` (the ``rope_parameters`` of a transformers 5 config;
+            its other keys, such as ``rope_theta``, are ignored here: pass ``base``).
+    """
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type != "llama3":
+        raise ValueError(f"rope_scaling rope_type must be 'default' or 'llama3', got {rope_type!r}")
+    missing = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} - set(rope_scaling)
+    if missing:
+        raise ValueError(f"rope_scaling of type 'llama3' lacks {sorted(missing)}")
+    return _llama3_scaled(inv_freq, rope_scaling)
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    """Llama-3.1: long wavelengths slowed by ``factor``, short ones kept, a smooth ramp between."""
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_context_len = p["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` tables (..., L, 2 * len(inv_freq)) in ``dtype``, as ``LlamaRotaryEmbedding``.
+
+    Args:
+        position_ids: integer (..., L), typically (B, L); any values (restarting per packed document,
+            repeated inside an image span).
+        inv_freq: (head_dim // 2,) from :func:`rope_frequencies`.
+        dtype: dtype of the returned tables (transformers uses the activations' dtype; float32 keeps
+            the angles exact and :func:`apply_rope` accepts either).
+    """
+    check_tensor("position_ids", position_ids, dtypes=(torch.int32, torch.int64, torch.float32))
+    check_tensor("inv_freq", inv_freq, ndim=1)
+    check_same_device(position_ids=position_ids, inv_freq=inv_freq)
+    freqs = position_ids[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _check_rope_inputs(q, k, cos, sin, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ()))
+    B, _, L, D = q.shape
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,))
+    check_tensor("k", k, shape=(B, None, L, D))
+    if D == 0 or D % 2:
+        raise ValueError(f"q's head dim must be even and positive for rotate-half RoPE, got {D}")
+    check_tensor("cos", cos, dtypes=(q.dtype, torch.float32))
+    check_tensor("sin", sin, dtypes=(cos.dtype,))
+    if cos.dim() == 2:  # one table shared by the batch
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    if cos.shape[0] not in (1, B) or tuple(cos.shape[1:]) != (L, D):
+        raise ValueError(f"cos must have shape ({B} or 1, {L}, {D}) or ({L}, {D}), got {tuple(cos.shape)}")
+    check_tensor("sin", sin, dtypes=(cos.dtype,), shape=tuple(cos.shape))
+    check_same_device(q=q, k=k, cos=cos, sin=sin)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but apply_rope does not differentiate through cos/sin")
+    return cos.expand(B, L, D), sin.expand(B, L, D)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by position, as transformers' ``apply_rotary_pos_emb`` (rotate-half, not interleaved).
+
+    Args:
+        q: (B, Hq, L, D) fp16 / bf16 / fp32 (fp64 on the torch backend), D even; any strides, e.g. a
+            ``view(...).transpose(1, 2)`` of a fused qkv projection (read in place, never copied).
+        k: (B, Hkv, L, D), q's dtype.
+        cos, sin: (B, L, D), (1, L, D) or (L, D) from :func:`rope_cos_sin`, in q's dtype or float32.
+        backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
+
+    Returns:
+        ``(q_rot, k_rot)``, contiguous, in q's dtype; differentiable in q and k (math in float32).
+    """
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_tensor(name, t)
+    backend = resolve_backend(backend, q, k, cos, sin)
+    cos, sin = _check_rope_inputs(q, k, cos, sin, backend)
+    return _rope_op(q, k, cos, sin, False, backend)

@@ -1,0 +1,253 @@
+"""One lean decoder for Llama-3 / 3.1 / 3.2 and Qwen2 / 2.5, loading Hugging Face safetensors.
+
+GQA, explicit ``head_dim``, llama3 RoPE scaling, tied embeddings, Qwen2's QKV biases. Every layer
+may hold several modality experts (``num_experts``): 1 is the plain model; LlamaFusion uses 2
+(frozen text + trainable image). Attention takes per-query key intervals, so the same model runs
+causal text, bidirectional image spans and packed documents.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfuse.kernels import build_routing, rope_cos_sin, rope_frequencies
+
+from .hf_io import CheckpointError, KeyRule, fuse, hf_to_native, native_to_hf, rename
+from .layers import BatchContext, KVCache, MixedAttention, RoutedMLP, RoutedRMSNorm
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    dim: int
+    hidden_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    num_experts: int = 1
+    model_type: str = "llama"
+    hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, for saving
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "DecoderConfig":
+        """Read a transformers config.json (v5 ``rope_parameters`` or v4 ``rope_theta``/``rope_scaling``)."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(f"config model_type {model_type!r} is not a decoder this loader supports "
+                                  f"{SUPPORTED_MODEL_TYPES}")
+        _require(cfg, "hidden_act", "silu", default="silu")
+        _require(cfg, "mlp_bias", False, default=False)
+        if model_type == "qwen2":
+            _require(cfg, "use_sliding_window", False, default=False)
+        if model_type == "llama" and cfg.get("attention_bias", False):
+            raise CheckpointError("config attention_bias=True is not supported for llama (o_proj bias)")
+        rope = dict(cfg.get("rope_parameters") or {})
+        if not rope:  # transformers 4 layout
+            rope = dict(cfg.get("rope_scaling") or {})
+            rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise CheckpointError(f"config rope_type {rope_type!r} is not supported (default, llama3)")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            hidden_dim=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            qkv_bias=model_type == "qwen2",
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            hf_config=dict(cfg),
+        )
+
+
+def _require(cfg: dict, key: str, value, default) -> None:
+    if cfg.get(key, default) != value:
+        raise CheckpointError(f"config {key}={cfg.get(key)!r} is not supported (only {value!r})")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.attn_norm = RoutedRMSNorm(c.dim, c.norm_eps, c.num_experts)
+        self.attn = MixedAttention(c.dim, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, c.num_experts)
+        self.mlp_norm = RoutedRMSNorm(c.dim, c.norm_eps, c.num_experts)
+        self.mlp = RoutedMLP(c.dim, c.hidden_dim, c.num_experts)
+
+    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x, ctx.modality), ctx)
+        return x + self.mlp(self.mlp_norm(x, ctx.modality), ctx.modality, ctx.routing)
+
+
+class Decoder(nn.Module):
+    """Token embeddings -> layers -> final norm; ``logits`` applies the (possibly tied) LM head."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RoutedRMSNorm(config.dim, config.norm_eps, config.num_experts)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        self.reset_buffers(self.embed.weight.device)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        """RoPE inverse frequencies: derived from the config, never stored in checkpoints."""
+        if torch.device(device).type == "meta":
+            return
+        c = self.config
+        self.inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, dim): the LM head, or the embedding matrix when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Give every attention layer a static KV cache for ``batch`` rows of ``max_len`` positions."""
+        c = self.config
+        dtype = dtype or self.embed.weight.dtype
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, c.num_kv_heads, max_len, c.head_dim, dtype, self.embed.weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_start: torch.Tensor | None = None,
+        kv_end: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, L, dim).
+
+        Args:
+            input_ids: int (B, L), or give ``inputs_embeds`` (B, L, dim) instead (image patches etc.).
+            position_ids: int (B, L) RoPE positions; default ``input_pos`` or ``0..L-1``.
+            kv_start, kv_end: int32 (B, L) key intervals (see ``mask_intervals``); default causal
+                over the cache (``[0, input_pos + 1)``) or over the sequence.
+            modality: int (B, L) expert per token; required when the model has several experts.
+            input_pos: int64 (L,) cache slots of these tokens, when ``setup_cache`` was called.
+        """
+        x = self._embed(input_ids, inputs_embeds)
+        B, L, _ = x.shape
+        steps = input_pos if input_pos is not None else torch.arange(L, device=x.device)
+        if position_ids is None:
+            position_ids = steps.expand(B, L)
+        if kv_end is None or kv_start is None:
+            kv_start = torch.zeros(B, L, dtype=torch.int32, device=x.device) if kv_start is None else kv_start
+            kv_end = (steps + 1).to(torch.int32).expand(B, L).contiguous() if kv_end is None else kv_end
+        routing = None
+        if self.config.num_experts > 1:
+            if modality is None:
+                raise ValueError(f"modality (B, L) is required: the model has {self.config.num_experts} experts per layer")
+            routing = build_routing(modality, self.config.num_experts)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, torch.float32)
+        ctx = BatchContext(modality, routing, cos, sin, kv_start, kv_end, input_pos)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x, modality)
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids (B, L) and inputs_embeds (B, L, dim)")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
+                raise ValueError(f"inputs_embeds must have shape (B, L, {self.config.dim}), got {tuple(inputs_embeds.shape)}")
+            return inputs_embeds
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor (B, L), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        return self.embed(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(…, dim) -> (…, V) in float32."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def hf_key_map(c: DecoderConfig) -> list[KeyRule]:
+    """Native <-> transformers names for a one-expert decoder (q/k/v and gate/up fused on our side)."""
+    rules = [rename("embed.weight", "model.embed_tokens.weight"), rename("norm.weights.0", "model.norm.weight")]
+    for i in range(c.num_layers):
+        hf, me = f"model.layers.{i}", f"layers.{i}"
+        attn = f"{hf}.self_attn"
+        rules += [
+            rename(f"{me}.attn_norm.weights.0", f"{hf}.input_layernorm.weight"),
+            fuse(f"{me}.attn.qkv.weights.0", f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
+            rename(f"{me}.attn.o.weights.0", f"{attn}.o_proj.weight"),
+            rename(f"{me}.mlp_norm.weights.0", f"{hf}.post_attention_layernorm.weight"),
+            fuse(f"{me}.mlp.gate_up.weights.0", f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"),
+            rename(f"{me}.mlp.down.weights.0", f"{hf}.mlp.down_proj.weight"),
+        ]
+        if c.qkv_bias:
+            rules.append(fuse(f"{me}.attn.qkv.biases.0", f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"))
+    if not c.tie_embeddings:
+        rules.append(rename("lm_head.weight", "lm_head.weight"))
+    return rules
+
+
+def _split_sizes(c: DecoderConfig):
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+
+    def sizes(rule: KeyRule) -> list[int]:
+        return [q, kv, kv] if ".attn.qkv." in rule.native else [c.hidden_dim, c.hidden_dim]
+
+    return sizes
+
+
+def decoder_state_from_hf(c: DecoderConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A tied checkpoint may still carry lm_head.weight (a copy of the embeddings): ignore it then.
+    return hf_to_native(hf, hf_key_map(c), optional_hf=("lm_head.weight",) if c.tie_embeddings else ())
+
+
+def decoder_state_to_hf(model: Decoder) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json dict, HF-named tensors) of a one-expert decoder."""
+    c = model.config
+    if c.num_experts != 1:
+        raise ValueError(f"only a one-expert decoder maps to a transformers checkpoint (this one has {c.num_experts})")
+    tensors = native_to_hf(model.state_dict(), hf_key_map(c), _split_sizes(c))
+    cfg = dict(c.hf_config) or _default_hf_config(c)
+    cfg["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
+    return cfg, tensors
+
+
+def _default_hf_config(c: DecoderConfig) -> dict:
+    cfg = {
+        "model_type": c.model_type, "architectures": ["LlamaForCausalLM" if c.model_type == "llama" else "Qwen2ForCausalLM"],
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+        "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+    }
+    if c.rope_scaling:
+        cfg["rope_parameters"] = {**c.rope_scaling, "rope_theta": c.rope_theta}
+    return cfg
+
+
+def with_experts(config: DecoderConfig, num_experts: int) -> DecoderConfig:
+    return dataclasses.replace(config, num_experts=num_experts)

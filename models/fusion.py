@@ -1,0 +1,245 @@
+"""LlamaFusion / Transfusion: one decoder over text tokens and VAE-latent image patches.
+
+Built from a decoder checkpoint: every layer gets a second, image expert (QKV/O, FFN, both norms and
+the final norm) initialised as a copy of the text weights; tokens are routed by modality. LlamaFusion
+keeps the text expert, the embeddings and the LM head frozen (``train_text=False``); Transfusion
+trains everything. Images enter as noised VAE latents, patchified linearly with a timestep embedding
+added, attend bidirectionally within their span (the mixed mask), and leave as a noise prediction.
+
+Sequence layout (built by the packer): ``... BOI [patches of image 0] EOI ... BOI [image 1] EOI``,
+``modality`` 1 on patch positions, 0 elsewhere; images appear in ``latents`` in the order of their
+spans (row by row).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmfuse.kernels.diffusion_loss import ddpm_training_pair
+from mmfuse.kernels.objectives import Objective, transfusion_objective
+from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas
+
+from .decoder import Decoder, DecoderConfig
+from .hf_io import CheckpointError, build_from_state, checkpoint_files, load_tensors, read_config, save_checkpoint
+
+TEXT, IMAGE = 0, 1
+MODEL_TYPE = "mmfuse_fusion"
+
+
+@dataclass
+class FusionConfig:
+    latent_channels: int = 4
+    latent_size: int = 32  # latent height = width
+    patch_size: int = 2
+    boi_token_id: int = 0
+    eoi_token_id: int = 1
+    train_text: bool = False  # False: LlamaFusion (text frozen); True: Transfusion
+    lambda_diffusion: float = 5.0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    timestep_dim: int = 256
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+
+def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, (H/p) * (W/p), C * p * p), patches in row-major order."""
+    N, C, H, W = latents.shape
+    x = latents.reshape(N, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(N, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(patches: torch.Tensor, channels: int, size: int, p: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (N, (size/p)^2, C * p * p) -> (N, C, size, size)."""
+    N, g = patches.shape[0], size // p
+    x = patches.reshape(N, g, g, channels, p, p)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(N, channels, size, size)
+
+
+def timestep_features(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features (N, dim) of diffusion timesteps (cos half first, as DiT / diffusers flip_sin_to_cos)."""
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half, dtype=torch.float32) / half)
+    angles = timesteps.float()[:, None] * freqs.to(timesteps.device)[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class LlamaFusion(nn.Module):
+    def __init__(self, decoder_config: DecoderConfig, config: FusionConfig):
+        super().__init__()
+        if decoder_config.num_experts != 2:
+            raise ValueError(f"LlamaFusion needs a two-expert decoder, got num_experts={decoder_config.num_experts}")
+        if config.latent_size % config.patch_size:
+            raise ValueError(f"latent_size {config.latent_size} must be a multiple of patch_size {config.patch_size}")
+        self.config = config
+        dim = decoder_config.dim
+        self.decoder = Decoder(decoder_config)
+        self.patch_in = nn.Linear(config.patch_dim, dim)
+        self.time_mlp = nn.Sequential(nn.Linear(config.timestep_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.patch_out = nn.Linear(dim, config.patch_dim)
+        betas = ddpm_betas(config.num_train_timesteps, config.beta_schedule, config.beta_start, config.beta_end)
+        self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(betas), persistent=False)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        c = self.config
+        if torch.device(device).type != "meta":
+            betas = ddpm_betas(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end)
+            self.alphas_cumprod = ddpm_alphas_cumprod(betas).to(device)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_decoder(cls, decoder: Decoder, config: FusionConfig) -> "LlamaFusion":
+        """Add the image expert to a one-expert decoder (a copy of every text weight) and freeze per config."""
+        if decoder.config.num_experts != 1:
+            raise ValueError(f"from_decoder needs a one-expert decoder, got num_experts={decoder.config.num_experts}")
+        dec_cfg = dataclasses.replace(decoder.config, num_experts=2)
+        state = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+        for key in [k for k in state if k.endswith((".weights.0", ".biases.0"))]:
+            state[key[:-1] + "1"] = state[key].clone()
+        with torch.device("meta"):
+            model = cls(dec_cfg, config)
+        device = decoder.embed.weight.device
+        fresh = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
+        for name, t in fresh.items():  # the new image-path layers: default init, on the decoder's device
+            state[name] = torch.empty_like(t, device=device, dtype=decoder.embed.weight.dtype)
+        model = build_from_state(lambda: cls(dec_cfg, config), state)
+        model._init_image_path()
+        model.freeze_text(not config.train_text)
+        return model
+
+    def _init_image_path(self) -> None:
+        for layer in (self.patch_in, self.patch_out, *self.time_mlp):
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        nn.init.zeros_(self.patch_out.weight)  # start by predicting zero noise, as DiT does
+        nn.init.zeros_(self.patch_out.bias)
+
+    def freeze_text(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the text expert of every layer, the embeddings and the LM head."""
+        for name, p in self.decoder.named_parameters():
+            is_text = name.endswith((".weights.0", ".biases.0")) or name.startswith(("embed.", "lm_head."))
+            if is_text:
+                p.requires_grad_(not frozen)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        modality: torch.Tensor,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        kv_start: torch.Tensor,
+        kv_end: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B, L, dim) and the noise prediction (N, C, size, size) of the N images.
+
+        Args:
+            input_ids: int (B, L); values at image positions are ignored.
+            modality: int (B, L), 1 on image-patch positions (N * patches_per_image of them).
+            noisy_latents: (N, C, size, size) noised latents x_t, in span order; timesteps (N,).
+            kv_start, kv_end: int32 (B, L) mask intervals (``mask_intervals`` of the image spans).
+        """
+        c = self.config
+        self._check_images(modality, noisy_latents, timesteps)
+        x = self.decoder.embed(input_ids)
+        image_pos = modality == IMAGE
+        if noisy_latents.shape[0]:
+            patches = self.patch_in(patchify(noisy_latents.to(x.dtype), c.patch_size))
+            patches = patches + self.time_mlp(timestep_features(timesteps, c.timestep_dim).to(x.dtype))[:, None]
+            x = x.masked_scatter(image_pos[..., None], patches)
+        hidden = self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
+                              modality=modality, input_pos=input_pos)
+        out = self.patch_out(hidden[image_pos]).view(noisy_latents.shape[0], c.patches_per_image, c.patch_dim)
+        return hidden, unpatchify(out, c.latent_channels, c.latent_size, c.patch_size)
+
+    def _check_images(self, modality, latents, timesteps) -> None:
+        c = self.config
+        want = (c.latent_channels, c.latent_size, c.latent_size)
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != want:
+            raise ValueError(f"noisy_latents must have shape (N, {', '.join(map(str, want))}), got {tuple(latents.shape)}")
+        if timesteps.shape != (latents.shape[0],):
+            raise ValueError(f"timesteps must have shape ({latents.shape[0]},), got {tuple(timesteps.shape)}")
+        if not torch.compiler.is_compiling():
+            patches = int((modality == IMAGE).sum())
+            if patches != latents.shape[0] * c.patches_per_image:
+                raise ValueError(f"modality marks {patches} image positions but {latents.shape[0]} images need "
+                                 f"{latents.shape[0] * c.patches_per_image}")
+
+    def training_loss(
+        self,
+        input_ids: torch.Tensor,
+        modality: torch.Tensor,
+        labels: torch.Tensor,
+        latents: torch.Tensor,
+        kv_start: torch.Tensor,
+        kv_end: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Objective:
+        """Transfusion's ``LM CE + lambda * DDPM MSE`` for one packed batch.
+
+        Args:
+            labels: int64 (B, L), the token at each position (-100 where no LM loss: image patches,
+                padding, document starts); position i predicts labels[i + 1].
+            latents: (N, C, size, size) clean VAE latents of the batch's images, in span order.
+            image_mask: bool (N,) images that get the diffusion loss (None: all).
+        """
+        c = self.config
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        t = torch.randint(0, c.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+        x_t, target = ddpm_training_pair(latents, noise, self.alphas_cumprod[t], c.prediction_type)
+        hidden, pred = self(input_ids, modality, x_t, t, kv_start, kv_end, position_ids)
+        return transfusion_objective(
+            pred, target,
+            hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+            lm_weight=self.decoder.lm_head_weight,
+            labels=labels[:, 1:].reshape(-1),
+            image_mask=image_mask,
+            lambda_diffusion=c.lambda_diffusion,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Native checkpoints (safetensors + config.json)
+# ----------------------------------------------------------------------------------------------
+
+
+def save_fusion(model: LlamaFusion, path: str | os.PathLike) -> None:
+    dec = dataclasses.asdict(model.decoder.config)
+    cfg = {"model_type": MODEL_TYPE, "decoder": dec, "fusion": dataclasses.asdict(model.config)}
+    save_checkpoint(path, cfg, model.state_dict())
+
+
+def load_fusion(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> LlamaFusion:
+    cfg = read_config(path)
+    if cfg.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(f"config model_type {cfg.get('model_type')!r} is not {MODEL_TYPE!r}")
+    try:
+        dec_cfg = DecoderConfig(**cfg["decoder"])
+        fusion_cfg = FusionConfig(**cfg["fusion"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"config.json of {path} has a bad or missing key: {exc}") from exc
+    state = load_tensors(checkpoint_files(path), device or "cpu", dtype)
+    model = build_from_state(lambda: LlamaFusion(dec_cfg, fusion_cfg), state)
+    model.freeze_text(not fusion_cfg.train_text)
+    return model

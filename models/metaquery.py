@@ -1,0 +1,326 @@
+"""MetaQuery (Pan et al. 2025): a frozen LLM's outputs at learnable query tokens condition a diffusion decoder.
+
+``prompt tokens + N learnable queries`` go through the frozen decoder in one causal pass; its final
+hidden states at the N query positions go through the connector (a bidirectional transformer encoder,
+then Linear-GELU-Linear-RMSNorm) and become the cross-attention conditioning of a diffusers
+``SanaTransformer2DModel`` (rectified flow) or ``UNet2DConditionModel`` (Stable Diffusion 1.5, DDPM).
+Only the queries, the connector and the diffusion decoder train. When sampling, the prompt and the
+queries go through the LLM and the connector once; only the diffusion decoder runs every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmfuse.kernels import mask_intervals, rope_cos_sin, rope_frequencies
+from mmfuse.kernels.diffusion_loss import ddpm_training_pair, flow_matching_pair
+from mmfuse.kernels.objectives import Objective, metaquery_objective
+from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, sample_sigmas, sample_timesteps
+
+from .decoder import Decoder, DecoderConfig, DecoderLayer
+from .hf_io import CheckpointError, build_from_state, checkpoint_files, load_tensors, read_config, save_checkpoint
+from .layers import BatchContext, RoutedRMSNorm
+
+MODEL_TYPE = "mmfuse_metaquery"
+DECODER_KINDS = ("sana", "sd15")
+
+
+@dataclass
+class MetaQueryConfig:
+    num_queries: int = 64
+    connector_layers: int = 24
+    connector_dim: int | None = None  # None: the LLM's width, heads and MLP width
+    connector_heads: int | None = None
+    connector_hidden_dim: int | None = None
+    cond_dim: int = 2304  # Sana's caption_channels / SD1.5's cross_attention_dim (768)
+    decoder: str = "sana"  # "sana": flow matching; "sd15": DDPM
+    num_train_timesteps: int = 1000
+    # flow matching (sana): sigma density and SD3/SANA resolution shift, in training and sampling
+    sigma_density: str = "logit_normal"
+    flow_shift: float = 3.0
+    # DDPM (sd15): Stable Diffusion's schedule
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"
+    prompt_dropout: float = 0.0  # training rows whose prompt is hidden (what classifier-free guidance needs)
+
+
+def connector_layer_config(llm: DecoderConfig, c: MetaQueryConfig) -> DecoderConfig:
+    """The connector's layer shapes: the LLM's (as MetaQuery's Qwen2 encoder) unless the config sets them."""
+    if c.connector_dim is None:
+        return dataclasses.replace(llm, num_layers=c.connector_layers, num_experts=1, rope_scaling=None, hf_config={})
+    if c.connector_heads is None or c.connector_hidden_dim is None or c.connector_dim % c.connector_heads:
+        raise ValueError(f"connector_dim={c.connector_dim} needs connector_heads dividing it and connector_hidden_dim")
+    return DecoderConfig(vocab_size=0, dim=c.connector_dim, hidden_dim=c.connector_hidden_dim,
+                         num_layers=c.connector_layers, num_heads=c.connector_heads, num_kv_heads=c.connector_heads,
+                         head_dim=c.connector_dim // c.connector_heads, norm_eps=llm.norm_eps, rope_theta=llm.rope_theta)
+
+
+class Connector(nn.Module):
+    """Bidirectional transformer encoder over the N query states, then the projection to ``cond_dim``.
+
+    Built from the decoder's own :class:`DecoderLayer` with every query attending all N queries
+    (intervals ``[0, N)``). Queries are ordered, so they keep RoPE positions 0..N-1 (plain RoPE, no
+    long-context scaling: N is small); that lets the encoder tell the queries apart beyond their content.
+    """
+
+    def __init__(self, in_dim: int, layer_config: DecoderConfig, cond_dim: int):
+        super().__init__()
+        c = self.layer_config = layer_config
+        self.proj_in = nn.Linear(in_dim, c.dim) if in_dim != c.dim else nn.Identity()
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RoutedRMSNorm(c.dim, c.norm_eps)
+        self.proj_out = nn.Sequential(nn.Linear(c.dim, cond_dim), nn.GELU(), nn.Linear(cond_dim, cond_dim))
+        self.out_norm = RoutedRMSNorm(cond_dim, c.norm_eps)
+        self.register_buffer("inv_freq", torch.empty(c.head_dim // 2), persistent=False)
+        self.reset_buffers(self.norm.weights[0].device)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        if torch.device(device).type != "meta":
+            self.inv_freq = rope_frequencies(self.layer_config.head_dim, self.layer_config.rope_theta).to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, in_dim) query states -> (B, N, cond_dim) conditioning."""
+        x = self.proj_in(x)
+        B, N, _ = x.shape
+        cos, sin = rope_cos_sin(torch.arange(N, device=x.device).expand(B, N), self.inv_freq)
+        kv_start = torch.zeros(B, N, dtype=torch.int32, device=x.device)
+        ctx = BatchContext(None, None, cos, sin, kv_start, torch.full_like(kv_start, N))
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.out_norm(self.proj_out(self.norm(x)))
+
+
+def build_diffusion_decoder(kind: str, config: dict) -> nn.Module:
+    """A diffusers ``SanaTransformer2DModel`` ("sana") or ``UNet2DConditionModel`` ("sd15") from its config dict."""
+    from diffusers import SanaTransformer2DModel, UNet2DConditionModel  # heavy import, only when needed
+
+    if kind not in DECODER_KINDS:
+        raise ValueError(f"decoder must be one of {DECODER_KINDS}, got {kind!r}")
+    return (SanaTransformer2DModel if kind == "sana" else UNet2DConditionModel).from_config(dict(config))
+
+
+class MetaQuery(nn.Module):
+    def __init__(self, llm: Decoder, diffusion: nn.Module | dict, config: MetaQueryConfig):
+        super().__init__()
+        if llm.config.num_experts != 1:
+            raise ValueError(f"MetaQuery needs a one-expert decoder, got num_experts={llm.config.num_experts}")
+        if config.decoder not in DECODER_KINDS:
+            raise ValueError(f"config.decoder must be one of {DECODER_KINDS}, got {config.decoder!r}")
+        self.config = config
+        self.llm = llm
+        if isinstance(diffusion, dict):
+            diffusion = build_diffusion_decoder(config.decoder, diffusion)
+        self.diffusion = diffusion
+        self._check_diffusion_decoder()
+        embed = llm.embed.weight
+        with torch.device(embed.device):  # the new parts start where the LLM is
+            # Queries start at the scale of the token embeddings, so the frozen LLM sees token-like inputs.
+            std = embed.detach().float().std() if not embed.is_meta else 0.02
+            self.queries = nn.Parameter(torch.randn(config.num_queries, llm.config.dim, dtype=embed.dtype) * std)
+            self.connector = Connector(llm.config.dim, connector_layer_config(llm.config, config), config.cond_dim)
+        self.register_buffer("alphas_cumprod", torch.empty(config.num_train_timesteps), persistent=False)
+        self.reset_buffers(self.queries.device)
+        self.freeze_llm()
+
+    def _check_diffusion_decoder(self) -> None:
+        c, dc = self.config, self.diffusion.config
+        width = dc.get("caption_channels") if c.decoder == "sana" else dc.get("cross_attention_dim")
+        if width != c.cond_dim:
+            raise ValueError(f"cond_dim={c.cond_dim} but the {c.decoder} decoder's conditioning width is {width}")
+        if dc.get("out_channels", dc["in_channels"]) != dc["in_channels"]:
+            raise ValueError("a diffusion decoder with out_channels != in_channels (learned sigma) is not supported")
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        c = self.config
+        if torch.device(device).type != "meta":
+            betas = ddpm_betas(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end)
+            self.alphas_cumprod = ddpm_alphas_cumprod(betas).to(device)
+
+    def freeze_llm(self) -> None:
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ conditioning
+
+    def query_states(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's final hidden states (B, N, llm_dim) at the query positions, after one causal pass.
+
+        Args:
+            prompt_ids: int (B, P) prompt tokens (P may be 0).
+            prompt_mask: bool (B, P), False on padding (left, right or anywhere), or None (no padding).
+        """
+        mask = self._prompt_mask(prompt_ids, prompt_mask)
+        (B, P), N = prompt_ids.shape, self.config.num_queries
+        # Stable-move the padding to the front (left padding): then each query's keys -- its row's
+        # prompt and the queries before it -- are one contiguous interval, and padding gets none.
+        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+        ids, keep = prompt_ids.gather(1, order), mask.gather(1, order)
+        embeds = self.llm.embed(ids)
+        x = torch.cat([embeds, self.queries.to(embeds.dtype).expand(B, N, -1)], dim=1)
+        valid = torch.cat([keep, keep.new_ones(B, N)], dim=1)
+        kv_start, kv_end = mask_intervals(torch.zeros_like(valid, dtype=torch.int32), doc_ids=valid.int() - 1)
+        position_ids = (valid.cumsum(1) - 1).clamp_min(0)  # as if the padding were not there
+        hidden = self.llm(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end)
+        return hidden[:, P:]
+
+    def condition(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, cond_dim): the diffusion decoder's ``encoder_hidden_states`` for these prompts."""
+        hidden = self.query_states(prompt_ids, prompt_mask)
+        # The frozen LLM may run in a lower precision than the trained connector.
+        return self.connector(hidden.to(self.connector.norm.weights[0].dtype))
+
+    def _prompt_mask(self, prompt_ids, prompt_mask) -> torch.Tensor:
+        """Check the prompt; the mask (all True when None)."""
+        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.is_floating_point():
+            raise ValueError(f"prompt_ids must be an integer tensor (B, P), got {getattr(prompt_ids, 'shape', prompt_ids)}")
+        if prompt_mask is not None and (prompt_mask.dtype != torch.bool or prompt_mask.shape != prompt_ids.shape):
+            raise ValueError(f"prompt_mask must be bool {tuple(prompt_ids.shape)} like prompt_ids, "
+                             f"got {prompt_mask.dtype} {tuple(prompt_mask.shape)}")
+        return torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_mask is None else prompt_mask
+
+    # ------------------------------------------------------------------ diffusion
+
+    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The diffusion decoder's prediction (B, C, H, W); ``timesteps`` (B,) in [0, num_train_timesteps)."""
+        if self.config.decoder == "sana":  # as SanaPipeline (1.0 except for Sana-Sprint)
+            timesteps = timesteps * self.diffusion.config.get("timestep_scale", 1.0)
+        dtype = self.diffusion.dtype
+        out = self.diffusion(x_t.to(dtype), timestep=timesteps, encoder_hidden_states=cond.to(dtype), return_dict=False)
+        return out[0]
+
+    def training_loss(
+        self,
+        prompt_ids: torch.Tensor,
+        latents: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
+        *,
+        image_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Objective:
+        """Diffusion loss of the decoder conditioned on the prompts.
+
+        "sana": rectified flow, ``x_t = (1 - s) x0 + s eps``, target ``eps - x0``, timestep ``s * 1000``
+        (diffusers' SANA / SD3 training scripts); "sd15": DDPM, ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``,
+        target ``eps`` (or v).
+
+        Args:
+            prompt_ids, prompt_mask: (B, P), see :meth:`query_states`.
+            latents: (B, C, H, W) clean VAE latents (scaled as the diffusion decoder expects).
+            image_mask: bool (B,) samples that count, or None.
+        """
+        c = self.config
+        prompt_mask = self._prompt_mask(prompt_ids, prompt_mask)
+        B = prompt_ids.shape[0]
+        self._check_latents(latents, B)
+        if self.training and c.prompt_dropout > 0:
+            dropped = torch.rand(B, generator=generator, device=latents.device) < c.prompt_dropout
+            prompt_mask = prompt_mask & ~dropped[:, None].to(prompt_mask.device)
+        cond = self.condition(prompt_ids, prompt_mask)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if c.decoder == "sana":
+            sigmas = sample_sigmas(B, c.sigma_density, shift=c.flow_shift, generator=generator, device=latents.device)
+            x_t, target = flow_matching_pair(latents, noise, sigmas)
+            timesteps = sigmas * c.num_train_timesteps
+        else:
+            timesteps = sample_timesteps(B, c.num_train_timesteps, generator=generator, device=latents.device)
+            x_t, target = ddpm_training_pair(latents, noise, self.alphas_cumprod[timesteps], c.prediction_type)
+        return metaquery_objective(self.denoise(x_t, timesteps, cond), target, image_mask=image_mask)
+
+    def _check_latents(self, latents, batch: int) -> None:
+        channels = self.diffusion.config["in_channels"]
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[:2] != (batch, channels):
+            raise ValueError(f"latents must have shape ({batch}, {channels}, H, W), got {getattr(latents, 'shape', latents)}")
+
+    def make_scheduler(self):
+        """The sampling scheduler: flow-matching Euler (sana) or DDIM with SD1.5's schedule (sd15)."""
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+        c = self.config
+        if c.decoder == "sana":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=c.flow_shift)
+        return DDIMScheduler(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
+                             beta_schedule=c.beta_schedule, prediction_type=c.prediction_type, clip_sample=False,
+                             set_alpha_to_one=False, steps_offset=1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
+        *,
+        num_steps: int = 20,
+        guidance_scale: float = 1.0,
+        size: tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+        disable_progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Latents (B, C, H, W) in float32 for the prompts (decode them with the VAE).
+
+        The LLM and the connector run once (prompt and queries together), then only the diffusion
+        decoder runs, ``num_steps`` times. With ``guidance_scale != 1`` the unconditional half is the
+        queries without a prompt, in the same single LLM pass.
+
+        Args:
+            size: latent (H, W); default the decoder's ``sample_size``.
+            disable_progress: tqdm's ``disable`` (None: no bar unless attached to a terminal).
+        """
+        mask, B = self._prompt_mask(prompt_ids, prompt_mask), prompt_ids.shape[0]
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        guided = guidance_scale != 1.0
+        if guided:
+            prompt_ids, mask = torch.cat([prompt_ids, prompt_ids]), torch.cat([torch.zeros_like(mask), mask])
+        cond = self.condition(prompt_ids, mask)
+        scheduler = self.make_scheduler()
+        scheduler.set_timesteps(num_steps, device=cond.device)
+        dc = self.diffusion.config
+        h, w = size or (dc["sample_size"], dc["sample_size"])
+        # FlowMatchEuler starts from unit noise (it has no init_noise_sigma); DDIM's is 1 as well.
+        x = torch.randn(B, dc["in_channels"], h, w, generator=generator, device=cond.device)
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+        # Neither scheduler scales the model input (DDIM's scale_model_input is the identity).
+        for t in tqdm(scheduler.timesteps, disable=disable_progress, desc="MetaQuery sampling"):
+            inp = torch.cat([x, x]) if guided else x
+            pred = self.denoise(inp, t.expand(inp.shape[0]), cond).float()
+            if guided:
+                uncond, text = pred.chunk(2)
+                pred = uncond + guidance_scale * (text - uncond)
+            x = scheduler.step(pred, t, x, generator=generator, return_dict=False)[0]
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Native checkpoints (safetensors + config.json)
+# ----------------------------------------------------------------------------------------------
+
+
+def save_metaquery(model: MetaQuery, path: str | os.PathLike) -> None:
+    """Write every tensor (frozen LLM included) and the three configs to one checkpoint folder."""
+    diffusion = {k: v for k, v in model.diffusion.config.items() if not k.startswith("_")}
+    cfg = {"model_type": MODEL_TYPE, "llm": dataclasses.asdict(model.llm.config),
+           "metaquery": dataclasses.asdict(model.config), "diffusion": diffusion}
+    save_checkpoint(path, cfg, model.state_dict())
+
+
+def load_metaquery(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> MetaQuery:
+    cfg = read_config(path)
+    if cfg.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(f"config model_type {cfg.get('model_type')!r} is not {MODEL_TYPE!r}")
+    try:
+        llm_cfg = DecoderConfig(**cfg["llm"])
+        mq_cfg = MetaQueryConfig(**cfg["metaquery"])
+        diffusion_cfg = dict(cfg["diffusion"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"config.json of {path} has a bad or missing key: {exc}") from exc
+    state = load_tensors(checkpoint_files(path), device or "cpu", dtype)
+    model = build_from_state(lambda: MetaQuery(Decoder(llm_cfg), diffusion_cfg, mq_cfg), state)
+    model.freeze_llm()
+    return model

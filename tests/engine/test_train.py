@@ -1,0 +1,99 @@
+"""The training loop on a tiny LlamaFusion: schedule, NaN guard, atomic checkpoints, exact resume."""
+import json
+
+import pytest
+import torch
+
+from mmfuse.engine.train import TrainConfig, Trainer, lr_at
+from mmfuse.kernels.objectives import Objective
+from mmfuse.models.fusion import LlamaFusion
+from tests.models.test_fusion import FUSION, base, interleaved_batch  # noqa: F401  (fixture)
+
+
+def make_trainer(base_model, tmp_path, steps, **overrides):  # noqa: F811
+    torch.manual_seed(0)  # the image path's fresh layers: same init in every trainer
+    fusion = LlamaFusion.from_decoder(base_model, FUSION)
+    data = [interleaved_batch(FUSION, 101, torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def get_batch(step, micro):
+        return data[(step * 2 + micro) % len(data)]
+
+    def loss_fn(batch, generator):
+        return fusion.training_loss(*batch, generator=generator)
+
+    config = TrainConfig(steps=steps, lr=1e-3, warmup_steps=2, grad_accum=2, out_dir=str(tmp_path), **overrides)
+    return Trainer(fusion, loss_fn, get_batch, config, count=lambda b: {"tokens": int((b[1] == 0).sum()), "images": 1})
+
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    c = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(10, c) == pytest.approx(1.0) and lr_at(55, c) == pytest.approx(0.55)
+    assert lr_at(100, c) == pytest.approx(0.1)
+
+
+def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):  # noqa: F811
+    straight = make_trainer(base, tmp_path / "a", steps=4)
+    straight.train(progress=False)
+    first = make_trainer(base, tmp_path / "b", steps=2)
+    first.train(progress=False)  # checkpoints step 2
+    resumed = make_trainer(base, tmp_path / "c", steps=4)
+    resumed.load_checkpoint(tmp_path / "b")
+    assert resumed.step == 2
+    resumed.train(progress=False)
+    want = [r["loss"] for r in straight.history]
+    got = [r["loss"] for r in resumed.history]
+    assert got == want  # exactly, not approximately
+    assert all(r["loss"] > 0 for r in straight.history)
+
+
+def test_checkpoint_layout_is_safetensors_and_latest_is_atomic(base, tmp_path):  # noqa: F811
+    trainer = make_trainer(base, tmp_path, steps=2, checkpoint_every=1)
+    trainer.train(progress=False)
+    assert (tmp_path / "latest").read_text() == "step_0000002"
+    names = sorted(p.name for p in (tmp_path / "step_0000002").iterdir())
+    assert names == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json"]
+    assert not list(tmp_path.glob(".tmp_*"))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and log[-1]["tokens"] > 0 and "tokens_per_s" in log[-1]
+
+
+def test_crash_mid_write_leaves_the_previous_checkpoint(base, tmp_path, monkeypatch):  # noqa: F811
+    trainer = make_trainer(base, tmp_path, steps=1)
+    trainer.train(progress=False)
+    import mmfuse.engine.train as train_mod
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    trainer.step = 5
+    monkeypatch.setattr(train_mod, "save_file", boom)
+    with pytest.raises(OSError):
+        trainer.save_checkpoint()
+    assert (tmp_path / "latest").read_text() == "step_0000001"
+    fresh = make_trainer(base, tmp_path / "x", steps=1)
+    fresh.load_checkpoint(tmp_path)
+    assert fresh.step == 1
+
+
+def test_nan_loss_stops_the_run_naming_the_step(base, tmp_path):  # noqa: F811
+    trainer = make_trainer(base, tmp_path, steps=5)
+    real = trainer.loss_fn
+
+    def poisoned(batch, generator):
+        objective = real(batch, generator)
+        if trainer.step == 2:
+            return Objective(objective.total * float("nan"), objective.components)
+        return objective
+
+    trainer.loss_fn = poisoned
+    with pytest.raises(FloatingPointError, match="step 2"):
+        trainer.train(progress=False)
+
+
+def test_bad_config_and_missing_checkpoint(base, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        make_trainer(base, tmp_path, steps=1).load_checkpoint(tmp_path / "nothing")

@@ -1,0 +1,213 @@
+"""The lean decoder vs transformers on tiny random checkpoints built here (no download)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from mmfuse.models import CheckpointError, Decoder, from_pretrained, save_pretrained
+from tests.helpers import rel_err
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def tiny_llama(**overrides) -> LlamaForCausalLM:
+    cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE,
+               max_position_embeddings=256)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_qwen2(**overrides) -> Qwen2ForCausalLM:
+    cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=1, tie_word_embeddings=False)
+    cfg.update(overrides)
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+    with torch.no_grad():  # transformers initialises biases to 0; random ones make the test meaningful
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    return model
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def hf_checkpoint(request, tmp_path):
+    model = tiny_llama() if request.param == "llama" else tiny_qwen2()
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def test_logits_match_transformers(hf_checkpoint):
+    hf, path = hf_checkpoint
+    ours = from_pretrained(path)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 45))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = ours.logits(ours(ids))
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_gradients_match_transformers(tmp_path):
+    hf = tiny_llama()
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 17))
+    hf(ids).logits.square().mean().backward()
+    ours.logits(ours(ids)).square().mean().backward()
+    hf_q = hf.model.layers[1].self_attn.q_proj.weight.grad
+    ours_q = ours.layers[1].attn.qkv.weights[0].grad[: hf_q.shape[0]]
+    assert rel_err(ours_q, hf_q) <= 1e-4
+    assert rel_err(ours.embed.weight.grad, hf.model.embed_tokens.weight.grad) <= 1e-4
+
+
+def test_untied_llama_without_scaling(tmp_path):
+    hf = tiny_llama(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                    head_dim=None, num_key_value_heads=4)
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    assert ours.lm_head is not None
+    ids = torch.randint(0, 101, (1, 30))
+    with torch.no_grad():
+        assert rel_err(ours.logits(ours(ids)), hf(ids).logits) <= 1e-4
+
+
+def test_sharded_checkpoint_and_round_trip_through_transformers(tmp_path):
+    hf = tiny_qwen2()
+    ours_src = tmp_path / "src"
+    hf.save_pretrained(ours_src)
+    ours = from_pretrained(ours_src)
+    out = tmp_path / "saved"
+    save_pretrained(ours, out, max_shard_bytes=40_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    reloaded_hf = Qwen2ForCausalLM.from_pretrained(out).eval()
+    reloaded_ours = from_pretrained(out)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert rel_err(reloaded_hf(ids).logits, want) == 0
+        assert rel_err(reloaded_ours.logits(reloaded_ours(ids)), want) <= 1e-4
+
+
+def test_tied_round_trip_leaves_lm_head_out(tmp_path):
+    hf = tiny_llama()
+    hf.save_pretrained(tmp_path / "a")
+    save_pretrained(from_pretrained(tmp_path / "a"), tmp_path / "b")
+    keys = load_file(tmp_path / "b" / "model.safetensors").keys()
+    assert "lm_head.weight" not in keys
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "b").eval()
+    ids = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, hf(ids).logits) == 0
+
+
+def test_loads_in_bfloat16_on_meta_free_path(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
+    assert model.inv_freq.dtype == torch.float32 and not model.inv_freq.is_meta
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        full = model.logits(model(ids))
+        model.setup_cache(batch=2, max_len=16)
+        prefill = model.logits(model(ids[:, :8], input_pos=torch.arange(8)))
+        steps = [model.logits(model(ids[:, i : i + 1], input_pos=torch.tensor([i]))) for i in range(8, 12)]
+    assert rel_err(prefill, full[:, :8]) <= 1e-5
+    assert rel_err(torch.cat(steps, dim=1), full[:, 8:]) <= 1e-5
+
+
+# ------------------------------------------------------------------ strict loading
+
+
+def _corrupt(path, mutate):
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    mutate(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    _corrupt(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    _corrupt(tmp_path, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match="model.layers.0.extra.weight"):
+        from_pretrained(tmp_path)
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    _corrupt(tmp_path, lambda t: t.update({"model.norm.weight": torch.ones(63)}))
+    with pytest.raises(CheckpointError, match=r"norm.weights.0.*\(63,\)"):
+        from_pretrained(tmp_path)
+
+
+def test_truncated_file_is_reported(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        from_pretrained(tmp_path)
+
+
+def test_missing_shard_is_reported(tmp_path):
+    save_pretrained(from_pretrained(_saved(tiny_qwen2(), tmp_path / "a")), tmp_path / "b", max_shard_bytes=40_000)
+    next((tmp_path / "b").glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        from_pretrained(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model_type": "gpt2"}, "model_type"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}}, "rope_type"),
+        ({"mlp_bias": True}, "mlp_bias"),
+    ],
+)
+def test_unsupported_config_is_named(tmp_path, change, match):
+    tiny_llama().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        from_pretrained(tmp_path)
+
+
+def test_no_weights_or_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        from_pretrained(tmp_path)
+    tiny_llama().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        from_pretrained(tmp_path)
+
+
+def test_forward_rejects_bad_input(tmp_path):
+    model = from_pretrained(_saved(tiny_llama(), tmp_path))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(1, 3, 7))
+    assert isinstance(model, Decoder)
+
+
+def _saved(model, path):
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,111 @@
+"""LlamaFusion built from a tiny random transformers Llama checkpoint."""
+import pytest
+import torch
+
+from mmfuse.kernels import default_backend, mask_intervals
+from mmfuse.models import from_pretrained
+from mmfuse.models.fusion import FusionConfig, LlamaFusion, load_fusion, patchify, save_fusion, unpatchify
+from tests.helpers import rel_err, triton_devices
+from tests.models.test_decoder import tiny_llama
+
+FUSION = FusionConfig(latent_channels=4, latent_size=8, patch_size=2, boi_token_id=3, eoi_token_id=4)
+
+
+@pytest.fixture
+def base(tmp_path):
+    tiny_llama(num_hidden_layers=2).save_pretrained(tmp_path)
+    return from_pretrained(tmp_path)
+
+
+def interleaved_batch(fusion: FusionConfig, vocab: int, gen: torch.Generator):
+    """Two rows: text BOI [image] EOI text | text only, with labels and mask intervals."""
+    n = fusion.patches_per_image
+    row0 = [5, 6, 7, fusion.boi_token_id] + [0] * n + [fusion.eoi_token_id, 8, 9]
+    L = len(row0)
+    input_ids = torch.tensor([row0, torch.randint(5, vocab, (L,), generator=gen).tolist()])
+    modality = torch.zeros(2, L, dtype=torch.long)
+    modality[0, 4 : 4 + n] = 1
+    kv_start, kv_end = mask_intervals(modality)  # one image span, id 1
+    labels = input_ids.masked_fill(modality == 1, -100)
+    latents = torch.randn(1, fusion.latent_channels, fusion.latent_size, fusion.latent_size, generator=gen)
+    return input_ids, modality, labels, latents, kv_start, kv_end
+
+
+def test_patchify_round_trip_and_layout():
+    x = torch.randn(2, 4, 8, 8)
+    p = patchify(x, 2)
+    assert p.shape == (2, 16, 16)
+    assert torch.equal(p[0, 1], x[0, :, 0:2, 2:4].reshape(-1))  # patch (0, 1): channels, then pixels
+    assert torch.equal(unpatchify(p, 4, 8, 2), x)
+
+
+def test_text_only_logits_equal_the_base_decoder(base):
+    fusion = LlamaFusion.from_decoder(base, FUSION)
+    ids = torch.randint(0, 101, (2, 23))
+    modality = torch.zeros_like(ids)
+    kv_start, kv_end = mask_intervals(modality)
+    with torch.no_grad():
+        want = base.logits(base(ids))
+        hidden, noise = fusion(ids, modality, torch.zeros(0, 4, 8, 8), torch.zeros(0, dtype=torch.long), kv_start, kv_end)
+    assert noise.shape == (0, 4, 8, 8)
+    assert torch.equal(fusion.decoder.logits(hidden), want)
+
+
+def test_frozen_text_gets_no_gradient_and_image_path_trains(base):
+    fusion = LlamaFusion.from_decoder(base, FUSION)
+    batch = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
+    objective = fusion.training_loss(*batch, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(objective.total) and set(objective.components) == {"lm", "diffusion"}
+    objective.total.backward()
+    for name, p in fusion.named_parameters():
+        text = name.endswith((".weights.0", ".biases.0")) or ".embed." in name or name.startswith("decoder.embed")
+        if text:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad, name
+    image_q = fusion.decoder.layers[0].attn.qkv.weights[1]
+    assert image_q.grad is not None and image_q.grad.abs().sum() > 0
+    assert fusion.patch_in.weight.grad.abs().sum() > 0
+
+
+def test_transfusion_trains_text_too(base):
+    fusion = LlamaFusion.from_decoder(base, FusionConfig(**{**FUSION.__dict__, "train_text": True}))
+    fusion.training_loss(*interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))).total.backward()
+    assert fusion.decoder.layers[0].attn.qkv.weights[0].grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not triton_devices(), reason="needs the Triton interpreter or a GPU")
+def test_triton_backend_matches_torch_backend(base):
+    fusion = LlamaFusion.from_decoder(base, FUSION)
+    batch = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for backend in ("torch", "triton"):
+        fusion.zero_grad()
+        with default_backend(backend):
+            objective = fusion.training_loss(*batch, generator=torch.Generator().manual_seed(1))
+            objective.total.backward()
+        losses.append(objective.total.detach())
+        grads.append(fusion.decoder.layers[1].mlp.gate_up.weights[1].grad.clone())
+    assert torch.isfinite(losses[1])
+    assert rel_err(losses[1], losses[0]) <= 1e-4 and rel_err(grads[1], grads[0]) <= 1e-4
+
+
+def test_native_checkpoint_round_trip(base, tmp_path):
+    fusion = LlamaFusion.from_decoder(base, FUSION)
+    save_fusion(fusion, tmp_path / "fusion")
+    back = load_fusion(tmp_path / "fusion")
+    batch = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = fusion.training_loss(*batch, generator=torch.Generator().manual_seed(2)).total
+        b = back.training_loss(*batch, generator=torch.Generator().manual_seed(2)).total
+    assert torch.equal(a, b)
+    assert not back.decoder.layers[0].attn.o.weights[0].requires_grad
+
+
+def test_rejects_mismatched_images(base):
+    fusion = LlamaFusion.from_decoder(base, FUSION)
+    ids, modality, labels, latents, s, e = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="image positions"):
+        fusion(ids, modality, torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), s, e)
+    with pytest.raises(ValueError, match="noisy_latents"):
+        fusion(ids, modality, torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), s, e)
