@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "diffusers>=0.42,<0.43",
     "safetensors>=0.8",
     "tqdm",
+    "pillow",  # PNG output of samples and loss curves
+    "scikit-learn>=1.4",  # the demo's handwritten digits ship inside it (no download)
 ]
 
 setup(

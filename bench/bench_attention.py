@@ -10,13 +10,12 @@ The tile figure is the fraction of (query-block, key-block) tiles mmfuse compute
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.kernels import dense_mask, mask_intervals, mixed_attention, tile_stats
 
 
@@ -187,13 +186,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and modes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    run(args.quick, torch.device(args.device), args.out)
+    bench_main(run, __doc__, argv, quick_help="fewer sizes and modes")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ implementation, so it ranks them) and ``vs_mmfuse`` (baseline time / mmfuse time
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.kernels.cosine_loss import cosine_loss
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair, diffusion_loss
 
@@ -185,17 +184,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default torch's); 1 keeps timings steady on a shared machine")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    run(args.quick, torch.device(args.device), args.out)
+    bench_main(run, __doc__, argv, quick_help="fewer sizes")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ move over the time: one numerator for every implementation, so it ranks them) an
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from mmfuse.bench.common import append_results, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.kernels.rms_norm import rms_norm, routed_rms_norm
 from mmfuse.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 from mmfuse.kernels.swiglu import swiglu
@@ -167,13 +166,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer tokens")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    run(args.quick, torch.device(args.device), args.out)
+    bench_main(run, __doc__, argv, quick_help="fewer tokens")
 
 
 if __name__ == "__main__":

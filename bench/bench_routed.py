@@ -23,14 +23,13 @@ memory at the step's peak.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.kernels.routed_linear import build_routing
 from mmfuse.kernels.routed_mlp import routed_qkv_projection, routed_swiglu_mlp
 
@@ -183,13 +182,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small widths and few tokens")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    run(args.quick, torch.device(args.device), args.out)
+    bench_main(run, __doc__, argv, quick_help="small widths and few tokens")
 
 
 if __name__ == "__main__":

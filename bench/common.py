@@ -144,3 +144,21 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def bench_main(run: Callable[[bool, torch.device, str | None], object], description: str | None,
+               argv: list[str] | None = None, quick_help: str = "fewer sizes") -> None:
+    """The command line every ``bench/bench_*.py`` shares: ``[--quick] [--device D] [--out DIR] [--threads N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default torch's); 1 keeps timings steady on a shared machine")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    run(args.quick, torch.device(args.device), args.out)

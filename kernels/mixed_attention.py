@@ -49,6 +49,19 @@ def _load_rows(ptr, stride_m, stride_d, offs_m, offs_d, row_ok, HEAD_DIM: tl.con
 
 
 @triton.jit
+def _query_block_intervals(KV_START, KV_END, b, offs_m, LQ, LK, win_lo, win_hi, BLOCK_N: tl.constexpr):
+    """Intervals of a block of queries clipped to the key window [win_lo, win_hi), which rows are
+    live (a non-empty interval), and the block's key range [lo, hi) with lo on a tile boundary."""
+    row_ok = offs_m < LQ
+    s = tl.maximum(tl.load(KV_START + b * LQ + offs_m, mask=row_ok, other=0), win_lo)
+    e = tl.minimum(tl.load(KV_END + b * LQ + offs_m, mask=row_ok, other=0), win_hi)
+    live = row_ok & (s < e)
+    lo = (tl.min(tl.where(live, s, LK)) // BLOCK_N) * BLOCK_N
+    hi = tl.max(tl.where(live, e, 0))
+    return s, e, live, lo, hi
+
+
+@triton.jit
 def _tile_kind(s, e, live, n0, BLOCK_N: tl.constexpr):
     """0 = no live query sees keys [n0, n0 + BLOCK_N); 1 = some see part of it; 2 = all see it whole."""
     n1 = n0 + BLOCK_N
@@ -108,12 +121,7 @@ def _mixed_attention_fwd_kernel(
     # The split window [win_lo, win_hi) clips every interval (one window when not splitting).
     win_lo = pid_s * split_len
     win_hi = tl.minimum(win_lo + split_len, LK)
-    s = tl.maximum(tl.load(KV_START + b * LQ + offs_m, mask=row_ok, other=0), win_lo)
-    e = tl.minimum(tl.load(KV_END + b * LQ + offs_m, mask=row_ok, other=0), win_hi)
-    live = row_ok & (s < e)
-    lo = tl.min(tl.where(live, s, LK))
-    lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.max(tl.where(live, e, 0))
+    s, e, live, lo, hi = _query_block_intervals(KV_START, KV_END, b, offs_m, LQ, LK, win_lo, win_hi, BLOCK_N)
 
     q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, row_ok, HEAD_DIM, UPCAST)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -290,11 +298,7 @@ def _mixed_attention_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < LQ
-    s = tl.load(KV_START + b * LQ + offs_m, mask=row_ok, other=0)
-    e = tl.load(KV_END + b * LQ + offs_m, mask=row_ok, other=0)
-    live = row_ok & (s < e)
-    lo = (tl.min(tl.where(live, s, LK)) // BLOCK_N) * BLOCK_N
-    hi = tl.max(tl.where(live, e, 0))
+    s, e, live, lo, hi = _query_block_intervals(KV_START, KV_END, b, offs_m, LQ, LK, 0, LK, BLOCK_N)
 
     q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, row_ok, HEAD_DIM, UPCAST)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, stride_dom, stride_dod, offs_m, offs_d, row_ok, HEAD_DIM,

@@ -201,12 +201,16 @@ class LlamaFusion(nn.Module):
             labels: int64 (B, L), the token at each position (-100 where no LM loss: image patches,
                 padding, document starts); position i predicts labels[i + 1].
             latents: (N, C, size, size) clean VAE latents of the batch's images, in span order.
-            image_mask: bool (N,) images that get the diffusion loss (None: all).
+            image_mask: bool (N,) images that get the diffusion loss (None: all); the others are
+                conditioning images (e.g. to caption) and enter clean, at timestep 0.
         """
         c = self.config
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         t = torch.randint(0, c.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
         x_t, target = ddpm_training_pair(latents, noise, self.alphas_cumprod[t], c.prediction_type)
+        if image_mask is not None:  # images outside the mask condition the text (captioning): clean, t = 0
+            t = torch.where(image_mask, t, 0)
+            x_t = torch.where(image_mask.view(-1, *[1] * (latents.dim() - 1)), x_t, latents)
         hidden, pred = self(input_ids, modality, x_t, t, kv_start, kv_end, position_ids)
         return transfusion_objective(
             pred, target,

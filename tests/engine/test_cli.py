@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -10,6 +11,25 @@ def test_every_subcommand_exists():
     parser = build_parser()
     for name in ("demo", "train", "generate", "bench"):
         assert parser.parse_args([name]).command == name
+
+
+def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
+    assert main(["demo", "--steps", "3", "--per-class", "1", "--sample-steps", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "caption accuracy" in printed and "generation accuracy" in printed and "tokens/s" in printed
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["caption_accuracy"] <= 1.0 and 0.0 <= metrics["generation_accuracy"] <= 1.0
+    assert metrics["tokens_per_s"] > 0 and metrics["images_per_s"] > 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples.png").size == (1 * 33 + 1, 10 * 33 + 1)  # 10 classes x 1, 32 px each
+    assert Image.open(tmp_path / "loss.png").size == (640, 360)
+    assert (tmp_path / "run" / "latest").is_file()
+
+
+def test_demo_rejects_bad_arguments():
+    with pytest.raises(SystemExit, match="--steps"):
+        main(["demo", "--steps", "0"])
 
 
 def test_unbuilt_subcommand_says_so(capsys):

@@ -7,7 +7,6 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair, diffusion_loss, flow_matching_pair
 from tests.helpers import rel_err, triton_devices
-from tests.kernels.test_cosine_loss import poisoned_allocations  # noqa: F401  (fixture)
 
 diffusion_mod = importlib.import_module("mmfuse.kernels.diffusion_loss")
 

@@ -73,16 +73,6 @@ def make_inputs(lead_shape, D, V, dtype, ignore_frac=0.25, seed=0):
     return hidden.requires_grad_(), weight.requires_grad_(), labels
 
 
-@pytest.fixture
-def poisoned_allocations():
-    """torch.empty fills with NaN, so any element the kernels fail to write shows up."""
-    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    torch.utils.deterministic.fill_uninitialized_memory = old[1]
-
 
 # (N, D, V, chunk_size): V not a power of two, D = 72, several chunks with a ragged last one.
 SHAPES = [(37, 72, 1000, 16), (20, 72, 257, None)]

@@ -7,7 +7,6 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from mmfuse.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 from tests.helpers import rel_err, triton_devices
-from tests.kernels.test_rms_norm import poison_empty  # noqa: F401  (fixture)
 
 BACKENDS = [("torch", "cpu")] + [("triton", d) for d in triton_devices()]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -81,7 +80,7 @@ def test_cos_sin_match_transformers(dtype):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,L,D", [(2, 4, 2, 7, 80), (1, 3, 1, 1, 48), (1, 2, 2, 9, 130)])
-def test_apply_rope_matches_float64(backend, device, dtype, B, Hq, Hkv, L, D, poison_empty):
+def test_apply_rope_matches_float64(backend, device, dtype, B, Hq, Hkv, L, D, poisoned_allocations):
     qkv, q, k = _fused_qkv(B, Hq, Hkv, L, D, dtype, device)
     assert L == 1 or not (q.is_contiguous() or k.is_contiguous())  # L == 1 views count as contiguous
     pos = _packed_positions(B, L, device)
@@ -124,7 +123,7 @@ def test_apply_rope_matches_transformers(backend, device, table_shape):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_apply_rope_arbitrary_tables_backward(backend, device, poison_empty):
+def test_apply_rope_arbitrary_tables_backward(backend, device, poisoned_allocations):
     """Tables whose halves differ: the backward must be the exact transpose, not rotation by -sin."""
     q = torch.randn(1, 2, 5, 48, device=device, requires_grad=True)
     k = torch.randn(1, 1, 5, 48, device=device, requires_grad=True)

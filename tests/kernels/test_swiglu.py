@@ -4,7 +4,6 @@ import torch
 
 from mmfuse.kernels.swiglu import _as_rows, swiglu
 from tests.helpers import rel_err, triton_devices
-from tests.kernels.test_rms_norm import poison_empty  # noqa: F401  (fixture)
 
 BACKENDS = [("torch", "cpu")] + [("triton", d) for d in triton_devices()]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -37,7 +36,7 @@ def _inputs(shape, dtype, device, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 48), (97, 130), (2, 3, 80), (5, 1030)])
 @pytest.mark.parametrize("layout", ["separate", "fused", "transposed"])
-def test_swiglu_matches_float64(backend, device, dtype, shape, layout, poison_empty):
+def test_swiglu_matches_float64(backend, device, dtype, shape, layout, poisoned_allocations):
     leaves, views = _inputs(shape, dtype, device, layout)
     gate, up = views(leaves)
     if layout != "separate" and gate.numel() > shape[-1]:  # a single row always counts as contiguous

@@ -109,3 +109,19 @@ def test_rejects_mismatched_images(base):
         fusion(ids, modality, torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), s, e)
     with pytest.raises(ValueError, match="noisy_latents"):
         fusion(ids, modality, torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.long), s, e)
+
+
+def test_conditioning_images_enter_clean(base):
+    fusion = LlamaFusion.from_decoder(base, FUSION)
+    ids, modality, labels, latents, s, e = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
+    seen = {}
+    real_forward = fusion.forward
+
+    def spy(input_ids, modality, noisy_latents, timesteps, *args, **kwargs):
+        seen.update(latents=noisy_latents, timesteps=timesteps)
+        return real_forward(input_ids, modality, noisy_latents, timesteps, *args, **kwargs)
+
+    fusion.forward = spy
+    objective = fusion.training_loss(ids, modality, labels, latents, s, e, image_mask=torch.tensor([False]))
+    assert torch.equal(seen["latents"], latents) and seen["timesteps"].tolist() == [0]
+    assert objective.components["diffusion"] == 0  # the only image is excluded from the diffusion loss
