@@ -74,11 +74,12 @@ def _pick(expert, P0, P1, P2, P3, NUM_EXPERTS: tl.constexpr):
 
 @triton.jit
 def _routed_linear_fwd_kernel(
-    X, Y, ORDER, TILES,
+    X, Y, PRE, ORDER, TILES,
     W0, W1, W2, W3, B0, B1, B2, B3,
-    stride_xm, stride_xk, stride_ym, stride_yn, stride_wn, stride_wk,
+    stride_xm, stride_xk, stride_ym, stride_yn, stride_pm, stride_pn, stride_wn, stride_wk,
     N_OUT, K_IN,
     NUM_EXPERTS: tl.constexpr, HAS_BIAS: tl.constexpr, SORTED_IN: tl.constexpr, SORTED_OUT: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_PREACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -88,6 +89,11 @@ def _routed_linear_fwd_kernel(
     the scatter of y cost nothing beyond the loads and stores the GEMM does anyway (SORTED_IN /
     SORTED_OUT: x / y is already in sorted row order). W_e is addressed as
     W_e[n, k] = W + n * stride_wn + k * stride_wk, so the dX pass reuses this kernel on W_e.T.
+
+    SWIGLU: W_e is a fused (2 * N_OUT, K) gate/up weight; the tile accumulates the gate columns and
+    the matching up columns in the same pass over K and the epilogue writes silu(gate) * up, so the
+    (N, 2 * N_OUT) pre-activations never make a round trip through memory. STORE_PREACT also writes
+    them to PRE (gate | up), for the backward.
     """
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -108,6 +114,8 @@ def _routed_linear_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWIGLU:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K_IN, BLOCK_K):
         ks = k0 + offs_k
         k_ok = ks < K_IN
@@ -119,11 +127,26 @@ def _routed_linear_fwd_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            b_up = tl.load(w_ptr + (cols + N_OUT)[None, :] * stride_wn + ks[:, None] * stride_wk,
+                           mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                b_up = b_up.to(tl.float32)
+            acc_up += tl.dot(a, b_up, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b_ptr = _pick(expert, B0, B1, B2, B3, NUM_EXPERTS)
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if SWIGLU:
+        if STORE_PREACT:
+            pre_ptrs = PRE + y_rows[:, None] * stride_pm + cols[None, :] * stride_pn
+            tl.store(pre_ptrs, acc.to(PRE.dtype.element_ty), mask=out_mask)
+            tl.store(pre_ptrs + N_OUT * stride_pn, acc_up.to(PRE.dtype.element_ty), mask=out_mask)
+        # Round gate and up to the activation dtype first, as the unfused path does.
+        gate = acc.to(Y.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * acc_up.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+             mask=out_mask)
 
 
 @triton.jit
@@ -203,29 +226,35 @@ def _padded(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _grouped_gemm_triton(x, order, tiles, weights, biases, *, transpose_weights: bool, sorted_in: bool,
-                         sorted_out: bool) -> torch.Tensor:
+                         sorted_out: bool, swiglu: bool = False, store_preact: bool = False):
     """y[r] = x[r] @ op(W_e) (+ b_e) for every row r of expert e, rows gathered/scattered in the kernel.
 
-    op(W_e) is W_e.T (forward, y has Dout columns) or W_e (dX pass, y has Din columns).
+    op(W_e) is W_e.T (forward, y has Dout columns) or W_e (dX pass, y has Din columns). With
+    ``swiglu`` the weights are fused (2I, Din) gate/up, y = silu(gate) * up has I columns, and the
+    result is (y, pre), pre being the (N, 2I) pre-activations when ``store_preact`` (else empty).
     """
     n_tokens = x.shape[0]
     w = weights[0]
     n_out, k_in = (w.shape[1], w.shape[0]) if transpose_weights else (w.shape[0], w.shape[1])
+    if swiglu:
+        n_out //= 2
     y = x.new_empty((n_tokens, n_out))
-    if n_tokens == 0:
-        return y
-    stride_wn, stride_wk = (w.stride(1), w.stride(0)) if transpose_weights else (w.stride(0), w.stride(1))
-    block_n, block_k, num_warps, num_stages = _gemm_config(x.dtype)
-    grid = (triton.cdiv(n_out, block_n), tiles.shape[0])
-    torch.library.wrap_triton(_routed_linear_fwd_kernel)[grid](
-        x, y, order, tiles, *_padded(weights), *_padded(biases or weights),
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), stride_wn, stride_wk,
-        n_out, k_in,
-        NUM_EXPERTS=len(weights), HAS_BIAS=bool(biases), SORTED_IN=sorted_in, SORTED_OUT=sorted_out,
-        BLOCK_M=routing_block_m(), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages, **dot_flags(x.dtype),
-    )
-    return y
+    pre = x.new_empty((n_tokens, 2 * n_out) if store_preact else (0, 0))
+    if n_tokens:
+        stride_wn, stride_wk = (w.stride(1), w.stride(0)) if transpose_weights else (w.stride(0), w.stride(1))
+        block_n, block_k, num_warps, num_stages = _gemm_config(x.dtype)
+        grid = (triton.cdiv(n_out, block_n), tiles.shape[0])
+        pre_arg = pre if store_preact else y  # an unused pointer slot otherwise
+        torch.library.wrap_triton(_routed_linear_fwd_kernel)[grid](
+            x, y, pre_arg, order, tiles, *_padded(weights), *_padded(biases or weights),
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), pre_arg.stride(0), pre_arg.stride(1),
+            stride_wn, stride_wk, n_out, k_in,
+            NUM_EXPERTS=len(weights), HAS_BIAS=bool(biases), SORTED_IN=sorted_in, SORTED_OUT=sorted_out,
+            SWIGLU=swiglu, STORE_PREACT=store_preact,
+            BLOCK_M=routing_block_m(), BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=num_stages, **dot_flags(x.dtype),
+        )
+    return (y, pre) if swiglu else y
 
 
 def _expert_grads_triton(dy, x, order, offsets, weight, *, expert: int, want_dw: bool, want_db: bool,

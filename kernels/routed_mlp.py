@@ -5,10 +5,11 @@ Both are compositions of :func:`mmfuse.kernels.routed_linear.apply_routed_linear
 the layer costs what the dense layer costs.
 
 * :func:`routed_swiglu_mlp`: per expert, the gate and up projections are ONE routed GEMM against a
-  fused (2 * I, D) weight (gate rows first, then up rows, as in ``torch.cat([gate_w, up_w])``).
-  Its output stays in routing order, ``silu(gate) * up`` runs there as a separate elementwise step
-  (not fused into the GEMM epilogue), and the down projection reads it without a gather and writes
-  token order: the token permutation is applied once on the way in and once on the way out.
+  fused (2 * I, D) weight (gate rows first, then up rows, as in ``torch.cat([gate_w, up_w])``) with
+  ``silu(gate) * up`` in its epilogue (Triton: each tile accumulates its gate and up columns in the
+  same pass over K; the pre-activations are written only when a backward will need them). Its
+  output stays in routing order, so the down projection reads it without a gather and writes token
+  order: the token permutation is applied once on the way in and once on the way out.
 * :func:`routed_qkv_projection`: one routed GEMM against a fused ((Hq + 2 Hkv) * Dh, D) weight per
   expert (q rows, then k rows, then v rows), split into q, k, v views.
 """
@@ -17,10 +18,73 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._common import check_tensor, resolve_backend
-from .routed_linear import Routing, _check_experts, _check_inputs, apply_routed_linear, build_routing
+from .routed_linear import (
+    Routing,
+    _check_experts,
+    _check_inputs,
+    _grouped_gemm_torch,
+    _grouped_gemm_triton,
+    _routed_linear_bwd_op,
+    _row_ranges,
+    _to_sorted,
+    apply_routed_linear,
+    build_routing,
+)
+from .swiglu import _swiglu_bwd_op, _swiglu_fwd_torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Gate/up GEMM with the SwiGLU activation in its epilogue (custom op + autograd)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mmfuse::routed_gate_up_swiglu", mutates_args=())
+def _gate_up_swiglu_op(
+    x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, tiles: torch.Tensor,
+    host_offsets: torch.Tensor | None, weights: list[torch.Tensor], keep_preact: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(gate) * up (N, I), pre-activations gate | up (N, 2I) or empty), rows in routing order."""
+    if backend == "triton":
+        return _grouped_gemm_triton(x, order, tiles, weights, [], transpose_weights=False, sorted_in=False,
+                                    sorted_out=True, swiglu=True, store_preact=keep_preact)
+    pre = _grouped_gemm_torch(_to_sorted(x, order, False), _row_ranges(host_offsets, offsets), weights, [],
+                              transpose_weights=False)
+    gate, up = pre.chunk(2, dim=-1)
+    return _swiglu_fwd_torch(gate, up), (pre if keep_preact else pre.new_empty(0, 0))
+
+
+@_gate_up_swiglu_op.register_fake
+def _(x, order, offsets, tiles, host_offsets, weights, keep_preact, backend):
+    inter = weights[0].shape[0] // 2
+    return x.new_empty((x.shape[0], inter)), x.new_empty((x.shape[0], 2 * inter) if keep_preact else (0, 0))
+
+
+def _gate_up_setup_context(ctx, inputs, output):
+    x, order, offsets, tiles, host_offsets, weights, keep_preact, backend = inputs
+    ctx.save_for_backward(x, order, offsets, tiles, host_offsets, output[1], *weights)
+    ctx.backend = backend
+    ctx.weight_needs_grad = [w.requires_grad for w in weights]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _gate_up_backward(ctx, grad_hidden, _grad_pre):
+    x, order, offsets, tiles, host_offsets, pre, *weights = ctx.saved_tensors
+    if pre.numel() == 0 and grad_hidden.numel():
+        raise RuntimeError("routed SwiGLU: the forward ran without keeping pre-activations (no grad was needed)")
+    gate, up = pre.chunk(2, dim=-1)
+    d_gate, d_up = _swiglu_bwd_op(grad_hidden.contiguous(), gate, up, ctx.backend)
+    d_pre = torch.cat([d_gate, d_up], dim=-1)  # laid out like the fused weight's rows: gate | up
+    need_dx = ctx.needs_input_grad[0]
+    dx, dws, _ = _routed_linear_bwd_op(d_pre, x, order, offsets, tiles, host_offsets, weights, False, True, need_dx,
+                                      ctx.weight_needs_grad, [False] * len(weights), ctx.backend)
+    dws = iter(dws)
+    grad_w = [next(dws) if want else None for want in ctx.weight_needs_grad]
+    return dx if need_dx else None, None, None, None, None, grad_w, None, None
+
+
+_gate_up_swiglu_op.register_autograd(_gate_up_backward, setup_context=_gate_up_setup_context)
 
 
 def _routing_for(x, modality, weights, biases, routing, backend, weights_name, biases_name) -> Routing:
@@ -60,9 +124,10 @@ def routed_swiglu_mlp(
     check_tensor("down_weights[0]", down_weights[0], shape=(x.shape[-1], inter))
 
     x2d = x.reshape(-1, x.shape[-1])
-    gate_up = apply_routed_linear(x2d, routing, gate_up_weights, None, backend, sorted_output=True)
-    gate, up = gate_up.split(inter, dim=-1)
-    hidden = F.silu(gate) * up  # routing order: the down projection needs no gather
+    keep_preact = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in gate_up_weights))
+    hidden, _ = _gate_up_swiglu_op(x2d, routing.order, routing.offsets, routing.tiles, routing.host_offsets,
+                                   list(gate_up_weights), keep_preact, backend)
+    # hidden is in routing order: the down projection reads it without a gather.
     y = apply_routed_linear(hidden, routing, down_weights, None, backend, sorted_input=True)
     return y.reshape(x.shape)
 

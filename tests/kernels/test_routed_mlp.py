@@ -151,3 +151,35 @@ def test_qkv_projection_bad_input():
     with pytest.raises(ValueError, match=r"qkv_biases\[e\]"):
         routed_qkv_projection(x, modality, weights, [torch.randn(39) for _ in range(2)], num_heads=3,
                               num_kv_heads=1)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gate_up_epilogue_without_grad_keeps_no_preactivations(backend, device):
+    from mmfuse.kernels.routed_mlp import _gate_up_swiglu_op
+
+    x = torch.randn(37, 48, device=device)
+    modality = torch.randint(0, 2, (37,), device=device)
+    weights = [torch.randn(2 * 40, 48, device=device) / 7 for _ in range(2)]
+    routing = build_routing(modality, 2, backend=backend)
+    hidden, pre = _gate_up_swiglu_op(x, routing.order, routing.offsets, routing.tiles, routing.host_offsets, weights,
+                                     False, backend)
+    assert pre.numel() == 0
+    x64, w64 = x.double(), [w.double() for w in weights]
+    want = torch.empty(37, 40, dtype=torch.float64, device=device)
+    for e in range(2):
+        rows = modality == e
+        g, u = (x64[rows] @ w64[e].T).chunk(2, dim=-1)
+        want[rows] = F.silu(g) * u
+    assert rel_err(hidden, want[routing.order]) <= 1e-4  # rows in routing order
+
+
+def test_gate_up_op_registrations_are_consistent():
+    from mmfuse.kernels.routed_mlp import _gate_up_swiglu_op
+
+    x = torch.randn(9, 16, requires_grad=True)
+    modality = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+    weights = [torch.randn(24, 16, requires_grad=e == 1) for e in range(2)]
+    routing = build_routing(modality, 2, backend="torch")
+    args = (x, routing.order, routing.offsets, routing.tiles, routing.host_offsets, weights, True, "torch")
+    torch.library.opcheck(_gate_up_swiglu_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                 "test_autograd_registration"))
