@@ -3,8 +3,10 @@
 Built from a decoder checkpoint: every layer gets a second, image expert (QKV/O, FFN, both norms and
 the final norm) initialised as a copy of the text weights; tokens are routed by modality. LlamaFusion
 keeps the text expert, the embeddings and the LM head frozen (``train_text=False``); Transfusion
-trains everything. Images enter as noised VAE latents, patchified linearly with a timestep embedding
-added, attend bidirectionally within their span (the mixed mask), and leave as a noise prediction.
+trains everything. Images enter as noised VAE latents (:func:`encode_latents`), are patchified with a
+timestep embedding -- linearly, or by U-Net down blocks as in Transfusion (``patchify="unet"``, whose
+up blocks take the skip connections across the transformer) -- attend bidirectionally within their
+span (the mixed mask), and leave as a noise prediction.
 
 Sequence layout (built by the packer): ``... BOI [patches of image 0] EOI ... BOI [image 1] EOI``,
 ``modality`` 1 on patch positions, 0 elsewhere; images appear in ``latents`` in the order of their
@@ -45,6 +47,18 @@ class FusionConfig:
     beta_end: float = 0.02
     prediction_type: str = "epsilon"
     timestep_dim: int = 256
+    patchify: str = "linear"  # "linear" or "unet" (Transfusion's U-Net down / up blocks)
+    unet_width: int = 64
+    unet_groups: int = 8
+
+    def __post_init__(self):
+        if self.patchify not in ("linear", "unet"):
+            raise ValueError(f"patchify must be 'linear' or 'unet', got {self.patchify!r}")
+        if self.latent_size % self.patch_size:
+            raise ValueError(f"latent_size {self.latent_size} must be a multiple of patch_size {self.patch_size}")
+        if self.patchify == "unet" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"patchify='unet' halves the resolution per level: patch_size must be a power of 2, "
+                             f"got {self.patch_size}")
 
     @property
     def patches_per_image(self) -> int:
@@ -77,19 +91,68 @@ def timestep_features(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+class UNetPatcher(nn.Module):
+    """Transfusion's patchifier: U-Net down blocks (ResNet + stride-2 downsample, conditioned on the
+    timestep) from latents to one token per patch, and up blocks back, with skip connections."""
+
+    def __init__(self, channels: int, dim: int, patch_size: int, width: int, groups: int):
+        super().__init__()
+        from diffusers.models.downsampling import Downsample2D
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.upsampling import Upsample2D
+
+        levels = patch_size.bit_length() - 1
+        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
+        self.down_res = nn.ModuleList(ResnetBlock2D(in_channels=width, out_channels=width, temb_channels=dim,
+                                                    groups=groups) for _ in range(levels))
+        self.down_sample = nn.ModuleList(Downsample2D(width, use_conv=True) for _ in range(levels))
+        self.to_tokens = nn.Linear(width, dim)
+        self.from_tokens = nn.Linear(dim, width)
+        self.up_sample = nn.ModuleList(Upsample2D(width, use_conv=True) for _ in range(levels))
+        self.up_res = nn.ModuleList(ResnetBlock2D(in_channels=2 * width, out_channels=width, temb_channels=dim,
+                                                  groups=groups) for _ in range(levels))
+        self.conv_out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def encode(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(N, C, S, S), temb (N, dim) -> tokens (N, (S/p)^2, dim), skips for :meth:`decode`."""
+        h, skips = self.conv_in(x), []
+        for res, down in zip(self.down_res, self.down_sample):
+            h = res(h, temb)
+            skips.append(h)
+            h = down(h)
+        return self.to_tokens(h.flatten(2).transpose(1, 2)), skips
+
+    def decode(self, tokens: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """tokens (N, g * g, dim) -> (N, C, S, S)."""
+        N, n, _ = tokens.shape
+        g = int(round(n**0.5))
+        h = self.from_tokens(tokens).transpose(1, 2).reshape(N, -1, g, g)
+        for up, res, skip in zip(self.up_sample, self.up_res, reversed(skips)):
+            h = res(torch.cat([up(h), skip], dim=1), temb)
+        return self.conv_out(h)
+
+
+def encode_latents(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """diffusers ``AutoencoderKL``: images (N, 3, H, W) in [-1, 1] -> scaled latents (N, C, h, w)."""
+    latents = vae.encode(images).latent_dist.sample(generator)
+    return latents * getattr(vae.config, "scaling_factor", 1.0)
+
+
 class LlamaFusion(nn.Module):
     def __init__(self, decoder_config: DecoderConfig, config: FusionConfig):
         super().__init__()
         if decoder_config.num_experts != 2:
             raise ValueError(f"LlamaFusion needs a two-expert decoder, got num_experts={decoder_config.num_experts}")
-        if config.latent_size % config.patch_size:
-            raise ValueError(f"latent_size {config.latent_size} must be a multiple of patch_size {config.patch_size}")
         self.config = config
         dim = decoder_config.dim
         self.decoder = Decoder(decoder_config)
-        self.patch_in = nn.Linear(config.patch_dim, dim)
         self.time_mlp = nn.Sequential(nn.Linear(config.timestep_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.patch_out = nn.Linear(dim, config.patch_dim)
+        if config.patchify == "unet":
+            self.unet = UNetPatcher(config.latent_channels, dim, config.patch_size, config.unet_width,
+                                    config.unet_groups)
+        else:
+            self.patch_in = nn.Linear(config.patch_dim, dim)
+            self.patch_out = nn.Linear(dim, config.patch_dim)
         betas = ddpm_betas(config.num_train_timesteps, config.beta_schedule, config.beta_start, config.beta_end)
         self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(betas), persistent=False)
 
@@ -122,11 +185,13 @@ class LlamaFusion(nn.Module):
         return model
 
     def _init_image_path(self) -> None:
-        for layer in (self.patch_in, self.patch_out, *self.time_mlp):
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
-        nn.init.zeros_(self.patch_out.weight)  # start by predicting zero noise, as DiT does
-        nn.init.zeros_(self.patch_out.bias)
+        """Default init for every layer outside the decoder (they were built on the meta device)."""
+        for name, module in self.named_modules():
+            if not name.startswith("decoder") and hasattr(module, "reset_parameters") and module is not self:
+                module.reset_parameters()
+        out = self.unet.conv_out if self.config.patchify == "unet" else self.patch_out
+        nn.init.zeros_(out.weight)  # start by predicting zero noise, as DiT does
+        nn.init.zeros_(out.bias)
 
     def freeze_text(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) the text expert of every layer, the embeddings and the LM head."""
@@ -160,13 +225,23 @@ class LlamaFusion(nn.Module):
         self._check_images(modality, noisy_latents, timesteps)
         x = self.decoder.embed(input_ids)
         image_pos = modality == IMAGE
-        if noisy_latents.shape[0]:
-            patches = self.patch_in(patchify(noisy_latents.to(x.dtype), c.patch_size))
-            patches = patches + self.time_mlp(timestep_features(timesteps, c.timestep_dim).to(x.dtype))[:, None]
-            x = x.masked_scatter(image_pos[..., None], patches)
+        latents = noisy_latents.to(x.dtype)
+        temb = self.time_mlp(timestep_features(timesteps, c.timestep_dim).to(x.dtype))
+        skips: list[torch.Tensor] = []
+        if latents.shape[0]:
+            if c.patchify == "unet":
+                patches, skips = self.unet.encode(latents, temb)
+            else:
+                patches = self.patch_in(patchify(latents, c.patch_size))
+            x = x.masked_scatter(image_pos[..., None], patches + temb[:, None])
         hidden = self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
                               modality=modality, input_pos=input_pos)
-        out = self.patch_out(hidden[image_pos]).view(noisy_latents.shape[0], c.patches_per_image, c.patch_dim)
+        tokens = hidden[image_pos].view(latents.shape[0], c.patches_per_image, hidden.shape[-1])
+        if c.patchify == "unet":
+            if not latents.shape[0]:
+                return hidden, latents.new_zeros(latents.shape)
+            return hidden, self.unet.decode(tokens, temb, skips)
+        out = self.patch_out(tokens)
         return hidden, unpatchify(out, c.latent_channels, c.latent_size, c.patch_size)
 
     def _check_images(self, modality, latents, timesteps) -> None:

@@ -125,3 +125,61 @@ def test_conditioning_images_enter_clean(base):
     objective = fusion.training_loss(ids, modality, labels, latents, s, e, image_mask=torch.tensor([False]))
     assert torch.equal(seen["latents"], latents) and seen["timesteps"].tolist() == [0]
     assert objective.components["diffusion"] == 0  # the only image is excluded from the diffusion loss
+
+
+UNET = FusionConfig(latent_channels=4, latent_size=8, patch_size=2, boi_token_id=3, eoi_token_id=4, patchify="unet",
+                    unet_width=16, unet_groups=4)
+
+
+def test_unet_patchifier_trains_and_keeps_text_exact(base):
+    fusion = LlamaFusion.from_decoder(base, UNET)
+    assert not hasattr(fusion, "patch_in") and fusion.unet.conv_out.weight.abs().sum() == 0
+    assert all(torch.isfinite(p).all() for p in fusion.unet.parameters())  # initialised, not left empty
+    ids = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        hidden, _ = fusion(ids, torch.zeros_like(ids), torch.zeros(0, 4, 8, 8), torch.zeros(0, dtype=torch.long),
+                           *mask_intervals(torch.zeros_like(ids)))
+        assert torch.equal(fusion.decoder.logits(hidden), base.logits(base(ids)))
+    batch = interleaved_batch(UNET, 101, torch.Generator().manual_seed(0))
+    objective = fusion.training_loss(*batch, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(objective.total)
+    objective.total.backward()
+    assert fusion.unet.down_res[0].conv1.weight.grad.abs().sum() > 0  # the down path feeds the transformer
+    assert fusion.unet.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_unet_skip_connections_reach_the_prediction(base):
+    fusion = LlamaFusion.from_decoder(base, UNET)
+    torch.nn.init.normal_(fusion.unet.conv_out.weight, std=0.1)
+    latents = torch.randn(1, 4, 8, 8)
+    temb = torch.randn(1, fusion.decoder.config.dim)
+    tokens, skips = fusion.unet.encode(latents, temb)
+    assert tokens.shape == (1, UNET.patches_per_image, fusion.decoder.config.dim) and len(skips) == 1
+    a = fusion.unet.decode(tokens, temb, skips)
+    b = fusion.unet.decode(tokens, temb, [torch.zeros_like(s) for s in skips])
+    assert a.shape == latents.shape and not torch.allclose(a, b)
+
+
+def test_config_rejects_bad_patchify():
+    with pytest.raises(ValueError, match="patchify"):
+        FusionConfig(patchify="conv")
+    with pytest.raises(ValueError, match="power of 2"):
+        FusionConfig(latent_size=12, patch_size=3, patchify="unet")
+
+
+def test_encode_latents_with_a_tiny_vae():
+    from diffusers import AutoencoderKL
+
+    from mmfuse.engine.sampling import decode_latents
+    from mmfuse.models.fusion import encode_latents
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, scaling_factor=0.5).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = encode_latents(vae, images, generator=torch.Generator().manual_seed(0))
+        want = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(0)) * 0.5
+        back = decode_latents(vae, latents)
+    assert latents.shape == (2, 4, 8, 8) and torch.equal(latents, want)
+    assert back.shape == (2, 3, 16, 16) and back.min() >= 0 and back.max() <= 1
