@@ -73,6 +73,18 @@ def checkpoint_files(path: str | os.PathLike, weights_name: str = SINGLE_FILE) -
     raise CheckpointError(f"no {weights_name} or {index.name} in {path}")
 
 
+def tensor_names(files: Iterable[Path]) -> list[str]:
+    """The tensor names of safetensors files, from their headers (no tensor data is read)."""
+    names: list[str] = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                names.extend(f.keys())
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+    return names
+
+
 def load_tensors(files: Iterable[Path], device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of the given safetensors files (floating ones cast to ``dtype`` if given).
