@@ -8,7 +8,9 @@ adds its own builder there. Every case times each implementation on the same inp
   (MetaMorph's visual-token regression), fwd+bwd;
 * diffusion: ``diffusion_loss`` vs ``(((p - t) ** 2).mean(dims) * w).mean()``, fwd+bwd;
 * ddpm_v_pair: ``ddpm_training_pair(..., "v_prediction")`` vs diffusers' ``add_noise`` + ``get_velocity``
-  formulas, forward only (the noised input is built without grad in training).
+  formulas, forward only (the noised input is built without grad in training);
+* linear_ce: ``linear_cross_entropy`` vs ``F.cross_entropy(h @ W.T, y)`` (and Liger's fused loss where
+  installed, on CUDA), fwd+bwd; ``bench_linear_ce.py`` has the larger sweep with memory ratios.
 
 On CPU mmfuse runs its PyTorch backend; "mmfuse_nocheck" is the same call with ``check_finite=False``
 (the default NaN/Inf check of CPU inputs costs one extra read). Rows carry ms, peak extra memory,
@@ -27,7 +29,10 @@ import torch.nn.functional as F
 
 from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.kernels.cosine_loss import cosine_loss
+from mmfuse.bench.bench_linear_ce import _liger_loss
+from mmfuse.bench.bench_linear_ce import sizes as linear_ce_sizes
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair, diffusion_loss
+from mmfuse.kernels.linear_cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -124,10 +129,28 @@ def pair_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Ca
                  {"mmfuse": ours, "eager": eager}, (), _bytes(x0, noise) * 2)]
 
 
+def linear_ce_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    """The LM head + CE at the first size of ``bench_linear_ce`` (Llama-3's V = 128256 on GPU)."""
+    ce_dtype, shapes = linear_ce_sizes(True, device)
+    n, d, v = shapes[0]
+    hidden = torch.randn(n, d, device=device, dtype=ce_dtype)
+    weight = torch.randn(v, d, device=device, dtype=ce_dtype) / d**0.5
+    labels = torch.randint(0, v, (n,), device=device)
+    impls = {"mmfuse": lambda hidden, weight, labels: linear_cross_entropy(hidden, weight, labels),
+             "eager": lambda hidden, weight, labels: F.cross_entropy(hidden @ weight.T, labels)}
+    liger = _liger_loss() if device.type == "cuda" else None
+    if callable(liger):
+        impls["liger"] = lambda hidden, weight, labels: liger(hidden, weight, labels)
+    # fwd reads h and W; the fused backward writes dh and dW.
+    return [Case("linear_ce", f"N={n} D={d} V={v}", "fwd+bwd", dict(hidden=hidden, weight=weight, labels=labels),
+                 impls, ("hidden", "weight"), _bytes(hidden, weight) * 2)]
+
+
 CASE_BUILDERS: list[Callable[[bool, torch.device, torch.dtype], list[Case]]] = [
     cosine_cases,
     diffusion_cases,
     pair_cases,
+    linear_ce_cases,
 ]
 
 
