@@ -4,9 +4,14 @@ Batches come from ``get_batch(step, micro)``, a pure function of the step: toget
 noise generator (seeded from the step) this makes a resumed run reproduce the uninterrupted one's
 losses exactly. Checkpoints are safetensors only (model, optimizer, RNG) plus a JSON of scalars,
 written to a temporary folder and renamed into place, so a crash mid-write never corrupts the latest.
+
+Under ``torchrun`` (after :func:`init_distributed`) the loss runs through ``DistributedDataParallel``:
+``get_batch`` returns this rank's shard (:func:`rank_and_world`), gradients are averaged across ranks,
+the logged losses are the all-reduced means, and rank 0 alone writes checkpoints and logs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -47,6 +53,35 @@ class TrainConfig:
                              f"lr={self.lr}, warmup_steps={self.warmup_steps}")
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes (NCCL on CUDA, gloo on CPU); returns (rank, world)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _LossModule(torch.nn.Module):
+    """Makes the loss function a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: "LossFn"):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch, generator):
+        objective = self.loss_fn(batch, generator)
+        return objective.total, objective.components
+
+
 def lr_at(step: int, c: TrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
     if step < c.warmup_steps:
@@ -75,7 +110,10 @@ class Trainer:
         self.optimizer = make_optimizer(model, config)
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self.rank, self.world = rank_and_world()
+        self.out_dir = Path(config.out_dir) if config.out_dir and self.rank == 0 else None
+        loss_module = _LossModule(model, lambda batch, generator: self.loss_fn(batch, generator))
+        self._forward = torch.nn.parallel.DistributedDataParallel(loss_module) if self.world > 1 else loss_module
 
     def _noise_generator(self, step: int, micro: int) -> torch.Generator:
         device = next(self.model.parameters()).device
@@ -90,14 +128,19 @@ class Trainer:
         counts: dict[str, int] = {}
         for micro in range(c.grad_accum):
             batch = self.get_batch(step, micro)
-            objective = self.loss_fn(batch, self._noise_generator(step, micro))
-            if not torch.isfinite(objective.total.detach()):
-                parts = {k: float(v) for k, v in objective.components.items()}
-                raise FloatingPointError(f"non-finite loss at step {step} (micro-batch {micro}): "
-                                         f"total={float(objective.total)}, components={parts}")
-            (objective.total / c.grad_accum).backward()
-            for name, value in {"loss": objective.total, **objective.components}.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach()) / c.grad_accum
+            last = micro == c.grad_accum - 1
+            # Accumulating micro-batches skip DDP's gradient all-reduce; the last one runs it.
+            sync = contextlib.nullcontext() if self.world == 1 or last else self._forward.no_sync()
+            with sync:
+                total, components = self._forward(batch, self._noise_generator(step, micro))
+                values = self._global_mean(torch.stack([total.detach(), *(v.detach() for v in components.values())]))
+                if not torch.isfinite(values).all():  # all ranks see the same values, so all stop together
+                    parts = dict(zip(components, values[1:].tolist()))
+                    raise FloatingPointError(f"non-finite loss at step {step} (micro-batch {micro}): "
+                                             f"total={float(values[0])}, components={parts}")
+                (total / c.grad_accum).backward()
+            for name, value in zip(["loss", *components], values.tolist()):
+                totals[name] = totals.get(name, 0.0) + value / c.grad_accum
             for name, n in self.count(batch).items():
                 counts[name] = counts.get(name, 0) + n
         if c.grad_clip > 0:
@@ -110,13 +153,20 @@ class Trainer:
         self.history.append(record)
         return record
 
+    def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world
+        return values
+
     def train(self, progress: bool | None = None) -> list[dict[str, float]]:
         c = self.config
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.out_dir / "train_log.jsonl", "a") if self.out_dir else None
-        bar = tqdm(total=c.steps, initial=self.step, disable=progress is False if progress is not None else None,
-                   desc="train")
+        show = (progress is not False if progress is not None else None) if self.rank == 0 else False
+        bar = tqdm(total=c.steps, initial=self.step, disable=not show if show is not None else None, desc="train")
         t0, seen = time.perf_counter(), {}
         try:
             while self.step < c.steps:
@@ -130,21 +180,30 @@ class Trainer:
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "tokens", "images")})
                 bar.update(1)
-                if self.out_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                if c.out_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
             bar.close()
             if log:
                 log.close()
-        if self.out_dir:
+        if c.out_dir:
             self.save_checkpoint()
         return self.history
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, out_dir: str | os.PathLike | None = None) -> Path:
-        """Write ``step_XXXXXXX/`` atomically and point ``latest`` at it; returns its path."""
-        root = Path(out_dir or self.out_dir)
+        """Write ``step_XXXXXXX/`` atomically and point ``latest`` at it (rank 0; others wait); returns its path."""
+        root = Path(out_dir or self.config.out_dir)
+        if self.rank != 0:
+            dist.barrier()
+            return root / f"step_{self.step:07d}"
+        path = self._write_checkpoint(root)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _write_checkpoint(self, root: Path) -> Path:
         final = root / f"step_{self.step:07d}"
         tmp = root / f".tmp_step_{self.step:07d}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -269,6 +269,8 @@ class LlamaFusion(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
     ) -> Objective:
         """Transfusion's ``LM CE + lambda * DDPM MSE`` for one packed batch.
 
@@ -278,10 +280,14 @@ class LlamaFusion(nn.Module):
             latents: (N, C, size, size) clean VAE latents of the batch's images, in span order.
             image_mask: bool (N,) images that get the diffusion loss (None: all); the others are
                 conditioning images (e.g. to caption) and enter clean, at timestep 0.
+            noise, timesteps: (N, C, size, size) and (N,) to use instead of drawing them from
+                ``generator`` (e.g. so that data-parallel shards reproduce a single-process run).
         """
         c = self.config
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        t = torch.randint(0, c.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        t = timesteps if timesteps is not None else torch.randint(
+            0, c.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
         x_t, target = ddpm_training_pair(latents, noise, self.alphas_cumprod[t], c.prediction_type)
         if image_mask is not None:  # images outside the mask condition the text (captioning): clean, t = 0
             t = torch.where(image_mask, t, 0)
