@@ -4,12 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfuse.engine import demo
+from mmfuse.engine import commands, demo
 
 # Subcommands whose capability has not landed yet, with the issue that builds it.
 _NOT_YET_BUILT = {
-    "train": "training from a config file (issue 6); the engine's Trainer runs the demo today",
-    "generate": "text or image generation from a checkpoint (issue 6)",
     "bench": "the benchmark runner (issue 7); per-op scripts live in bench/, e.g. python -m mmfuse.bench.bench_attention",
 }
 
@@ -19,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(sub.add_parser("demo", help="a tiny Transfusion model learns captions <-> digits on CPU",
                                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    commands.add_train_arguments(sub.add_parser("train", help="train LlamaFusion / Transfusion from a JSON config",
+                                                description=commands.__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    commands.add_generate_arguments(sub.add_parser("generate", help="generate text or an image from a checkpoint"))
     for name, what in _NOT_YET_BUILT.items():
         sub.add_parser(name, help=what)
     return parser
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return demo.main(args)
+    if args.command == "train":
+        return commands.run_train(args)
+    if args.command == "generate":
+        return commands.run_generate(args)
     what = _NOT_YET_BUILT[args.command]
     print(f"mmfuse {args.command}: not yet built: {what}.", file=sys.stderr)
     return 0

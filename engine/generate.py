@@ -97,7 +97,10 @@ def generate(
         """tokens (B, T) at cache slots ``pos`` (T,) -> next token (B,)."""
         kv_start = first.expand(B, tokens.shape[1])
         kv_end = (pos + 1).to(torch.int32).expand(B, tokens.shape[1])
-        hidden = model(tokens, position_ids=positions, kv_start=kv_start, kv_end=kv_end, input_pos=pos)
+        # A multi-expert (fusion) decoder routes generated text through its text expert.
+        modality = torch.zeros_like(tokens) if model.config.num_experts > 1 else None
+        hidden = model(tokens, position_ids=positions, kv_start=kv_start, kv_end=kv_end, modality=modality,
+                       input_pos=pos)
         return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, generator)
 
     decode: Callable = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None,

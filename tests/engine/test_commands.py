@@ -1,0 +1,118 @@
+"""mmfuse train --config and mmfuse generate, end to end on tiny models."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmfuse.engine import generate
+from mmfuse.engine.cli import main
+from mmfuse.models import from_pretrained
+from mmfuse.models.fusion import LlamaFusion
+from tests.models.test_decoder import tiny_llama
+
+FUSION = {"latent_channels": 2, "latent_size": 4, "patch_size": 2, "boi_token_id": 1, "eoi_token_id": 2,
+          "timestep_dim": 32}
+DECODER = {"vocab_size": 20, "dim": 32, "hidden_dim": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+           "head_dim": 16, "tie_embeddings": True}
+
+
+def write_run(tmp_path, **overrides) -> str:
+    lines = []
+    for i in range(6):
+        save_file({"latent": torch.randn(2, 4, 4)}, str(tmp_path / f"img{i}.safetensors"))
+        lines.append(json.dumps({"segments": [{"text": [3, 4 + i]}, {"image": f"img{i}.safetensors"}, {"text": [5]}]}))
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {"family": "fusion", "base": None, "decoder": DECODER, "fusion": FUSION,
+           "data": {"path": "docs.jsonl", "row_len": 24, "rows_per_batch": 2},
+           "train": {"steps": 3, "lr": 1e-3, "warmup_steps": 1}}
+    cfg.update(overrides)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path / "config.json")
+
+
+def test_train_from_config_then_generate_an_image(tmp_path, capsys):
+    assert main(["train", "--config", write_run(tmp_path)]) == 0
+    run = tmp_path / "run"
+    assert (run / "latest").read_text() == "step_0000003"
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 3
+    model = from_pretrained(run / "model")
+    assert isinstance(model, LlamaFusion)
+    out = tmp_path / "img.png"
+    assert main(["generate", "--checkpoint", str(run / "model"), "--prompt-ids", "3,4,1", "--image", "--steps", "2",
+                 "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (6, 6)  # one 4 x 4 image and its 1-pixel frame
+    assert main(["generate", "--checkpoint", str(run / "model"), "--prompt-ids", "3,4", "--max-new-tokens", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()[-1].split(",")) == 4
+
+
+def test_train_from_a_base_checkpoint(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    cfg = write_run(tmp_path, base=str(tmp_path / "base"), decoder=None, train={"steps": 1, "warmup_steps": 1})
+    assert main(["train", "--config", cfg]) == 0
+    trained = from_pretrained(tmp_path / "run" / "model")
+    assert not trained.decoder.layers[0].attn.qkv.weights[0].requires_grad  # LlamaFusion: text stays frozen
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"family": "metamorph"}, "family 'metamorph'"),
+        ({"extra": 1}, r"unknown key\(s\) \['extra'\]"),
+        ({"fusion": {**FUSION, "patchsize": 2}}, r"fusion: unknown key\(s\) \['patchsize'\]"),
+        ({"train": {"stepz": 3}}, r"train: unknown key\(s\) \['stepz'\]"),
+        ({"data": {"path": "missing.jsonl"}}, "no data file"),
+        ({"decoder": None}, "give 'base'"),
+        ({"base": "/nonexistent/checkpoint", "decoder": None}, "config.json"),
+    ],
+)
+def test_train_reports_bad_configs(tmp_path, change, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--config", write_run(tmp_path, **change)])
+
+
+def test_train_reports_a_bad_document_line(tmp_path):
+    cfg = write_run(tmp_path)
+    with open(tmp_path / "docs.jsonl", "a") as f:
+        f.write('{"segments": [{"image": "nope.safetensors"}]}\n')
+    with pytest.raises(SystemExit, match=r"docs.jsonl:7"):
+        main(["train", "--config", cfg])
+
+
+def test_generate_text_equals_the_engine(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "5,6,7", "--max-new-tokens", "5"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.strip().split(",")]
+    want = generate(from_pretrained(tmp_path), torch.tensor([[5, 6, 7]]), 5)
+    assert printed == want[0].tolist()
+
+
+def test_fusion_text_generation_equals_its_base_decoder(tmp_path):
+    from mmfuse.models.fusion import FusionConfig
+
+    tiny_llama().save_pretrained(tmp_path)
+    base = from_pretrained(tmp_path)
+    fusion = LlamaFusion.from_decoder(base, FusionConfig(**FUSION))
+    ids = torch.randint(5, 90, (2, 6))
+    assert torch.equal(generate(fusion.decoder, ids, 6), generate(base, ids, 6))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--checkpoint", "/nonexistent"], "no checkpoint folder"),
+        (["--prompt-ids", "a,b"], "comma-separated integers"),
+        (["--image"], "--image needs a fusion checkpoint"),
+    ],
+)
+def test_generate_reports_bad_arguments(tmp_path, args, message):
+    tiny_llama().save_pretrained(tmp_path)
+    base = ["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "5,1"]
+    for flag in ("--checkpoint", "--prompt-ids"):
+        if flag in args:
+            i = base.index(flag)
+            del base[i:i + 2]
+    with pytest.raises(SystemExit, match=message):
+        main(base + args)
