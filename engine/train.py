@@ -46,11 +46,15 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end (when out_dir is set)
     out_dir: str | None = None
+    activation_checkpointing: bool = False  # recompute decoder layers in the backward (less memory)
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trainable weights
 
     def __post_init__(self):
         if self.steps < 0 or self.grad_accum < 1 or self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError(f"bad training config: steps={self.steps}, grad_accum={self.grad_accum}, "
                              f"lr={self.lr}, warmup_steps={self.warmup_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"bad training config: ema_decay must lie in [0, 1), got {self.ema_decay}")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -112,6 +116,15 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.rank, self.world = rank_and_world()
         self.out_dir = Path(config.out_dir) if config.out_dir and self.rank == 0 else None
+        if config.activation_checkpointing:
+            decoders = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
+            if not decoders:
+                raise ValueError("activation_checkpointing: the model has no decoder that supports it")
+            for m in decoders:
+                m.activation_checkpointing = True
+        # EMA of the trainable weights, in fp32 (name -> tensor); saved with the checkpoint.
+        self.ema = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad} \
+            if config.ema_decay > 0 else {}
         loss_module = _LossModule(model, lambda batch, generator: self.loss_fn(batch, generator))
         self._forward = torch.nn.parallel.DistributedDataParallel(loss_module) if self.world > 1 else loss_module
 
@@ -148,10 +161,25 @@ class Trainer:
             totals["grad_norm"] = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._update_ema()
         self.step += 1
         record = {"step": self.step, "lr": lr_at(step, c), **totals, **counts}
         self.history.append(record)
         return record
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if not self.ema:
+            return
+        params = dict(self.model.named_parameters())
+        for name, avg in self.ema.items():
+            avg.lerp_(params[name].detach().float(), 1.0 - self.config.ema_decay)
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state with every trainable weight replaced by its EMA (in the weight's dtype)."""
+        state = dict(self.model.state_dict())
+        state.update({n: avg.to(state[n].dtype) for n, avg in self.ema.items()})
+        return state
 
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -213,6 +241,8 @@ class Trainer:
         optim_tensors, optim_meta = _flatten_optimizer(self.optimizer)
         save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
         save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        if self.ema:
+            save_file({k: v.contiguous().cpu() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
         meta = {"step": self.step, "config": asdict(self.config), "optimizer": optim_meta, "history": self.history}
         (tmp / "trainer.json").write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)
@@ -235,6 +265,10 @@ class Trainer:
         _restore_optimizer(self.optimizer, load_file(str(path / "optimizer.safetensors"), device=str(device)),
                            meta["optimizer"])
         torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu_rng"])
+        if self.ema:
+            if not (path / "ema.safetensors").is_file():
+                raise FileNotFoundError(f"{path} has no ema.safetensors but this run keeps an EMA (ema_decay > 0)")
+            self.ema = {k: v.float() for k, v in load_file(str(path / "ema.safetensors"), device=str(device)).items()}
         self.step, self.history = meta["step"], meta["history"]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from mmfuse.kernels import build_routing, rope_cos_sin, rope_frequencies
@@ -109,6 +110,8 @@ class Decoder(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.reset_buffers(self.embed.weight.device)
+        # Recompute each layer's activations in the backward instead of keeping them (training only).
+        self.activation_checkpointing = False
 
     def reset_buffers(self, device: torch.device | str) -> None:
         """RoPE inverse frequencies: derived from the config, never stored in checkpoints."""
@@ -165,8 +168,12 @@ class Decoder(nn.Module):
             routing = build_routing(modality, self.config.num_experts)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, torch.float32)
         ctx = BatchContext(modality, routing, cos, sin, kv_start, kv_end, input_pos)
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, ctx)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         return self.norm(x, modality)
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:

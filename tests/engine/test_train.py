@@ -97,3 +97,48 @@ def test_bad_config_and_missing_checkpoint(base, tmp_path):  # noqa: F811
         TrainConfig(grad_accum=0)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         make_trainer(base, tmp_path, steps=1).load_checkpoint(tmp_path / "nothing")
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(base, tmp_path):  # noqa: F811
+    results = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(base, tmp_path / str(checkpointing), steps=1, activation_checkpointing=checkpointing)
+        trainer.model.train()
+        batch = trainer.get_batch(0, 0)
+        objective = trainer.loss_fn(batch, torch.Generator().manual_seed(3))
+        objective.total.backward()
+        grad = trainer.model.decoder.layers[0].mlp.gate_up.weights[1].grad.clone()
+        results.append((objective.total.detach(), grad))
+        assert trainer.model.decoder.activation_checkpointing is checkpointing
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-7)
+
+
+def test_ema_follows_its_definition_and_resumes_exactly(base, tmp_path):  # noqa: F811
+    trainer = make_trainer(base, tmp_path / "a", steps=3, ema_decay=0.8)
+    name = "decoder.layers.0.attn.qkv.weights.1"
+    param = dict(trainer.model.named_parameters())[name]
+    want = param.detach().clone()
+    for _ in range(3):
+        trainer.train_step()
+        want = 0.8 * want + 0.2 * param.detach()
+    torch.testing.assert_close(trainer.ema[name], want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(trainer.ema_state_dict()[name], trainer.ema[name])
+    assert not torch.equal(trainer.ema[name], param.detach())
+
+    straight = make_trainer(base, tmp_path / "b", steps=4, ema_decay=0.8)
+    straight.train(progress=False)
+    first = make_trainer(base, tmp_path / "c", steps=2, ema_decay=0.8)
+    first.train(progress=False)
+    resumed = make_trainer(base, tmp_path / "d", steps=4, ema_decay=0.8)
+    resumed.load_checkpoint(tmp_path / "c")
+    resumed.train(progress=False)
+    assert all(torch.equal(resumed.ema[k], straight.ema[k]) for k in straight.ema)
+
+
+def test_bad_ema_and_checkpointing_options(base, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        Trainer(model, lambda b, g: None, lambda s, m: None, TrainConfig(activation_checkpointing=True))
