@@ -48,11 +48,14 @@ class TrainConfig:
     out_dir: str | None = None
     activation_checkpointing: bool = False  # recompute decoder layers in the backward (less memory)
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trainable weights
+    autocast: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16": always; "off"
 
     def __post_init__(self):
         if self.steps < 0 or self.grad_accum < 1 or self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError(f"bad training config: steps={self.steps}, grad_accum={self.grad_accum}, "
                              f"lr={self.lr}, warmup_steps={self.warmup_steps}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"bad training config: autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"bad training config: ema_decay must lie in [0, 1), got {self.ema_decay}")
 
@@ -145,7 +148,8 @@ class Trainer:
             # Accumulating micro-batches skip DDP's gradient all-reduce; the last one runs it.
             sync = contextlib.nullcontext() if self.world == 1 or last else self._forward.no_sync()
             with sync:
-                total, components = self._forward(batch, self._noise_generator(step, micro))
+                with self._autocast():
+                    total, components = self._forward(batch, self._noise_generator(step, micro))
                 values = self._global_mean(torch.stack([total.detach(), *(v.detach() for v in components.values())]))
                 if not torch.isfinite(values).all():  # all ranks see the same values, so all stop together
                     parts = dict(zip(components, values[1:].tolist()))
@@ -166,6 +170,12 @@ class Trainer:
         record = {"step": self.step, "lr": lr_at(step, c), **totals, **counts}
         self.history.append(record)
         return record
+
+    def _autocast(self):
+        device = next(self.model.parameters()).device.type
+        mode = self.config.autocast
+        enabled = mode == "bf16" or (mode == "auto" and device == "cuda")
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -233,7 +233,7 @@ class LlamaFusion(nn.Module):
                 patches, skips = self.unet.encode(latents, temb)
             else:
                 patches = self.patch_in(patchify(latents, c.patch_size))
-            x = x.masked_scatter(image_pos[..., None], patches + temb[:, None])
+            x = x.masked_scatter(image_pos[..., None], (patches + temb[:, None]).to(x.dtype))
         hidden = self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
                               modality=modality, input_pos=input_pos)
         tokens = hidden[image_pos].view(latents.shape[0], c.patches_per_image, hidden.shape[-1])

@@ -47,6 +47,16 @@ class BatchContext:
     input_pos: torch.Tensor | None = None
 
 
+def _autocast(x: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Under torch.autocast, the routed GEMMs run in the autocast dtype like ``F.linear`` does (custom
+    ops are not cast automatically); otherwise the tensors pass through."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, tensors
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), [t.to(dtype) for t in tensors]
+
+
 class RoutedLinear(nn.Module):
     """``y = x @ W[m].T + b[m]`` with one (out, in) weight per expert; E = 1 is ``nn.Linear``."""
 
@@ -64,8 +74,9 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None, routing: Routing | None = None) -> torch.Tensor:
         if len(self.weights) == 1:
             return F.linear(x, self.weights[0], self.biases[0] if self.biases is not None else None)
-        return routed_linear(x, modality, list(self.weights), list(self.biases) if self.biases is not None else None,
-                             routing=routing)
+        x, weights = _autocast(x, list(self.weights))
+        biases = _autocast(x, list(self.biases))[1] if self.biases is not None else None
+        return routed_linear(x, modality, weights, biases, routing=routing)
 
 
 class RoutedRMSNorm(nn.Module):
@@ -95,7 +106,9 @@ class RoutedMLP(nn.Module):
         if len(self.gate_up.weights) == 1:
             gate, up = self.gate_up(x).split(self.hidden_dim, dim=-1)
             return self.down(swiglu(gate, up))
-        return routed_swiglu_mlp(x, modality, list(self.gate_up.weights), list(self.down.weights), routing=routing)
+        x, weights = _autocast(x, list(self.gate_up.weights) + list(self.down.weights))
+        experts = len(self.gate_up.weights)
+        return routed_swiglu_mlp(x, modality, weights[:experts], weights[experts:], routing=routing)
 
 
 class KVCache(nn.Module):

@@ -142,3 +142,20 @@ def test_bad_ema_and_checkpointing_options(base, tmp_path):  # noqa: F811
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="activation_checkpointing"):
         Trainer(model, lambda b, g: None, lambda s, m: None, TrainConfig(activation_checkpointing=True))
+
+
+def test_bf16_autocast_trains_and_runs_the_routed_gemms_in_bf16(base, tmp_path):  # noqa: F811
+    fp32 = make_trainer(base, tmp_path / "fp32", steps=2, autocast="off")
+    bf16 = make_trainer(base, tmp_path / "bf16", steps=2, autocast="bf16")
+    seen = []
+    layer = bf16.model.decoder.layers[0].attn.qkv
+    handle = layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    fp32.train(progress=False)
+    bf16.train(progress=False)
+    handle.remove()
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights stay fp32
+    for got, want in zip(bf16.history, fp32.history):
+        assert abs(got["loss"] - want["loss"]) <= 2e-2 * abs(want["loss"])
+    with pytest.raises(ValueError, match="autocast"):
+        TrainConfig(autocast="fp8")
