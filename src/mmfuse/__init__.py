@@ -12,3 +12,15 @@ folder's ``__init__`` turns itself into an empty shadow without ``__file__`` or 
 imported under a foreign name, which such probes treat as "not installed".
 """
 __version__ = "0.1.0"
+
+
+def _register_with_transformers() -> None:
+    """``import mmfuse`` makes ``attn_implementation="mmfuse"`` available to transformers."""
+    try:
+        from mmfuse.models.hf_integration import register
+    except ImportError:  # transformers missing or too old: nothing to register with
+        return
+    register()
+
+
+_register_with_transformers()

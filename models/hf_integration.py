@@ -1,0 +1,66 @@
+"""transformers integration: ``from_pretrained(..., attn_implementation="mmfuse")``.
+
+``register()`` (run by ``import mmfuse``) adds mmfuse's attention to transformers' attention registry,
+with transformers' SDPA mask builder, so the function receives a boolean mask (or None when the mask
+is purely causal). Every mask transformers builds for Llama / Qwen2 (causal, left or right padding,
+a KV cache) is one key interval per query, which :func:`mixed_attention` takes directly.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmfuse.kernels import mixed_attention
+
+ATTN_IMPLEMENTATION = "mmfuse"
+
+
+def mask_to_intervals(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+                      causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A boolean mask (B or 1, 1, Lq, Lk) -> int32 (B, Lq) ``kv_start, kv_end``.
+
+    ``None`` means causal over the cache (query i is key ``kv_len - q_len + i``), or full attention
+    when ``causal`` is False. A row whose allowed keys are not one contiguous run is an error.
+    """
+    device = mask.device if mask is not None else None
+    if mask is None:
+        steps = torch.arange(q_len, device=device)
+        end = steps + kv_len - q_len + 1 if causal else torch.full_like(steps, kv_len)
+        return torch.zeros(batch, q_len, dtype=torch.int32, device=device), end.to(torch.int32).expand(batch, q_len)
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
+        raise ValueError(f"attention_mask must be a bool (B, 1, {q_len}, {kv_len}) mask, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    allowed = mask[:, 0].expand(batch, q_len, kv_len)
+    count = allowed.sum(-1)
+    cols = torch.arange(kv_len, device=mask.device)
+    start = torch.where(allowed, cols, kv_len).amin(-1)
+    end = torch.where(allowed, cols + 1, 0).amax(-1)
+    nonempty = count > 0
+    if not torch.compiler.is_compiling() and bool((nonempty & (end - start != count)).any()):
+        raise ValueError("attention_mask is not one contiguous key interval per query, which the mmfuse "
+                         "attention needs (use attn_implementation='sdpa' for this mask)")
+    start = torch.where(nonempty, start, 0)
+    end = torch.where(nonempty, end, 0)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def mmfuse_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                             scaling: float | None = None, is_causal: bool | None = None,
+                             **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Lq, H, D)."""
+    if dropout and module.training:
+        raise ValueError("the mmfuse attention has no dropout; set attention_dropout=0")
+    B, _, q_len, _ = query.shape
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    kv_start, kv_end = mask_to_intervals(attention_mask, B, q_len, key.shape[2], causal)
+    out = mixed_attention(query, key, value, kv_start.to(query.device), kv_end.to(query.device), scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="mmfuse"`` available to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, mmfuse_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
