@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
+from mmfuse._progress import progress_bar
 from mmfuse.models.decoder import Decoder
 
 
@@ -108,7 +108,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = position_ids[:, -1:] + 1
     tok = step(input_ids, torch.arange(L, device=device), position_ids)  # prefill
-    for i in tqdm(range(max_new_tokens), disable=progress is False if progress is not None else None, desc="decode"):
+    for i in progress_bar(range(max_new_tokens), progress, desc="decode"):
         if eos_token_id is not None:
             tok = torch.where(done, eos_token_id, tok)
             done |= tok == eos_token_id

@@ -9,8 +9,8 @@ sampler instead, which feeds the whole sequence every step; both give the same i
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
+from mmfuse._progress import progress_bar
 from mmfuse.kernels import mask_intervals
 from mmfuse.models.fusion import IMAGE, LlamaFusion
 
@@ -79,7 +79,7 @@ def sample_images(
     x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
     x = x * scheduler.init_noise_sigma
     step_fn = _recomputing_step(model, ids, first, n) if recompute else _cached_step(model, ids, first, n)
-    for t in tqdm(scheduler.timesteps, disable=progress is False if progress is not None else None, desc="diffusion"):
+    for t in progress_bar(scheduler.timesteps, progress, desc="diffusion"):
         x_in = scheduler.scale_model_input(x, t)
         x_rows = torch.cat([x_in, x_in]) if cfg else x_in
         eps = step_fn(x_rows, t.expand(rows).to(device))

@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from mmfuse._progress import progress_bar
 from mmfuse.kernels.objectives import Objective
 
 LossFn = Callable[[object, torch.Generator], Objective]  # (batch, noise generator) -> objective
@@ -203,8 +203,7 @@ class Trainer:
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.out_dir / "train_log.jsonl", "a") if self.out_dir else None
-        show = (progress is not False if progress is not None else None) if self.rank == 0 else False
-        bar = tqdm(total=c.steps, initial=self.step, disable=not show if show is not None else None, desc="train")
+        bar = progress_bar(total=c.steps, initial=self.step, progress=progress if self.rank == 0 else False, desc="train")
         t0, seen = time.perf_counter(), {}
         try:
             while self.step < c.steps:

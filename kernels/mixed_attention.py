@@ -396,22 +396,29 @@ def _combine_splits(out_parts: torch.Tensor, lse_parts: torch.Tensor, dtype: tor
     return out.to(dtype), lse
 
 
+def _blocked_intervals(kv_start, kv_end, block_m):
+    """The (B, Lq) intervals as (B, query_blocks, block_m), padded past Lq with empty intervals."""
+    B, Lq = kv_start.shape
+    nqb = triton.cdiv(Lq, block_m)
+    pad = nqb * block_m - Lq
+    s = torch.nn.functional.pad(kv_start.long(), (0, pad)).view(B, nqb, block_m)
+    e = torch.nn.functional.pad(kv_end.long(), (0, pad)).view(B, nqb, block_m)
+    return s, e
+
+
 def _query_block_ranges(kv_start, kv_end, kv_len, block_m, block_n):
     """For each key block, the [first, last+1) query blocks whose key range can reach it.
 
     Costs O(B * query_blocks * key_blocks) small integers, never O(L^2).
     """
-    B, Lq = kv_start.shape
-    nqb, nkb = triton.cdiv(Lq, block_m), triton.cdiv(kv_len, block_n)
-    pad = nqb * block_m - Lq
-    s = torch.nn.functional.pad(kv_start, (0, pad)).view(B, nqb, block_m)
-    e = torch.nn.functional.pad(kv_end, (0, pad)).view(B, nqb, block_m)
+    s, e = _blocked_intervals(kv_start, kv_end, block_m)
+    nqb, nkb = s.shape[1], triton.cdiv(kv_len, block_n)
     live = s < e
     blk_lo = torch.where(live, s, kv_len).amin(-1)
     blk_hi = torch.where(live, e, 0).amax(-1)
-    n0 = torch.arange(nkb, device=s.device, dtype=torch.int32) * block_n
+    n0 = torch.arange(nkb, device=s.device) * block_n
     reach = (blk_lo[:, :, None] < (n0 + block_n)) & (blk_hi[:, :, None] > n0)  # (B, nqb, nkb)
-    qb = torch.arange(nqb, device=s.device, dtype=torch.int32)[None, :, None]
+    qb = torch.arange(nqb, device=s.device)[None, :, None]
     qb_lo = torch.where(reach, qb, nqb).amin(1).to(torch.int32)
     qb_hi = (torch.where(reach, qb, -1).amax(1) + 1).to(torch.int32)
     return qb_lo.contiguous(), qb_hi.contiguous(), nkb
@@ -690,17 +697,15 @@ def tile_stats(kv_start: torch.Tensor, kv_end: torch.Tensor, kv_len: int, num_he
     """
     dm, dn, _, _ = _block_sizes(head_dim)
     block_m, block_n = block_m or dm, block_n or dn
-    B, Lq = kv_start.shape
-    nqb, nkb = triton.cdiv(Lq, block_m), triton.cdiv(kv_len, block_n)
-    pad = nqb * block_m - Lq
-    s = torch.nn.functional.pad(kv_start.long(), (0, pad)).view(B, nqb, block_m, 1)
-    e = torch.nn.functional.pad(kv_end.long(), (0, pad)).view(B, nqb, block_m, 1)
+    s, e = _blocked_intervals(kv_start, kv_end, block_m)
+    s, e = s[..., None], e[..., None]  # (B, nqb, block_m, 1) against the key blocks
+    B, nqb, nkb = s.shape[0], s.shape[1], triton.cdiv(kv_len, block_n)
     live = s < e
     n0 = torch.arange(nkb, device=s.device) * block_n
     n1 = n0 + block_n
     sees_part = live & (s < n1) & (e > n0)  # (B, nqb, block_m, nkb)
     # Like the kernel, a tile running past kv_len is never "full": its missing keys need the mask.
-    sees_all = ~live | ((s <= n0) & (e >= n0 + block_n))
+    sees_all = ~live | ((s <= n0) & (e >= n1))
     needed = sees_part.any(2)
     full = needed & sees_all.all(2)
     return {

@@ -74,9 +74,10 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None, routing: Routing | None = None) -> torch.Tensor:
         if len(self.weights) == 1:
             return F.linear(x, self.weights[0], self.biases[0] if self.biases is not None else None)
-        x, weights = _autocast(x, list(self.weights))
-        biases = _autocast(x, list(self.biases))[1] if self.biases is not None else None
-        return routed_linear(x, modality, weights, biases, routing=routing)
+        biases = list(self.biases) if self.biases is not None else []
+        x, params = _autocast(x, list(self.weights) + biases)
+        experts = len(self.weights)
+        return routed_linear(x, modality, params[:experts], params[experts:] or None, routing=routing)
 
 
 class RoutedRMSNorm(nn.Module):

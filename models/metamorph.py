@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from mmfuse._progress import progress_bar
 from mmfuse.kernels import mask_intervals
 from mmfuse.kernels.objectives import Objective, metamorph_objective
 
@@ -104,8 +104,7 @@ class MetaMorph(nn.Module):
         kv_start, kv_end = mask_intervals(torch.zeros_like(prompt_ids))
         hidden = self.decoder(prompt_ids, kv_start=kv_start, kv_end=kv_end, input_pos=torch.arange(P, device=device))
         tokens = []
-        for i in tqdm(range(c.num_visual_tokens), disable=progress is False if progress is not None else None,
-                      desc="visual tokens"):
+        for i in progress_bar(range(c.num_visual_tokens), progress, desc="visual tokens"):
             token = F.normalize(self.vision_head(hidden[:, -1]).float(), dim=-1)
             tokens.append(token)
             if i + 1 == c.num_visual_tokens:
@@ -129,7 +128,7 @@ class MetaMorph(nn.Module):
         latents = torch.randn(cond.shape[0], unet.config.in_channels, size, size, generator=generator,
                               device=cond.device) * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_steps, device=cond.device)
-        for t in tqdm(scheduler.timesteps, disable=progress is False if progress is not None else None, desc="sd1.5"):
+        for t in progress_bar(scheduler.timesteps, progress, desc="sd1.5"):
             eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
         return latents
