@@ -2,36 +2,58 @@
 
 Training config (JSON)::
 
-    {"family": "fusion",                       # LlamaFusion / Transfusion (the families the CLI trains)
-     "base": "path/to/llama-or-qwen2",         # HF checkpoint to start from, or null with "decoder": {...}
-     "decoder": {...DecoderConfig fields...},  # only when "base" is null (a model from scratch)
-     "fusion": {...FusionConfig fields...},
+    {"family": "fusion" | "metamorph" | "metaquery",
+     "base": "path/to/llama-or-qwen2",         # HF checkpoint of the LLM, or null with "decoder": {...}
+     "decoder": {...DecoderConfig fields...},  # only when "base" is null (an LLM from scratch)
+     "fusion": {...FusionConfig fields...},            # family "fusion" (LlamaFusion / Transfusion)
+     "metamorph": {...MetaMorphConfig fields...},      # family "metamorph" (VPiT) ...
+     "vision": "path/to/siglip",                       # ... its SigLIP tower (HF checkpoint, frozen)
+     "metaquery": {...MetaQueryConfig fields...},      # family "metaquery" ...
+     "diffusion": "path/to/transformer-or-unet" | {...},  # ... its diffusers SANA / SD1.5 decoder: a
+                                                       #     model folder (safetensors) or a config (random init)
      "data": {"path": "docs.jsonl", "row_len": 512, "rows_per_batch": 8},
      "train": {...TrainConfig fields...}}      # out_dir defaults to the config file's folder / "run"
 
-Data: one JSON document per line, ``{"segments": [{"text": [ids...]}, {"image": "latent.safetensors",
-"diffuse": true}, ...]}``; an image file holds one tensor named ``latent`` (C, size, size), its path
-relative to the JSONL file.
+Per family, what trains: fusion the image expert (and the text weights with ``train_text``);
+metamorph everything but the SigLIP tower; metaquery the queries, the connector and the diffusion
+decoder (the LLM stays frozen). Under ``torchrun``, ``"train": {"data_parallel": "fsdp"}`` shards the
+weights with FSDP2 instead of replicating them (DDP).
+
+Data: one JSON document per line, ``{"segments": [{"text": [ids...]}, {"image": "x.safetensors",
+"diffuse": true}, ...]}``; an image file (path relative to the JSONL file) holds one tensor: for
+fusion and metaquery ``latent`` (C, size, size) VAE latents, for metamorph ``pixels`` (3, H, W)
+SigLIP-normalised pixel values. fusion and metamorph pack interleaved documents into rows of
+``row_len``; a metaquery document is a prompt (its text) followed by one image, ``rows_per_batch``
+of them a batch, prompts of at most ``row_len`` tokens.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 
 from mmfuse.engine.generate import generate
-from mmfuse.engine.packing import Image, pack
+from mmfuse.engine.packing import Image, PackedBatch, pack
 from mmfuse.engine.sampling import save_png, sample_images
 from mmfuse.engine.train import TrainConfig, Trainer, init_distributed, rank_and_world
+from mmfuse.kernels import mask_intervals
+from mmfuse.kernels.objectives import Objective
 from mmfuse.models import CheckpointError, Decoder, DecoderConfig, from_pretrained
 from mmfuse.models.fusion import FusionConfig, LlamaFusion, save_fusion
+from mmfuse.models.metamorph import MetaMorph, MetaMorphConfig, save_metamorph
+from mmfuse.models.metaquery import MetaQuery, MetaQueryConfig, save_metaquery
+from mmfuse.models.siglip import SiglipVisionTower
 
-FAMILIES = ("fusion",)
-_TOP_KEYS = {"family", "base", "decoder", "fusion", "data", "train"}
+# The config sections each family reads beside the shared ones.
+FAMILY_KEYS = {"fusion": {"fusion"}, "metamorph": {"metamorph", "vision"}, "metaquery": {"metaquery", "diffusion"}}
+FAMILIES = tuple(FAMILY_KEYS)
+_SHARED_KEYS = {"family", "base", "decoder", "data", "train"}
 _DATA_KEYS = {"path", "row_len", "rows_per_batch"}
 
 
@@ -58,19 +80,21 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"no config file at {path}") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    unknown = sorted(set(cfg) - _TOP_KEYS)
+    family = cfg.get("family")
+    if family not in FAMILIES:
+        raise ConfigError(f"{path}: family {family!r} is not one the train command supports {FAMILIES}")
+    known = _SHARED_KEYS | FAMILY_KEYS[family]
+    unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
-    if cfg.get("family") not in FAMILIES:
-        raise ConfigError(f"{path}: family {cfg.get('family')!r} is not one the train command supports {FAMILIES}")
+        raise ConfigError(f"{path}: unknown key(s) {unknown} for family {family!r}; known: {sorted(known)}")
     data = cfg.get("data") or {}
     if set(data) - _DATA_KEYS or "path" not in data:
         raise ConfigError(f"{path}: data needs 'path' (and optional row_len, rows_per_batch), got {sorted(data)}")
     return cfg
 
 
-def read_documents(path: str | Path) -> list[list]:
-    """Interleaved documents from a JSONL file (see the module docstring)."""
+def read_documents(path: str | Path, tensor_name: str = "latent") -> list[list]:
+    """Interleaved documents from a JSONL file (see the module docstring); images hold ``tensor_name``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no data file at {path}")
@@ -85,8 +109,8 @@ def read_documents(path: str | Path) -> list[list]:
                 if "text" in seg:
                     doc.append([int(t) for t in seg["text"]])
                 else:
-                    latent = load_file(str(path.parent / seg["image"]))["latent"]
-                    doc.append(Image(latent, bool(seg.get("diffuse", True))))
+                    tensor = load_file(str(path.parent / seg["image"]))[tensor_name]
+                    doc.append(Image(tensor, bool(seg.get("diffuse", True))))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError, OSError) as exc:
             raise ConfigError(f"{path}:{n}: not a document ({type(exc).__name__}: {exc})") from exc
         docs.append(doc)
@@ -95,56 +119,201 @@ def read_documents(path: str | Path) -> list[list]:
     return docs
 
 
-def build_fusion(cfg: dict, device: torch.device) -> LlamaFusion:
-    fusion_cfg = _dataclass_from(FusionConfig, cfg.get("fusion") or {}, "fusion")
+def build_decoder(cfg: dict, device: torch.device) -> Decoder:
+    """The LLM: an HF checkpoint (``base``) or a fresh decoder (``decoder``)."""
     if cfg.get("base"):
         decoder = from_pretrained(cfg["base"], device=device)
         if not isinstance(decoder, Decoder):
             raise ConfigError(f"base {cfg['base']} is a {type(decoder).__name__}, not a decoder (llama / qwen2)")
-    elif cfg.get("decoder"):
+        return decoder
+    if cfg.get("decoder"):
         with torch.device(device):
-            decoder = Decoder(_dataclass_from(DecoderConfig, cfg["decoder"], "decoder"))
-    else:
-        raise ConfigError("give 'base' (an HF checkpoint) or 'decoder' (a DecoderConfig for a model from scratch)")
-    return LlamaFusion.from_decoder(decoder, fusion_cfg)
+            return Decoder(_dataclass_from(DecoderConfig, cfg["decoder"], "decoder"))
+    raise ConfigError("give 'base' (an HF checkpoint) or 'decoder' (a DecoderConfig for a model from scratch)")
+
+
+def build_fusion(cfg: dict, device: torch.device) -> LlamaFusion:
+    fusion_cfg = _dataclass_from(FusionConfig, cfg.get("fusion") or {}, "fusion")
+    return LlamaFusion.from_decoder(build_decoder(cfg, device), fusion_cfg)
+
+
+def build_metamorph(cfg: dict, device: torch.device) -> MetaMorph:
+    mm_cfg = _dataclass_from(MetaMorphConfig, cfg.get("metamorph") or {}, "metamorph")
+    if not cfg.get("vision"):
+        raise ConfigError("family 'metamorph' needs 'vision': a SigLIP checkpoint folder")
+    vision = from_pretrained(cfg["vision"], device=device)
+    if not isinstance(vision, SiglipVisionTower):
+        raise ConfigError(f"vision {cfg['vision']} is a {type(vision).__name__}, not a SigLIP vision tower")
+    decoder = build_decoder(cfg, device)
+    with torch.device(device):
+        return MetaMorph(decoder, vision, mm_cfg)
+
+
+def build_metaquery(cfg: dict, device: torch.device) -> MetaQuery:
+    mq_cfg = _dataclass_from(MetaQueryConfig, cfg.get("metaquery") or {}, "metaquery")
+    diffusion = cfg.get("diffusion")
+    if isinstance(diffusion, str):
+        diffusion = load_diffusion_decoder(diffusion, mq_cfg.decoder)
+    elif not isinstance(diffusion, dict):
+        raise ConfigError("family 'metaquery' needs 'diffusion': a diffusers model folder or a config dict")
+    try:
+        model = MetaQuery(build_decoder(cfg, device), diffusion, mq_cfg)
+    except ValueError as exc:  # e.g. cond_dim against the decoder's conditioning width
+        raise ConfigError(f"metaquery: {exc}") from exc
+    return model.to(device)
+
+
+def load_diffusion_decoder(path: str, kind: str) -> torch.nn.Module:
+    """A diffusers SANA transformer / SD1.5 UNet folder (config.json + safetensors; never a pickle)."""
+    from diffusers import SanaTransformer2DModel, UNet2DConditionModel
+
+    cls = SanaTransformer2DModel if kind == "sana" else UNet2DConditionModel
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"diffusion: no diffusers model folder (config.json) at {path}")
+    try:
+        return cls.from_pretrained(path, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(f"diffusion: cannot load a {cls.__name__} from {path}: {exc}") from exc
+
+
+@dataclass
+class Recipe:
+    """How one family builds its model, turns documents into a batch, and computes its loss."""
+
+    build: Callable[[dict, torch.device], torch.nn.Module]
+    image_tensor: str  # the tensor name inside an image file
+    make_batch: Callable[[torch.nn.Module, list, dict], object]  # (model, documents, data config) -> batch
+    loss: Callable[[torch.nn.Module, object, torch.Generator], Objective]
+    count: Callable[[object], dict[str, int]]
+    save: Callable[..., None]  # (model, path, state_dict)
+    doc_size: Callable[[torch.nn.Module, list], int]  # positions a document takes in a batch
+
+
+def _packed_size(doc: list, tokens_per_image: int) -> int:
+    """Positions a document takes in packed rows: its tokens, and BOI + image positions + EOI per image."""
+    return sum(tokens_per_image + 2 if isinstance(s, Image) else len(s) for s in doc)
+
+
+def _pack(model, docs: list, data: dict, tokens_per_image: int) -> PackedBatch:
+    return pack(docs, int(data.get("row_len", 512)), tokens_per_image, model.config.boi_token_id,
+                model.config.eoi_token_id)
+
+
+def _metamorph_batch(model: MetaMorph, docs: list, data: dict) -> PackedBatch:
+    batch = _pack(model, docs, data, model.config.num_visual_tokens)
+    # MetaMorph is causal over its visual tokens as well: intervals without spans, documents kept.
+    batch.kv_start, batch.kv_end = mask_intervals(torch.zeros_like(batch.span_ids), batch.doc_ids)
+    return batch
+
+
+@dataclass
+class PromptImageBatch:
+    """MetaQuery's batch: left-padded prompts (B, P), their mask, and one latent (B, C, H, W) each."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    latents: torch.Tensor
+
+    def to(self, device) -> "PromptImageBatch":
+        return PromptImageBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.latents.to(device))
+
+
+def _metaquery_batch(model: MetaQuery, docs: list, data: dict) -> PromptImageBatch:
+    prompts, latents = [], []
+    for doc in docs:
+        prompts.append([t for seg in doc[:-1] for t in seg])
+        latents.append(doc[-1].latent)
+    width = max(1, max(len(p) for p in prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), True
+    return PromptImageBatch(ids, mask, torch.stack(latents))
+
+
+def _check_metaquery_documents(docs: list, row_len: int, path: str) -> None:
+    for n, doc in enumerate(docs, 1):
+        if not doc or not isinstance(doc[-1], Image) or any(isinstance(s, Image) for s in doc[:-1]):
+            raise ConfigError(f"{path}: document {n}: a metaquery document is a prompt followed by exactly one image")
+        if sum(len(s) for s in doc[:-1]) > row_len:
+            raise ConfigError(f"{path}: document {n}: its prompt is longer than data.row_len ({row_len})")
+
+
+def _packed_counts(batch: PackedBatch) -> dict[str, int]:
+    return {"tokens": batch.num_text_tokens, "images": 0 if batch.images is None else int(batch.images.shape[0])}
+
+
+RECIPES = {
+    "fusion": Recipe(
+        build=build_fusion,
+        image_tensor="latent",
+        make_batch=lambda model, docs, data: _pack(model, docs, data, model.config.patches_per_image),
+        loss=lambda model, b, gen: model.training_loss(b.input_ids, b.modality, b.labels, b.images, b.kv_start,
+                                                       b.kv_end, position_ids=b.position_ids,
+                                                       image_mask=b.image_loss_mask, generator=gen),
+        count=_packed_counts,
+        save=save_fusion,
+        doc_size=lambda model, doc: _packed_size(doc, model.config.patches_per_image),
+    ),
+    "metamorph": Recipe(
+        build=build_metamorph,
+        image_tensor="pixels",
+        make_batch=_metamorph_batch,
+        loss=lambda model, b, gen: model.training_loss(b.input_ids, b.modality, b.labels, b.images, b.kv_start,
+                                                       b.kv_end, position_ids=b.position_ids),
+        count=_packed_counts,
+        save=save_metamorph,
+        doc_size=lambda model, doc: _packed_size(doc, model.config.num_visual_tokens),
+    ),
+    "metaquery": Recipe(
+        build=build_metaquery,
+        image_tensor="latent",
+        make_batch=_metaquery_batch,
+        loss=lambda model, b, gen: model.training_loss(b.prompt_ids, b.latents, b.prompt_mask, generator=gen),
+        count=lambda b: {"tokens": int(b.prompt_mask.sum()), "images": int(b.latents.shape[0])},
+        save=save_metaquery,
+        doc_size=lambda model, doc: 1,  # one image a row
+    ),
+}
 
 
 def train_from_config(config_path: str | Path, device: str = "cpu", progress: bool | None = None) -> Path:
     """Run a training config; returns the run folder: checkpoints, train_log.jsonl, and ``model/``
-    (the trained LlamaFusion, loadable with ``from_pretrained``)."""
+    (the trained model, loadable with ``from_pretrained``)."""
     cfg = load_config(config_path)
+    recipe = RECIPES[cfg["family"]]
     rank, world = init_distributed()
     dev = torch.device(f"cuda:{torch.cuda.current_device()}" if device == "cuda" and torch.cuda.is_available() else device)
     data = cfg["data"]
-    docs = read_documents(Path(config_path).parent / data["path"])
+    docs = read_documents(Path(config_path).parent / data["path"], recipe.image_tensor)
+    row_len, rows = int(data.get("row_len", 512)), int(data.get("rows_per_batch", 8))
+    if cfg["family"] == "metaquery":
+        _check_metaquery_documents(docs, row_len, data["path"])
     train_fields = {"out_dir": str(Path(config_path).parent / "run"), **(cfg.get("train") or {})}
     train_cfg = _dataclass_from(TrainConfig, train_fields, "train")
-    model = build_fusion(cfg, dev)
-    row_len, rows = int(data.get("row_len", 512)), int(data.get("rows_per_batch", 8))
-    tokens_per_image = model.config.patches_per_image
+    model = recipe.build(cfg, dev)
+    # positions a batch holds: rows of row_len for packed families, one image a row for metaquery
+    budget = rows * (row_len if cfg["family"] != "metaquery" else 1)
 
     def get_batch(step: int, micro: int):
-        """Enough documents for ``rows`` rows, drawn by a generator seeded from the step (this rank's share)."""
+        """Documents filling one batch, drawn by a generator seeded from the step (this rank's share)."""
         gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + (step * train_cfg.grad_accum + micro) * world
                                             + rank)
         picked, size = [], 0
-        while size < rows * row_len:
+        while size < budget:
             doc = docs[int(torch.randint(0, len(docs), (1,), generator=gen))]
             picked.append(doc)
-            size += sum(len(s) if not isinstance(s, Image) else tokens_per_image + 2 for s in doc)
-        batch = pack(picked, row_len, tokens_per_image, model.config.boi_token_id, model.config.eoi_token_id)
-        return batch.to(dev)
+            size += recipe.doc_size(model, doc)
+        return recipe.make_batch(model, picked, data).to(dev)
 
-    def loss_fn(batch, generator):
-        return model.training_loss(batch.input_ids, batch.modality, batch.labels, batch.images, batch.kv_start,
-                                   batch.kv_end, position_ids=batch.position_ids, image_mask=batch.image_loss_mask,
-                                   generator=generator)
-
-    counts = lambda b: {"tokens": b.num_text_tokens, "images": 0 if b.images is None else int(b.images.shape[0])}  # noqa: E731
-    Trainer(model, loss_fn, get_batch, train_cfg, count=counts).train(progress=progress)
+    trainer = Trainer(model, lambda batch, gen: recipe.loss(model, batch, gen), get_batch, train_cfg,
+                      count=recipe.count)
+    trainer.train(progress=progress)
     out = Path(train_cfg.out_dir)
+    state = trainer.full_state_dict()  # under FSDP a collective: every rank gathers, rank 0 writes
     if rank == 0:
-        save_fusion(model, out / "model")
+        recipe.save(model, out / "model", state)
     return out
 
 

@@ -5,9 +5,12 @@ noise generator (seeded from the step) this makes a resumed run reproduce the un
 losses exactly. Checkpoints are safetensors only (model, optimizer, RNG) plus a JSON of scalars,
 written to a temporary folder and renamed into place, so a crash mid-write never corrupts the latest.
 
-Under ``torchrun`` (after :func:`init_distributed`) the loss runs through ``DistributedDataParallel``:
-``get_batch`` returns this rank's shard (:func:`rank_and_world`), gradients are averaged across ranks,
-the logged losses are the all-reduced means, and rank 0 alone writes checkpoints and logs.
+Under ``torchrun`` (after :func:`init_distributed`) ``get_batch`` returns this rank's shard
+(:func:`rank_and_world`), gradients are averaged across ranks, the logged losses are the all-reduced
+means, and rank 0 alone writes checkpoints and logs. ``TrainConfig.data_parallel`` picks how:
+``"ddp"`` (``DistributedDataParallel``: every rank holds all weights) or ``"fsdp"`` (FSDP2
+``fully_shard`` on every decoder layer and the root: weights, gradients and optimizer state sharded
+across ranks; checkpoints gather them, so they are the same files either way).
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute decoder layers in the backward (less memory)
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trainable weights
     autocast: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16": always; "off"
+    data_parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2, sharded)
 
     def __post_init__(self):
         if self.steps < 0 or self.grad_accum < 1 or self.lr <= 0 or self.warmup_steps < 0:
@@ -56,6 +60,8 @@ class TrainConfig:
                              f"lr={self.lr}, warmup_steps={self.warmup_steps}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"bad training config: autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if self.data_parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"bad training config: data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"bad training config: ema_decay must lie in [0, 1), got {self.ema_decay}")
 
@@ -114,7 +120,6 @@ class Trainer:
                  config: TrainConfig, count: Callable[[object], dict[str, int]] | None = None):
         self.model, self.loss_fn, self.get_batch, self.config = model, loss_fn, get_batch, config
         self.count = count or (lambda batch: {})
-        self.optimizer = make_optimizer(model, config)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.rank, self.world = rank_and_world()
@@ -125,11 +130,20 @@ class Trainer:
                 raise ValueError("activation_checkpointing: the model has no decoder that supports it")
             for m in decoders:
                 m.activation_checkpointing = True
+        loss_module = _LossModule(model, lambda batch, generator: self.loss_fn(batch, generator))
+        self.sharded = self.world > 1 and config.data_parallel == "fsdp"
+        if self.sharded:
+            _fully_shard(loss_module)
+            self._forward = loss_module
+        elif self.world > 1:
+            self._forward = torch.nn.parallel.DistributedDataParallel(loss_module)
+        else:
+            self._forward = loss_module
+        # After sharding: under FSDP the optimizer and the EMA hold this rank's shards only.
+        self.optimizer = make_optimizer(model, config)
         # EMA of the trainable weights, in fp32 (name -> tensor); saved with the checkpoint.
         self.ema = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad} \
             if config.ema_decay > 0 else {}
-        loss_module = _LossModule(model, lambda batch, generator: self.loss_fn(batch, generator))
-        self._forward = torch.nn.parallel.DistributedDataParallel(loss_module) if self.world > 1 else loss_module
 
     def _noise_generator(self, step: int, micro: int) -> torch.Generator:
         device = next(self.model.parameters()).device
@@ -145,9 +159,7 @@ class Trainer:
         for micro in range(c.grad_accum):
             batch = self.get_batch(step, micro)
             last = micro == c.grad_accum - 1
-            # Accumulating micro-batches skip DDP's gradient all-reduce; the last one runs it.
-            sync = contextlib.nullcontext() if self.world == 1 or last else self._forward.no_sync()
-            with sync:
+            with self._gradient_sync(last):
                 with self._autocast():
                     total, components = self._forward(batch, self._noise_generator(step, micro))
                 values = self._global_mean(torch.stack([total.detach(), *(v.detach() for v in components.values())]))
@@ -162,7 +174,7 @@ class Trainer:
                 counts[name] = counts.get(name, 0) + n
         if c.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.grad_clip)
-            totals["grad_norm"] = float(norm)
+            totals["grad_norm"] = float(_full(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._update_ema()
@@ -170,6 +182,15 @@ class Trainer:
         record = {"step": self.step, "lr": lr_at(step, c), **totals, **counts}
         self.history.append(record)
         return record
+
+    def _gradient_sync(self, last: bool):
+        """Accumulating micro-batches skip the gradient all-reduce / reduce-scatter; the last one runs it."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self._forward.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self._forward.no_sync()
 
     def _autocast(self):
         device = next(self.model.parameters()).device.type
@@ -185,10 +206,15 @@ class Trainer:
         for name, avg in self.ema.items():
             avg.lerp_(params[name].detach().float(), 1.0 - self.config.ema_decay)
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state on every rank (under FSDP a collective: call it on all ranks)."""
+        return {k: _full(v) for k, v in self.model.state_dict().items()}
+
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state with every trainable weight replaced by its EMA (in the weight's dtype)."""
-        state = dict(self.model.state_dict())
-        state.update({n: avg.to(state[n].dtype) for n, avg in self.ema.items()})
+        """The model's state with every trainable weight replaced by its EMA (in the weight's dtype);
+        under FSDP a collective like :meth:`full_state_dict`."""
+        state = self.full_state_dict()
+        state.update({n: _full(avg).to(state[n].dtype) for n, avg in self.ema.items()})
         return state
 
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
@@ -232,26 +258,28 @@ class Trainer:
     def save_checkpoint(self, out_dir: str | os.PathLike | None = None) -> Path:
         """Write ``step_XXXXXXX/`` atomically and point ``latest`` at it (rank 0; others wait); returns its path."""
         root = Path(out_dir or self.config.out_dir)
+        # Under FSDP every rank takes part in gathering the shards; rank 0 alone writes.
+        if self.sharded or self.rank == 0:
+            tensors = {"model": _cpu(self.full_state_dict()), "ema": _cpu({k: _full(v) for k, v in self.ema.items()})}
+            tensors["optimizer"], optim_meta = _flatten_optimizer(self.optimizer)
         if self.rank != 0:
             dist.barrier()
             return root / f"step_{self.step:07d}"
-        path = self._write_checkpoint(root)
+        path = self._write_checkpoint(root, tensors, optim_meta)
         if self.world > 1:
             dist.barrier()
         return path
 
-    def _write_checkpoint(self, root: Path) -> Path:
+    def _write_checkpoint(self, root: Path, tensors: dict[str, dict[str, torch.Tensor]], optim_meta: dict) -> Path:
         final = root / f"step_{self.step:07d}"
         tmp = root / f".tmp_step_{self.step:07d}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        optim_tensors, optim_meta = _flatten_optimizer(self.optimizer)
-        save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(tensors["model"], str(tmp / "model.safetensors"))
+        save_file(tensors["optimizer"], str(tmp / "optimizer.safetensors"))
         save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         if self.ema:
-            save_file({k: v.contiguous().cpu() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
+            save_file(tensors["ema"], str(tmp / "ema.safetensors"))
         meta = {"step": self.step, "config": asdict(self.config), "optimizer": optim_meta, "history": self.history}
         (tmp / "trainer.json").write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)
@@ -270,15 +298,56 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint at {path} (expected trainer.json and safetensors files)")
         meta = json.loads((path / "trainer.json").read_text())
         device = next(self.model.parameters()).device
-        self.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
+        model_state = load_file(str(path / "model.safetensors"), device=str(device))
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: _shard_like(v, current.get(k)) for k, v in model_state.items()}, strict=True)
         _restore_optimizer(self.optimizer, load_file(str(path / "optimizer.safetensors"), device=str(device)),
                            meta["optimizer"])
         torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu_rng"])
         if self.ema:
             if not (path / "ema.safetensors").is_file():
                 raise FileNotFoundError(f"{path} has no ema.safetensors but this run keeps an EMA (ema_decay > 0)")
-            self.ema = {k: v.float() for k, v in load_file(str(path / "ema.safetensors"), device=str(device)).items()}
+            ema = load_file(str(path / "ema.safetensors"), device=str(device))
+            self.ema = {k: _shard_like(v.float(), self.ema.get(k)) for k, v in ema.items()}
         self.step, self.history = meta["step"], meta["history"]
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+
+
+def _fully_shard(loss_module: torch.nn.Module) -> None:
+    """FSDP2: one unit per decoder layer (gathered just before it runs, freed after), then the root.
+
+    The root is the loss module, not the model: the loss calls ``training_loss`` rather than the
+    model's ``forward``, so only the root's hooks see every parameter outside the layers gathered.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from mmfuse.models.decoder import DecoderLayer
+
+    for layer in [m for m in loss_module.modules() if isinstance(m, DecoderLayer)]:
+        fully_shard(layer)
+    fully_shard(loss_module)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP-sharded one (a collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(value: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """``value`` (a whole tensor from a checkpoint) sharded as ``reference`` is, when that is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(reference, DTensor):
+        return value
+    return distribute_tensor(value.to(reference.dtype), reference.device_mesh, reference.placements)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -287,8 +356,8 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     tensors, scalars = {}, {}
     for pid, entry in state["state"].items():
         for name, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            if isinstance(value, torch.Tensor):  # under FSDP gathered (every rank, the same order)
+                tensors[f"{pid}.{name}"] = _full(value).detach().contiguous().cpu()
             else:
                 scalars[f"{pid}.{name}"] = value
     groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
@@ -296,9 +365,13 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]  # the state dict's numbering
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
+        param = params[int(pid)]
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:  # moments, sharded like the weight
+            value = _shard_like(value, param)
         state.setdefault(int(pid), {})[name] = value
     groups = meta["param_groups"]
     for g in groups:

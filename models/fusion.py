@@ -26,7 +26,7 @@ from mmfuse.kernels.objectives import Objective, transfusion_objective
 from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas
 
 from .decoder import Decoder, DecoderConfig
-from .hf_io import CheckpointError, build_from_state, checkpoint_files, load_tensors, read_config, save_checkpoint
+from .hf_io import build_from_state, load_native, save_checkpoint
 
 TEXT, IMAGE = 0, 1
 MODEL_TYPE = "mmfuse_fusion"
@@ -308,23 +308,19 @@ class LlamaFusion(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def save_fusion(model: LlamaFusion, path: str | os.PathLike) -> None:
+def save_fusion(model: LlamaFusion, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``model`` (or ``state_dict``, e.g. a sharded model's gathered state) and its configs."""
     dec = dataclasses.asdict(model.decoder.config)
     cfg = {"model_type": MODEL_TYPE, "decoder": dec, "fusion": dataclasses.asdict(model.config)}
-    save_checkpoint(path, cfg, model.state_dict())
+    save_checkpoint(path, cfg, model.state_dict() if state_dict is None else state_dict)
 
 
 def load_fusion(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 device: torch.device | str | None = None) -> LlamaFusion:
-    cfg = read_config(path)
-    if cfg.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"config model_type {cfg.get('model_type')!r} is not {MODEL_TYPE!r}")
-    try:
-        dec_cfg = DecoderConfig(**cfg["decoder"])
-        fusion_cfg = FusionConfig(**cfg["fusion"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"config.json of {path} has a bad or missing key: {exc}") from exc
-    state = load_tensors(checkpoint_files(path), device or "cpu", dtype)
-    model = build_from_state(lambda: LlamaFusion(dec_cfg, fusion_cfg), state)
-    model.freeze_text(not fusion_cfg.train_text)
+    def builder(cfg: dict):
+        dec_cfg, fusion_cfg = DecoderConfig(**cfg["decoder"]), FusionConfig(**cfg["fusion"])
+        return lambda: LlamaFusion(dec_cfg, fusion_cfg)
+
+    model = load_native(path, MODEL_TYPE, builder, dtype, device)
+    model.freeze_text(not model.config.train_text)
     return model

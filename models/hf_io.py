@@ -188,6 +188,23 @@ def build_from_state(make_model: Callable[[], torch.nn.Module], native: Mapping[
     return model
 
 
+def load_native(path: str | os.PathLike, model_type: str, make_builder: Callable[[dict], Callable[[], torch.nn.Module]],
+                dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
+    """Load one of mmfuse's own checkpoints (``config.json`` with ``model_type`` + native safetensors).
+
+    ``make_builder(config)`` parses the config's sections and returns the model constructor that
+    :func:`build_from_state` runs on the meta device; a missing or bad section is a CheckpointError.
+    """
+    cfg = read_config(path)
+    if cfg.get("model_type") != model_type:
+        raise CheckpointError(f"config model_type {cfg.get('model_type')!r} is not {model_type!r}")
+    try:
+        make_model = make_builder(cfg)
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"config.json of {path} has a bad or missing key: {exc}") from exc
+    return build_from_state(make_model, load_tensors(checkpoint_files(path), device or "cpu", dtype))
+
+
 def save_checkpoint(path: str | os.PathLike, config: dict, tensors: Mapping[str, torch.Tensor],
                     max_shard_bytes: int | None = None, weights_name: str = SINGLE_FILE) -> None:
     """Write ``config.json`` and safetensors weights (sharded with an index past ``max_shard_bytes``)."""

@@ -48,9 +48,13 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         return load_fusion(path, dtype, device)
     if model_type == "mmfuse_metaquery":
         return load_metaquery(path, dtype, device)
+    if model_type == "mmfuse_metamorph":
+        from .metamorph import load_metamorph
+
+        return load_metamorph(path, dtype, device)
     raise CheckpointError(f"config model_type {model_type!r} is not supported "
                           "(llama, qwen2, llava, llava_onevision, siglip, siglip_vision_model, mmfuse_fusion, "
-                          "mmfuse_metaquery)")
+                          "mmfuse_metaquery, mmfuse_metamorph)")
 
 
 def _load_vlm_language_model(path, cfg: dict, device, dtype) -> Decoder:

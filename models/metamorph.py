@@ -10,6 +10,8 @@ cross-attention width.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +22,9 @@ from mmfuse._progress import progress_bar
 from mmfuse.kernels import mask_intervals
 from mmfuse.kernels.objectives import Objective, metamorph_objective
 
-from .decoder import Decoder
-from .siglip import SiglipVisionTower, pool_to_tokens
+from .decoder import Decoder, DecoderConfig
+from .hf_io import load_native, save_checkpoint
+from .siglip import SiglipVisionConfig, SiglipVisionTower, pool_to_tokens
 
 TEXT, VISUAL = 0, 1
 
@@ -132,3 +135,29 @@ class MetaMorph(nn.Module):
             eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
         return latents
+
+
+# ----------------------------------------------------------------------------------------------
+# Native checkpoints (safetensors + config.json)
+# ----------------------------------------------------------------------------------------------
+
+MODEL_TYPE = "mmfuse_metamorph"
+
+
+def save_metamorph(model: MetaMorph, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write every tensor (the frozen SigLIP tower included; or ``state_dict``, e.g. a sharded model's
+    gathered state) and the three configs to one checkpoint folder."""
+    cfg = {"model_type": MODEL_TYPE, "decoder": dataclasses.asdict(model.decoder.config),
+           "vision": dataclasses.asdict(model.vision.config), "metamorph": dataclasses.asdict(model.config)}
+    save_checkpoint(path, cfg, model.state_dict() if state_dict is None else state_dict)
+
+
+def load_metamorph(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> MetaMorph:
+    def builder(cfg: dict):
+        dec_cfg, mm_cfg = DecoderConfig(**cfg["decoder"]), MetaMorphConfig(**cfg["metamorph"])
+        # the native file holds the tower's native keys, whatever layout it was first read from
+        vision_cfg = SiglipVisionConfig(**{**cfg["vision"], "with_text_tower": False})
+        return lambda: MetaMorph(Decoder(dec_cfg), SiglipVisionTower(vision_cfg), mm_cfg)
+
+    return load_native(path, MODEL_TYPE, builder, dtype, device)

@@ -23,7 +23,7 @@ from mmfuse.kernels.objectives import Objective, metaquery_objective
 from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, sample_sigmas, sample_timesteps
 
 from .decoder import Decoder, DecoderConfig, DecoderLayer
-from .hf_io import CheckpointError, build_from_state, checkpoint_files, load_tensors, read_config, save_checkpoint
+from .hf_io import load_native, save_checkpoint
 from .layers import BatchContext, RoutedRMSNorm
 
 MODEL_TYPE = "mmfuse_metaquery"
@@ -301,26 +301,21 @@ class MetaQuery(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def save_metaquery(model: MetaQuery, path: str | os.PathLike) -> None:
-    """Write every tensor (frozen LLM included) and the three configs to one checkpoint folder."""
+def save_metaquery(model: MetaQuery, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write every tensor (frozen LLM included; or ``state_dict``, e.g. a sharded model's gathered
+    state) and the three configs to one checkpoint folder."""
     diffusion = {k: v for k, v in model.diffusion.config.items() if not k.startswith("_")}
     cfg = {"model_type": MODEL_TYPE, "llm": dataclasses.asdict(model.llm.config),
            "metaquery": dataclasses.asdict(model.config), "diffusion": diffusion}
-    save_checkpoint(path, cfg, model.state_dict())
+    save_checkpoint(path, cfg, model.state_dict() if state_dict is None else state_dict)
 
 
 def load_metaquery(path: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> MetaQuery:
-    cfg = read_config(path)
-    if cfg.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"config model_type {cfg.get('model_type')!r} is not {MODEL_TYPE!r}")
-    try:
-        llm_cfg = DecoderConfig(**cfg["llm"])
-        mq_cfg = MetaQueryConfig(**cfg["metaquery"])
-        diffusion_cfg = dict(cfg["diffusion"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"config.json of {path} has a bad or missing key: {exc}") from exc
-    state = load_tensors(checkpoint_files(path), device or "cpu", dtype)
-    model = build_from_state(lambda: MetaQuery(Decoder(llm_cfg), diffusion_cfg, mq_cfg), state)
+    def builder(cfg: dict):
+        llm_cfg, mq_cfg, diffusion_cfg = DecoderConfig(**cfg["llm"]), MetaQueryConfig(**cfg["metaquery"]), dict(cfg["diffusion"])
+        return lambda: MetaQuery(Decoder(llm_cfg), diffusion_cfg, mq_cfg)
+
+    model = load_native(path, MODEL_TYPE, builder, dtype, device)
     model.freeze_llm()
     return model

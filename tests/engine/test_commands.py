@@ -59,7 +59,8 @@ def test_train_from_a_base_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"family": "metamorph"}, "family 'metamorph'"),
+        ({"family": "dalle"}, "family 'dalle' is not one"),
+        ({"family": "metamorph"}, r"unknown key\(s\) \['fusion'\] for family 'metamorph'"),
         ({"extra": 1}, r"unknown key\(s\) \['extra'\]"),
         ({"fusion": {**FUSION, "patchsize": 2}}, r"fusion: unknown key\(s\) \['patchsize'\]"),
         ({"train": {"stepz": 3}}, r"train: unknown key\(s\) \['stepz'\]"),

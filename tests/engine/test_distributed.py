@@ -1,7 +1,8 @@
-"""Two CPU processes (gloo, DistributedDataParallel) reproduce the single-process run on the same global batch."""
+"""Two CPU processes (gloo; DDP and FSDP2) reproduce the single-process run on the same global batch, and resume exactly."""
 import json
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -41,7 +42,7 @@ def shard(batch, rank: int, world: int):
     return type(batch)(**{**batch.__dict__, **fields, "extra": {k: v[rows] for k, v in batch.extra.items()}})
 
 
-def run_training(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def make_trainer(rank: int, world: int, data_parallel: str, out_dir: str | None = None) -> Trainer:
     model = build_model()
 
     def loss_fn(batch, generator):
@@ -49,41 +50,68 @@ def run_training(rank: int, world: int) -> tuple[list[float], dict[str, torch.Te
                                    batch.kv_end, position_ids=batch.position_ids, noise=batch.extra["noise"],
                                    timesteps=batch.extra["timesteps"])
 
-    trainer = Trainer(model, loss_fn, lambda step, micro: shard(global_batch(step), rank, world),
-                      TrainConfig(steps=STEPS, lr=3e-3, warmup_steps=1, grad_clip=1.0))
+    # Two micro-batches per step: the first must skip the gradient sync, the second run it.
+    config = TrainConfig(steps=STEPS, lr=3e-3, warmup_steps=1, grad_clip=1.0, grad_accum=2, ema_decay=0.5,
+                         data_parallel=data_parallel, out_dir=out_dir, checkpoint_every=2 if out_dir else 0)
+    return Trainer(model, loss_fn, lambda step, micro: shard(global_batch(2 * step + micro), rank, world), config)
+
+
+def run_training(rank: int, world: int, data_parallel: str = "ddp") -> tuple[list[float], dict[str, torch.Tensor]]:
+    trainer = make_trainer(rank, world, data_parallel)
     history = trainer.train(progress=False)
-    return [r["loss"] for r in history], {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return [r["loss"] for r in history], {k: v.detach().clone() for k, v in trainer.ema_state_dict().items()}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, data_parallel: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        losses, state = run_training(rank, world)
+        trainer = make_trainer(rank, world, data_parallel, out_dir=os.path.join(out_dir, "run"))
+        losses = [r["loss"] for r in trainer.train(progress=False)]
+        state = trainer.ema_state_dict()  # a collective under FSDP: every rank gathers
+        # Resume from the step-2 checkpoint (gathered on save, re-sharded on load) and redo step 3.
+        resumed = make_trainer(rank, world, data_parallel)
+        resumed.load_checkpoint(os.path.join(out_dir, "run", "step_0000002"))
+        resumed_loss = resumed.train_step()["loss"]
+        resumed_state = resumed.ema_state_dict()
         if rank == 0:
             from safetensors.torch import save_file
 
-            save_file(state, os.path.join(out_dir, "state.safetensors"))
+            save_file(_cpu(state), os.path.join(out_dir, "state.safetensors"))
+            save_file(_cpu(resumed_state), os.path.join(out_dir, "resumed.safetensors"))
             with open(os.path.join(out_dir, "losses.json"), "w") as f:
-                json.dump(losses, f)
+                json.dump({"losses": losses, "resumed_last": resumed_loss}, f)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, data_parallel):
     from safetensors.torch import load_file
 
     want_losses, want_state = run_training(0, 1)
-    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    got_losses = json.loads((tmp_path / "losses.json").read_text())
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), data_parallel), nprocs=2,
+                       join=True, start_method="spawn")
+    got = json.loads((tmp_path / "losses.json").read_text())
     got_state = load_file(tmp_path / "state.safetensors")
-    assert len(got_losses) == STEPS
-    for got, want in zip(got_losses, want_losses):
-        assert abs(got - want) <= 1e-5 * abs(want)
+    assert len(got["losses"]) == STEPS
+    for got_loss, want in zip(got["losses"], want_losses):
+        assert abs(got_loss - want) <= 1e-5 * abs(want)
     assert want_losses[0] != want_losses[-1]  # the parameters did move
     # The all-reduce sums the two halves' gradients in another order than one process does. Adam
     # divides by sqrt(v), so for a near-zero gradient that rounding difference can move a weight by a
     # fraction of lr (3e-3) per step: the bound is a few percent of one step, far below a real error.
+    # The state is the EMA weights: their gathering (FSDP) is checked as well.
+    assert set(got_state) == set(want_state)
     for name, want in want_state.items():
         torch.testing.assert_close(got_state[name], want, rtol=0, atol=1e-4, msg=name)
+    # Resuming the distributed run from its checkpoint reproduces it exactly: weights, Adam moments
+    # and EMA went through gather -> file -> (re-)shard without a bit changing.
+    assert got["resumed_last"] == got["losses"][-1]
+    resumed = load_file(tmp_path / "resumed.safetensors")
+    for name, value in got_state.items():
+        assert torch.equal(resumed[name], value), name

@@ -114,3 +114,19 @@ def test_rejects_mismatched_visual_tokens(model):
         model(input_ids, modality, torch.zeros(1, CONFIG.num_visual_tokens, TINY["hidden_size"]), kv_start, kv_end)
     with pytest.raises(ValueError, match="BOI"):
         model.generate_visual_tokens(torch.tensor([[10, 11]]))
+
+
+def test_native_checkpoint_round_trip(model, tmp_path):
+    from mmfuse.models import CheckpointError
+    from mmfuse.models.metamorph import load_metamorph, save_metamorph
+
+    save_metamorph(model, tmp_path / "mm")
+    loaded = from_pretrained(tmp_path / "mm")
+    assert isinstance(loaded, MetaMorph) and loaded.config == model.config
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(p.requires_grad for p in loaded.vision.parameters())
+    args = batch(torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.training_loss(*args).total, model.training_loss(*args).total)
+    with pytest.raises(CheckpointError, match="mmfuse_metamorph"):
+        load_metamorph(tmp_path / "llm")
