@@ -16,8 +16,13 @@ from mmfuse.models.decoder import Decoder
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) float logits -> (B,) int64 next tokens: greedy at temperature 0, else filtered sampling."""
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) float logits -> (B,) int64 next tokens: greedy at temperature 0, else filtered sampling.
+
+    ``noise``: (B, V) Exp(1) draws to sample with (default: drawn here from ``generator``); a
+    compiled step takes them as an input, since torch.compile cannot trace a user's generator.
+    """
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -32,7 +37,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     # argmax(p / Exp(1)) draws from p without torch.multinomial's host sync.
-    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    q = torch.empty_like(probs).exponential_(1.0, generator=generator) if noise is None else noise
     return (probs / q).argmax(dim=-1)
 
 
@@ -93,21 +98,28 @@ def generate(
     if max_new_tokens == 0:
         return out
 
-    def step(tokens, pos, positions):
-        """tokens (B, T) at cache slots ``pos`` (T,) -> next token (B,)."""
+    def step(tokens, pos, positions, noise):
+        """tokens (B, T) at cache slots ``pos`` (T,) -> next token (B,); ``noise`` see sample_next."""
         kv_start = first.expand(B, tokens.shape[1])
         kv_end = (pos + 1).to(torch.int32).expand(B, tokens.shape[1])
         # A multi-expert (fusion) decoder routes generated text through its text expert.
         modality = torch.zeros_like(tokens) if model.config.num_experts > 1 else None
         hidden = model(tokens, position_ids=positions, kv_start=kv_start, kv_end=kv_end, modality=modality,
                        input_pos=pos)
-        return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, generator)
+        return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
 
+    def draw_noise() -> torch.Tensor | None:
+        """The sampling noise of one step, drawn outside the (compiled) step; None when greedy."""
+        if temperature <= 0.0:
+            return None
+        return torch.empty(B, model.config.vocab_size, device=device).exponential_(1.0, generator=generator)
+
+    # fullgraph: a graph break would mean a host round trip inside the decode step.
     decode: Callable = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None,
-                                     dynamic=False) if compile else step
+                                     dynamic=False, fullgraph=True) if compile else step
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = position_ids[:, -1:] + 1
-    tok = step(input_ids, torch.arange(L, device=device), position_ids)  # prefill
+    tok = step(input_ids, torch.arange(L, device=device), position_ids, draw_noise())  # prefill
     for i in progress_bar(range(max_new_tokens), progress, desc="decode"):
         if eos_token_id is not None:
             tok = torch.where(done, eos_token_id, tok)
@@ -117,5 +129,5 @@ def generate(
             if i + 1 < max_new_tokens:
                 out[:, L + i + 1:] = eos_token_id
             break
-        tok = decode(tok[:, None], torch.tensor([L + i], device=device), next_pos + i)
+        tok = decode(tok[:, None], torch.tensor([L + i], device=device), next_pos + i, draw_noise())
     return out

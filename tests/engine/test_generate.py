@@ -35,7 +35,18 @@ def test_left_padded_batch_equals_transformers(pair):
 def test_compiled_decode_step_gives_the_same_tokens(pair):
     _, ours = pair
     ids = torch.randint(5, 90, (1, 5))
+    # compile=True traces the step with fullgraph=True: a graph break (a host sync) would raise here.
     assert torch.equal(generate(ours, ids, 6, compile=True), generate(ours, ids, 6))
+
+
+def test_compiled_sampling_draws_the_same_tokens(pair):
+    _, ours = pair
+    ids = torch.randint(5, 90, (2, 5))
+    kwargs = dict(temperature=0.8, top_k=20, top_p=0.9)
+    compiled = generate(ours, ids, 6, compile=True, generator=torch.Generator().manual_seed(1), **kwargs)
+    eager = generate(ours, ids, 6, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(compiled, eager)
+    assert not torch.equal(eager, generate(ours, ids, 6, generator=torch.Generator().manual_seed(2), **kwargs))
 
 
 def test_eos_rows_keep_emitting_eos(pair):
