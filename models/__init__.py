@@ -7,26 +7,36 @@ if __name__ != "mmfuse.models":  # found under a bare name via sys.path: an empt
 else:
     from .decoder import Decoder, DecoderConfig
     from .hf_io import CheckpointError
-    from .layers import BatchContext, KVCache, MixedAttention, RoutedLinear, RoutedMLP, RoutedRMSNorm
+    from .layers import (BatchContext, CosineLoss, DiffusionLoss, KVCache, LinearCrossEntropy, MixedAttention, RMSNorm,
+                         RoutedLinear, RoutedMLP, RoutedRMSNorm)
     from .loading import from_pretrained, save_pretrained
     from .metaquery import Connector, MetaQuery, MetaQueryConfig, load_metaquery, save_metaquery
+    # The function patch() is mmfuse.patch / mmfuse.models.patch.patch: binding it here would hide the
+    # submodule mmfuse.models.patch behind a function of the same name.
+    from .patch import PatchReport, apply_mmfuse, to_fusion, unpatch
     from .siglip import SiglipVisionConfig, SiglipVisionTower, load_siglip, pool_to_tokens, save_siglip
 
     __all__ = [
         "BatchContext",
         "CheckpointError",
         "Connector",
+        "CosineLoss",
         "Decoder",
         "DecoderConfig",
+        "DiffusionLoss",
         "KVCache",
+        "LinearCrossEntropy",
         "MetaQuery",
         "MetaQueryConfig",
         "MixedAttention",
+        "PatchReport",
+        "RMSNorm",
         "RoutedLinear",
         "RoutedMLP",
         "RoutedRMSNorm",
         "SiglipVisionConfig",
         "SiglipVisionTower",
+        "apply_mmfuse",
         "from_pretrained",
         "load_metaquery",
         "load_siglip",
@@ -34,4 +44,6 @@ else:
         "save_metaquery",
         "save_pretrained",
         "save_siglip",
+        "to_fusion",
+        "unpatch",
     ]

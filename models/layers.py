@@ -1,10 +1,15 @@
 """Drop-in layers over the public ops; the models of mmfuse are built from these same modules.
 
-Every weight-bearing layer holds E experts (one Parameter each, so the text expert can be frozen).
-With E = 1 it is the plain layer (``F.linear``, RMSNorm, SwiGLU MLP); with E >= 2 each token goes
-through its modality's expert (LlamaFusion / Mixture-of-Transformers) at the cost of one dense layer.
-Per-batch data (modality ids, routing, RoPE tables, mask intervals, cache positions) travels in one
-:class:`BatchContext` built once per forward.
+Every weight-bearing layer of the models holds E experts (one Parameter each, so the text expert can
+be frozen). With E = 1 it is the plain layer (``F.linear``, RMSNorm, SwiGLU MLP); with E >= 2 each
+token goes through its modality's expert (LlamaFusion / Mixture-of-Transformers) at the cost of one
+dense layer. Per-batch data (modality ids, routing, RoPE tables, mask intervals, cache positions)
+travels in one :class:`BatchContext` built once per forward.
+
+The drop-in modules for other code (``mmfuse.patch`` swaps them into a transformers model) hold the
+weights a user expects: :class:`RMSNorm` (``weight`` (D,), ``eps``), :class:`LinearCrossEntropy` (the
+fused LM-head loss, holding or given the (V, D) head), :class:`CosineLoss`, :class:`DiffusionLoss`.
+Each takes ``backend=None | "torch" | "triton"`` like the ops.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from torch import nn
 from mmfuse.kernels import (
     Routing,
     apply_rope,
+    cosine_loss,
+    diffusion_loss,
+    linear_cross_entropy,
     mixed_attention,
     rms_norm,
     routed_linear,
@@ -24,6 +32,8 @@ from mmfuse.kernels import (
     routed_swiglu_mlp,
     swiglu,
 )
+from mmfuse.kernels._common import _BACKENDS, check_tensor
+from mmfuse.kernels.cosine_loss import _DEFAULT_EPS as _COSINE_EPS
 
 
 @dataclass
@@ -57,6 +67,23 @@ def _autocast(x: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[torch.Tenso
     return x.to(dtype), [t.to(dtype) for t in tensors]
 
 
+def _check_parameter(name: str, p: object, ndim: int) -> None:
+    if not isinstance(p, nn.Parameter):
+        raise TypeError(f"{name} must be an nn.Parameter (shared, not copied), got {type(p).__name__}")
+    check_tensor(name, p, ndim=ndim)
+
+
+def _check_backend(backend: str | None) -> None:
+    """A bad name fails when the module is built, not at its first forward."""
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+
+
+def _check_eps(eps: float) -> None:
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+
+
 class RoutedLinear(nn.Module):
     """``y = x @ W[m].T + b[m]`` with one (out, in) weight per expert; E = 1 is ``nn.Linear``."""
 
@@ -80,8 +107,52 @@ class RoutedLinear(nn.Module):
         return routed_linear(x, modality, params[:experts], params[experts:] or None, routing=routing)
 
 
+def _normalize(x: torch.Tensor, weights: list[torch.Tensor], eps: float, modality: torch.Tensor | None,
+               backend: str | None) -> torch.Tensor:
+    """The RMSNorm of both norm modules: one weight is the plain op, several are routed by ``modality``."""
+    if len(weights) == 1:
+        return rms_norm(x, weights[0], eps, backend=backend)
+    return routed_rms_norm(x, modality, weights, eps, backend=backend)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as transformers' ``LlamaRMSNorm``: ``cast(x * rsqrt(mean(x**2) + eps)) * weight``.
+
+    Args:
+        dim: D, for a fresh ``weight`` of ones; or give ``weight`` instead.
+        eps: added to the mean square.
+        weight: an existing (D,) Parameter to use (shared, not copied: optimizer state and tied
+            weights keep working), e.g. the ``weight`` of the norm this module replaces.
+        backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
+
+    ``forward(x)``: x (..., D) in the weight's dtype -> (..., D).
+    """
+
+    def __init__(self, dim: int | None = None, eps: float = 1e-6, *, weight: nn.Parameter | None = None,
+                 backend: str | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        if weight is None:
+            if not isinstance(dim, int) or dim <= 0:
+                raise ValueError(f"dim must be a positive int when no weight is given, got {dim!r}")
+            weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        else:
+            _check_parameter("weight", weight, ndim=1)
+            if dim is not None and weight.shape[0] != dim:
+                raise ValueError(f"weight must have shape ({dim},), got {tuple(weight.shape)}")
+        _check_eps(eps)
+        _check_backend(backend)
+        self.weight, self.eps, self.backend = weight, float(eps), backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _normalize(x, [self.weight], self.eps, None, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}" + (f", backend={self.backend!r}" if self.backend else "")
+
+
 class RoutedRMSNorm(nn.Module):
-    """RMSNorm with one (D,) weight per expert; E = 1 is Llama's RMSNorm."""
+    """RMSNorm with one (D,) weight per expert; E = 1 is :class:`RMSNorm` (the same code path)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, num_experts: int = 1):
         super().__init__()
@@ -89,9 +160,7 @@ class RoutedRMSNorm(nn.Module):
         self.weights = nn.ParameterList([nn.Parameter(torch.ones(dim)) for _ in range(num_experts)])
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
-        if len(self.weights) == 1:
-            return rms_norm(x, self.weights[0], self.eps)
-        return routed_rms_norm(x, modality, list(self.weights), self.eps)
+        return _normalize(x, list(self.weights), self.eps, modality, None)
 
 
 class RoutedMLP(nn.Module):
@@ -155,3 +224,126 @@ class MixedAttention(nn.Module):
             k, v = self.kv_cache.update(ctx.input_pos, k, v)
         out = mixed_attention(q, k, v, ctx.kv_start, ctx.kv_end)
         return self.o(out.transpose(1, 2).reshape(B, L, -1), ctx.modality, ctx.routing)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class LinearCrossEntropy(nn.Module):
+    """The fused LM head + cross-entropy, ``F.cross_entropy(hidden @ weight.T, labels)`` without the
+    (N, V) logits (:func:`mmfuse.kernels.linear_cross_entropy`).
+
+    The (V, D) head is held by the module or given at each call:
+
+    * ``LinearCrossEntropy(D, V)``: a fresh ``weight`` Parameter (initialised like ``nn.Linear``);
+    * ``LinearCrossEntropy(weight=lm_head.weight)``: that Parameter, shared (e.g. a tied embedding);
+    * ``LinearCrossEntropy()``: none held; pass ``weight`` to ``forward``.
+
+    Args:
+        ignore_index: label of positions without a loss.
+        label_smoothing: as in ``F.cross_entropy``, in [0, 1].
+        z_loss: PaLM's z-loss weight (adds ``z_loss * logsumexp(logits) ** 2`` per row).
+        reduction: "mean" (over non-ignored rows; 0, not NaN, when every row is ignored), "sum" or
+            "none" (per-row losses, labels' shape).
+        backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
+
+    Under ``torch.autocast`` hidden and weight are cast to the autocast dtype, as ``F.linear`` would.
+    """
+
+    def __init__(self, in_features: int | None = None, vocab_size: int | None = None, *,
+                 weight: nn.Parameter | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, reduction: str = "mean", backend: str | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if weight is not None:
+            _check_parameter("weight", weight, ndim=2)
+            if (in_features, vocab_size) != (None, None) and (vocab_size, in_features) != tuple(weight.shape):
+                raise ValueError(f"weight must have shape (vocab_size={vocab_size}, in_features={in_features}), "
+                                 f"got {tuple(weight.shape)}")
+        elif (in_features is None) != (vocab_size is None):
+            raise ValueError("give both in_features and vocab_size (to hold a fresh weight), or neither")
+        elif in_features is not None:
+            weight = nn.Parameter(torch.empty(vocab_size, in_features, device=device, dtype=dtype))
+            nn.init.kaiming_uniform_(weight, a=5**0.5)  # nn.Linear's default
+        self.weight = weight
+        # ignore_index, label_smoothing and z_loss are checked by the op (at the first call).
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _check_backend(backend)
+        self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, float(label_smoothing), float(z_loss)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None, *,
+                num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        """The loss: 0-dim, or labels' shape for reduction "none"; fp32 (fp64 for fp64 inputs).
+
+        Args:
+            hidden: (..., D) final hidden states (already lined up with ``labels``).
+            labels: int (...), hidden's leading shape; values in [0, V) or ``ignore_index``.
+            weight: (V, D) head, only when the module holds none.
+            num_items_in_batch: the denominator of a "mean" instead of this call's count of
+                non-ignored labels (transformers' convention under gradient accumulation: the
+                loss is ``sum / num_items_in_batch``).
+        """
+        if (weight is None) == (self.weight is None):
+            raise ValueError("weight: pass the (V, D) head to forward exactly when the module holds none "
+                             f"(it holds {'one' if self.weight is not None else 'none'})")
+        weight = self.weight if weight is None else weight
+        if num_items_in_batch is not None and self.reduction != "mean":
+            raise ValueError(f"num_items_in_batch replaces the denominator of reduction='mean', "
+                             f"not of {self.reduction!r}")
+        hidden, (weight,) = _autocast(hidden, [weight])
+        reduction = "sum" if num_items_in_batch is not None else self.reduction
+        loss = linear_cross_entropy(hidden, weight, labels, self.ignore_index, label_smoothing=self.label_smoothing,
+                                    z_loss=self.z_loss, reduction=reduction, backend=self.backend)
+        if num_items_in_batch is None:
+            return loss
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+
+    def extra_repr(self) -> str:
+        head = f"weight={tuple(self.weight.shape)}" if self.weight is not None else "weight given per call"
+        return (f"{head}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"z_loss={self.z_loss}, reduction={self.reduction!r}")
+
+
+class CosineLoss(nn.Module):
+    """Mean over the selected rows of ``1 - cos(pred, target)`` (:func:`mmfuse.kernels.cosine_loss`).
+
+    ``forward(pred, target, mask=None)``: pred/target (..., D), mask bool (...,) or None -> 0-dim loss
+    in pred's dtype. ``eps`` bounds each norm from below, as in ``F.cosine_similarity``.
+    """
+
+    def __init__(self, eps: float = _COSINE_EPS, *, backend: str | None = None):
+        super().__init__()
+        _check_eps(eps)
+        _check_backend(backend)
+        self.eps, self.backend = float(eps), backend
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return cosine_loss(pred, target, mask, eps=self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class DiffusionLoss(nn.Module):
+    """Weighted diffusion MSE ``mean_b w_b * mean((pred_b - target_b) ** 2)`` (:func:`mmfuse.kernels.diffusion_loss`).
+
+    ``forward(pred, target, weights=None)``: pred/target (B, ...) noise / velocity / flow predictions
+    and targets, weights (B,) or None -> 0-dim loss in pred's dtype.
+    """
+
+    def __init__(self, *, backend: str | None = None):
+        super().__init__()
+        _check_backend(backend)
+        self.backend = backend
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return diffusion_loss(pred, target, weights, backend=self.backend)

@@ -13,6 +13,19 @@ imported under a foreign name, which such probes treat as "not installed".
 """
 __version__ = "0.1.0"
 
+# Public functions that live in the code folders, loaded on first use so that ``import mmfuse`` stays cheap.
+_LAZY = {"patch": "mmfuse.models.patch", "unpatch": "mmfuse.models.patch", "apply_mmfuse": "mmfuse.models.patch",
+         "to_fusion": "mmfuse.models.patch"}
+
+
+def __getattr__(name: str):
+    """``mmfuse.patch``, ``mmfuse.unpatch``, ``mmfuse.apply_mmfuse``, ``mmfuse.to_fusion`` (see mmfuse.models.patch)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _register_with_transformers() -> None:
     """``import mmfuse`` makes ``attn_implementation="mmfuse"`` available to transformers."""

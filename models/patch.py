@@ -1,0 +1,350 @@
+"""``mmfuse.patch(model)``: mmfuse's kernels inside a loaded transformers Llama / Qwen2, in place.
+
+Supported: ``LlamaForCausalLM``, ``LlamaModel``, ``Qwen2ForCausalLM``, ``Qwen2Model`` (transformers 5).
+What is swapped, each kind switchable:
+
+* ``rms_norm``: every ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` -> :class:`~mmfuse.models.layers.RMSNorm`
+  holding the same ``weight`` Parameter;
+* ``mlp``: every ``LlamaMLP`` / ``Qwen2MLP`` -> :class:`SwiGLUMLP`, holding the same ``gate_proj`` /
+  ``up_proj`` / ``down_proj`` Linear modules, with ``silu(gate) * up`` fused (:func:`swiglu`);
+* ``rope``: each attention module gets an instance-level ``forward``: transformers' own steps, with
+  :func:`apply_rope` in place of ``apply_rotary_pos_emb`` (transformers' module globals are never
+  touched, so other models in the process are unaffected);
+* ``loss``: the causal LM gets an instance-level ``forward``. Without labels it is transformers'
+  forward (generation is unchanged). With ``labels`` the loss is
+  :class:`~mmfuse.models.layers.LinearCrossEntropy` over the final hidden states -- transformers'
+  ``ForCausalLMLoss`` (labels shifted left, ``ignore_index`` -100, ``shift_labels``,
+  ``num_items_in_batch`` as the denominator under gradient accumulation) without the (B, L, V) logits.
+  What comes back with labels: in training (``model.training`` and autograd on) ``logits`` is None,
+  the point of the fused loss; otherwise (evaluation) the logits are computed as transformers does
+  (``logits_to_keep`` honoured) beside the same loss. If every label is ignored the loss is 0, where
+  transformers gives NaN.
+
+No Parameter is copied: the swapped modules hold the original Parameters and Linear modules, so
+optimizer state and tied weights keep working and ``state_dict`` keys (hence ``save_pretrained``) are
+unchanged. Everything is validated before anything changes: an unsupported model (another
+architecture, a non-SiLU ``hidden_act``, an MLP or LM head with biases) raises ``ValueError`` and is
+left as it was. Patching a patched model raises ``ValueError`` (call :func:`unpatch` first);
+:func:`unpatch` puts back the original module objects and forwards.
+
+:func:`to_fusion` turns such a model into mmfuse's :class:`~mmfuse.models.fusion.LlamaFusion`.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfuse.kernels import apply_rope, swiglu
+
+from .decoder import Decoder, DecoderConfig, decoder_state_from_hf
+from .fusion import FusionConfig, LlamaFusion
+from .hf_io import build_from_state
+from .layers import LinearCrossEntropy, RMSNorm, _check_backend
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("rms_norm", "mlp", "rope", "loss")
+# The transformers classes patch() takes -> the class-name prefix of their modules (LlamaRMSNorm, ...).
+SUPPORTED_CLASSES = {"LlamaForCausalLM": "Llama", "LlamaModel": "Llama",
+                     "Qwen2ForCausalLM": "Qwen2", "Qwen2Model": "Qwen2"}
+_STATE = "_mmfuse_patch"  # instance attribute holding what unpatch() restores
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` replaced: ``counts[kind]`` for kind in ``KINDS`` (norm modules, MLP modules,
+    attention modules, LM-head losses)."""
+
+    model: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    backend: str | None = None
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{kind} {n}" for kind, n in self.counts.items())
+        return f"mmfuse.patch({self.model}): {parts} (backend {self.backend or 'auto'})"
+
+
+@dataclass
+class _PatchState:
+    report: PatchReport
+    swapped: list[tuple[nn.Module, str, nn.Module]]  # (parent, attribute, original child)
+    forwards: list[nn.Module]  # modules given an instance-level forward
+
+
+class SwiGLUMLP(nn.Module):
+    """``down_proj(swiglu(gate_proj(x), up_proj(x)))`` over existing ``nn.Linear`` modules (no biases)."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, backend: str | None = None):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.backend = gate_proj, up_proj, down_proj, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., D)."""
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+
+
+# ----------------------------------------------------------------------------------------------
+# The instance-level forwards
+# ----------------------------------------------------------------------------------------------
+
+
+def _attention_forward(cls_forward, eager, cache_kwargs: bool, backend: str | None):
+    """The Llama / Qwen2 attention forward of transformers with :func:`apply_rope`, to bind to an instance.
+
+    transformers 5 names the cache ``cache`` (``past_key_values`` in earlier 5.x releases) and, under that name,
+    passes its kwargs on to ``cache.update`` (``cache_kwargs``); both spellings are taken here.
+    ``functools.wraps`` gives it the signature of the class's forward.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    @functools.wraps(cls_forward)
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):
+        """hidden_states (B, L, D) -> (B, L, D), attention weights (or None)."""
+        cache = cache if cache is not None else past_key_values
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin, backend=backend)
+        if cache is not None and cache_kwargs:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        elif cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+        if hasattr(self, "sliding_window"):  # Qwen2 passes its (possibly None) window on; Llama has none
+            kwargs["sliding_window"] = self.sliding_window
+        dropout = self.attention_dropout if self.training else 0.0
+        out, weights = attention(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+    return forward
+
+
+def _causal_lm_forward(cls_forward, loss_fn: LinearCrossEntropy):
+    """The causal-LM forward of transformers, with the fused loss when ``labels`` (or ``shift_labels``) are given."""
+    names = tuple(n for n, p in inspect.signature(cls_forward).parameters.items()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD)[1:]  # after self
+
+    @functools.wraps(cls_forward)
+    def forward(self, *args, **kwargs):
+        if len(args) > len(names):
+            raise TypeError(f"forward() takes at most {len(names)} positional arguments, got {len(args)}")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument {name!r}")
+            kwargs[name] = value
+        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+        if labels is None and shift_labels is None:
+            return cls_forward(self, **kwargs)
+        return _forward_with_loss(self, loss_fn, labels, shift_labels, **kwargs)
+
+    return forward
+
+
+def _forward_with_loss(model: nn.Module, loss_fn: LinearCrossEntropy, labels, shift_labels, *,
+                       num_items_in_batch=None, logits_to_keep=0, return_dict: bool | None = None, **kwargs):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    outputs = model.model(**kwargs)
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:  # position i predicts labels[i + 1]; the last position predicts nothing
+        shift_labels = F.pad(labels, (0, 1), value=loss_fn.ignore_index)[..., 1:]
+    loss = loss_fn(hidden, shift_labels.to(hidden.device), model.lm_head.weight, num_items_in_batch=num_items_in_batch)
+    logits = None
+    if not (model.training and torch.is_grad_enabled()):  # evaluation: logits as transformers returns them
+        logits = model.lm_head(_keep(hidden, logits_to_keep))
+    extra = {k: v for k, v in outputs.items() if k != "last_hidden_state"}  # cache, hidden_states, attentions
+    output = CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
+    return_dict = model.config.return_dict if return_dict is None else return_dict
+    return output if return_dict else output.to_tuple()
+
+
+def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """transformers' ``logits_to_keep``: the last n positions (0: all), or the given positions."""
+    from transformers import modeling_utils
+
+    if hasattr(modeling_utils, "slice_logits_to_keep"):
+        return modeling_utils.slice_logits_to_keep(hidden, logits_to_keep)
+    index = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden[:, index, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# patch / unpatch
+# ----------------------------------------------------------------------------------------------
+
+
+def _arch(model: object, causal_lm: bool = False) -> tuple[str, types.ModuleType]:
+    """(class-name prefix, transformers modeling module) of a supported model, else an error."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers nn.Module, got {type(model).__name__}")
+    cls = type(model)
+    supported = [c for c in SUPPORTED_CLASSES if c.endswith("ForCausalLM") or not causal_lm]
+    module = sys.modules.get(cls.__module__)
+    # The transformers class itself: a subclass may have changed the forwards patch() replaces.
+    if cls.__name__ not in supported or not cls.__module__.startswith("transformers.") or \
+            getattr(module, cls.__name__, None) is not cls:
+        raise ValueError(f"model: {cls.__name__} is not supported, only transformers' {', '.join(supported)}")
+    return SUPPORTED_CLASSES[cls.__name__], module
+
+
+def _children_of_type(model: nn.Module, cls: type) -> list[tuple[nn.Module, str, nn.Module]]:
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is cls]
+
+
+def _check_mlp(model: nn.Module, mlp: nn.Module) -> None:
+    from transformers.activations import SiLUActivation
+
+    where = f"{type(model).__name__} ({type(mlp).__name__})"
+    if type(mlp.act_fn) not in (nn.SiLU, SiLUActivation):
+        raise ValueError(f"{where}: hidden_act={getattr(model.config, 'hidden_act', None)!r} is not supported by "
+                         "mmfuse's SwiGLU MLP (only 'silu'); pass mlp=False to keep transformers' MLP")
+    if any(getattr(mlp, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
+        raise ValueError(f"{where}: an MLP with biases (mlp_bias=True) is not supported by mmfuse's SwiGLU MLP; "
+                         "pass mlp=False to keep transformers' MLP")
+
+
+def _check_loss(model: nn.Module) -> None:
+    name = type(model).__name__
+    if model.lm_head.bias is not None:
+        raise ValueError(f"{name}: an LM head with a bias is not supported by the fused loss; pass loss=False")
+    if "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
+        raise ValueError(f"{name}: a custom loss_function / loss_type is set; the fused loss replaces only "
+                         "transformers' ForCausalLMLoss, so pass loss=False to keep yours")
+
+
+def _check_free(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Patching twice is an error, and so is a forward some other code already set on an instance."""
+    for m in model.modules():
+        if _STATE in m.__dict__ or isinstance(m, (RMSNorm, SwiGLUMLP)):
+            where = "this model" if m is model else f"its submodule {type(m).__name__}"
+            raise ValueError(f"model: {where} is already patched by mmfuse.patch (of this model or an enclosing "
+                             "one); call mmfuse.unpatch on that model first")
+    for m in modules:
+        if "forward" in m.__dict__:
+            raise ValueError(f"model: {type(m).__name__} already has an instance-level forward (patched by another "
+                             "library?); mmfuse.patch would replace it")
+
+
+def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bool = True, loss: bool = True,
+          backend: str | None = None) -> PatchReport:
+    """Swap mmfuse's RMSNorm, SwiGLU, RoPE and fused LM-head loss into a transformers Llama / Qwen2, in place.
+
+    Args:
+        model: a loaded ``LlamaForCausalLM``, ``LlamaModel``, ``Qwen2ForCausalLM`` or ``Qwen2Model``.
+        rms_norm, mlp, rope, loss: which kinds to swap (``loss`` needs a causal LM; a bare model has
+            no LM head and reports 0 losses).
+        backend: for the swapped ops: None (Triton on CUDA, PyTorch otherwise, or what an enclosing
+            ``mmfuse.kernels.default_backend`` says), "torch" or "triton".
+
+    Returns:
+        A :class:`PatchReport` with the count of each kind replaced (also logged at INFO).
+
+    Raises:
+        ValueError: unsupported model or configuration (nothing is changed then), or already patched.
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    prefix, module = _arch(model)
+    _check_backend(backend)
+    norms = _children_of_type(model, getattr(module, f"{prefix}RMSNorm")) if rms_norm else []
+    mlps = _children_of_type(model, getattr(module, f"{prefix}MLP")) if mlp else []
+    attention_cls = getattr(module, f"{prefix}Attention")
+    attentions = [m for m in model.modules() if type(m) is attention_cls] if rope else []
+    lm = [model] if loss and hasattr(model, "lm_head") else []
+    for _, _, m in mlps:
+        _check_mlp(model, m)
+    for m in lm:
+        _check_loss(m)
+    _check_free(model, attentions + lm)
+
+    report = PatchReport(type(model).__name__, backend=backend)
+    state = _PatchState(report, swapped=[], forwards=[])
+    for parent, name, old in norms:
+        _swap(state, parent, name, RMSNorm(eps=old.variance_epsilon, weight=old.weight, backend=backend))
+    for parent, name, old in mlps:
+        _swap(state, parent, name, SwiGLUMLP(old.gate_proj, old.up_proj, old.down_proj, backend))
+    if attentions:
+        # transformers renamed the attention's past_key_values to cache, and then passes kwargs to update().
+        cache_kwargs = "cache" in inspect.signature(attention_cls.forward).parameters
+        forward = _attention_forward(attention_cls.forward, module.eager_attention_forward, cache_kwargs, backend)
+        for attn in attentions:
+            _set_forward(state, attn, forward)
+    for m in lm:
+        loss_fn = LinearCrossEntropy(ignore_index=-100, backend=backend)
+        _set_forward(state, m, _causal_lm_forward(type(m).forward, loss_fn))
+    report.counts.update(rms_norm=len(norms), mlp=len(mlps), rope=len(attentions), loss=len(lm))
+    model.__dict__[_STATE] = state
+    logger.info("%s", report)
+    return report
+
+
+apply_mmfuse = patch
+
+
+def _swap(state: _PatchState, parent: nn.Module, name: str, new: nn.Module) -> None:
+    state.swapped.append((parent, name, getattr(parent, name)))
+    setattr(parent, name, new)
+
+
+def _set_forward(state: _PatchState, module: nn.Module, forward) -> None:
+    # A bound method rather than a closure over the module, so that copy.deepcopy rebinds it to the copy.
+    module.forward = types.MethodType(forward, module)
+    state.forwards.append(module)
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo :func:`patch`: the original module objects and forwards come back (Parameters were never copied).
+
+    Raises:
+        ValueError: the model is not patched.
+    """
+    state = model.__dict__.pop(_STATE, None) if isinstance(model, nn.Module) else None
+    if state is None:
+        raise ValueError("model: not patched by mmfuse.patch (nothing to undo)")
+    for parent, name, original in reversed(state.swapped):
+        setattr(parent, name, original)
+    for m in state.forwards:
+        del m.__dict__["forward"]
+
+
+# ----------------------------------------------------------------------------------------------
+# to_fusion
+# ----------------------------------------------------------------------------------------------
+
+
+def to_fusion(model: nn.Module, fusion_config: FusionConfig | None = None) -> LlamaFusion:
+    """A transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` as mmfuse's LlamaFusion.
+
+    The text weights come from ``model`` (through the decoder's transformers key map), copied, so
+    ``model`` is left as it was; LlamaFusion adds the image expert of every layer as a copy of the
+    text weights and freezes the text side unless ``fusion_config.train_text`` (see
+    :meth:`LlamaFusion.from_decoder`). On text-only input its logits equal ``model``'s.
+
+    Args:
+        model: the causal LM (patched or not), on any device / dtype; the result has the same.
+        fusion_config: image-path settings (latent shape, patch size, BOI/EOI ids, ...); default
+            ``FusionConfig()``.
+
+    Raises:
+        ValueError: an unsupported model or configuration (``CheckpointError`` for the config).
+    """
+    _arch(model, causal_lm=True)
+    config = DecoderConfig.from_hf(model.config.to_dict())
+    hf = {k: v.detach() for k, v in model.state_dict().items()}
+    shared = {t.data_ptr() for t in hf.values()}
+    native = {k: v.clone() if v.data_ptr() in shared else v  # renamed tensors would alias model's
+              for k, v in decoder_state_from_hf(config, hf).items()}
+    decoder = build_from_state(lambda: Decoder(config), native)
+    return LlamaFusion.from_decoder(decoder, fusion_config or FusionConfig())

@@ -1,0 +1,308 @@
+"""mmfuse.patch / unpatch / to_fusion on tiny random transformers Llama and Qwen2 models (fp32, no download)."""
+import copy
+import logging
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, LlamaModel, Qwen2Model
+
+import mmfuse
+from mmfuse.kernels import default_backend, mask_intervals
+from mmfuse.models import RMSNorm
+from mmfuse.models.fusion import FusionConfig
+from mmfuse.models.patch import SwiGLUMLP, patch, to_fusion, unpatch
+from tests.helpers import rel_err, triton_devices
+from tests.models.test_decoder import tiny_llama, tiny_qwen2
+
+needs_triton = pytest.mark.skipif("cpu" not in triton_devices(), reason="needs the Triton interpreter")
+MAKERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}  # llama: tied head, llama3 RoPE; qwen2: QKV biases, GQA 4:1
+# The forward launcher of each op's Triton backend: counting their calls shows which backend ran.
+TRITON_LAUNCHERS = {"rms_norm": ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_triton"),
+                    "swiglu": ("mmfuse.kernels.swiglu", "_swiglu_fwd_triton"),
+                    "rope": ("mmfuse.kernels.rope", "_rope_triton"),
+                    "loss": ("mmfuse.kernels.linear_cross_entropy", "_logit_stats_triton")}
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def triton_launches(monkeypatch) -> Counter:
+    counts = Counter()
+    for kind, (module, name) in TRITON_LAUNCHERS.items():
+        original = getattr(sys.modules[module], name)
+
+        def spy(*args, _kind=kind, _original=original, **kwargs):
+            counts[_kind] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(sys.modules[module], name, spy)
+    return counts
+
+
+def batch(model, B: int = 2, L: int = 12):
+    ids = torch.randint(3, model.config.vocab_size, (B, L))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt without loss
+    labels[1, -3:] = -100  # padding
+    return ids, labels
+
+
+def pair(arch: str):
+    """(unpatched, patched copy) in training mode, and the report."""
+    ref = MAKERS[arch]().train()
+    ours = copy.deepcopy(ref)
+    return ref, ours, patch(ours)
+
+
+def mmfuse_ops(fn) -> Counter:
+    """The mmfuse custom ops ``fn`` runs, by name."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return Counter(e.name for e in prof.events() if e.name.startswith("mmfuse::"))
+
+
+def assert_same_training_step(ref, ours, ids, labels, **kwargs):
+    """Same loss and same gradient of every parameter (training mode, fused loss, no logits)."""
+    want = ref(ids, labels=labels, **kwargs)
+    got = ours(ids, labels=labels, **kwargs)
+    assert got.logits is None  # the fused loss never builds the (B, L, V) logits in training
+    assert rel_err(got.loss, want.loss) <= 1e-4
+    want.loss.backward()
+    got.loss.backward()
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and rel_err(p.grad, theirs[name].grad) <= 1e-4, name
+    ref.zero_grad()
+    ours.zero_grad()
+
+
+@pytest.mark.parametrize("arch, backend, how", [
+    ("llama", "torch", "default_backend"),
+    ("qwen2", "torch", "default_backend"),
+    pytest.param("llama", "triton", "default_backend", marks=needs_triton),
+    pytest.param("qwen2", "triton", "patch(backend=...)", marks=needs_triton),
+])
+def test_patched_matches_unpatched(arch, backend, how, triton_launches):
+    ref = MAKERS[arch]().train()
+    ours = copy.deepcopy(ref)
+    patch(ours, backend=backend if how == "patch(backend=...)" else None)
+    ids, labels = batch(ref)
+    with default_backend(backend if how == "default_backend" else None):
+        with torch.no_grad():
+            assert rel_err(ours(ids).logits, ref(ids).logits) <= 1e-4
+        assert_same_training_step(ref, ours, ids, labels)
+        assert_same_training_step(ref, ours, ids, labels, num_items_in_batch=torch.tensor(13))
+    if backend == "triton":
+        assert set(triton_launches) == set(TRITON_LAUNCHERS)
+    else:
+        assert not triton_launches
+
+
+def test_report_counts_and_the_ops_that_run(arch, caplog):
+    ref, ours, report = pair(arch)
+    assert report.counts == {"rms_norm": 5, "mlp": 2, "rope": 2, "loss": 1}  # 2 layers x 2 norms + final norm
+    assert str(report) == f"mmfuse.patch({type(ref).__name__}): rms_norm 5, mlp 2, rope 2, loss 1 (backend auto)"
+    ids, labels = batch(ref)
+    ops = mmfuse_ops(lambda: ours(ids, labels=labels))
+    assert ops == {"mmfuse::rms_norm_fwd": 5, "mmfuse::swiglu_fwd": 2, "mmfuse::rope": 2,
+                   "mmfuse::linear_cross_entropy_fwd": 1}
+    assert not mmfuse_ops(lambda: ref(ids, labels=labels))
+
+    partial = copy.deepcopy(ref)
+    with caplog.at_level(logging.INFO, logger="mmfuse.models.patch"):
+        report = patch(partial, mlp=False, loss=False)
+    assert report.counts == {"rms_norm": 5, "mlp": 0, "rope": 2, "loss": 0}
+    assert str(report) in caplog.text
+    assert type(partial.model.layers[0].mlp) is type(ref.model.layers[0].mlp)
+    assert mmfuse_ops(lambda: partial(ids, labels=labels)) == {"mmfuse::rms_norm_fwd": 5, "mmfuse::rope": 2}
+
+
+def test_bare_model_has_no_loss_to_swap(arch):
+    causal = MAKERS[arch]()
+    bare = (LlamaModel if arch == "llama" else Qwen2Model)(causal.config).eval()
+    ids, _ = batch(causal)
+    with torch.no_grad():
+        want = bare(ids).last_hidden_state
+        assert patch(bare).counts == {"rms_norm": 5, "mlp": 2, "rope": 2, "loss": 0}
+        assert rel_err(bare(ids).last_hidden_state, want) <= 1e-4
+
+
+def test_parameters_are_shared_and_the_checkpoint_is_unchanged(tmp_path):
+    model = tiny_llama().train()
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # built before patching
+    gate = model.model.layers[0].mlp.gate_proj
+    patch(model)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[name] for name, p in model.named_parameters())
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, RMSNorm) and layer.input_layernorm.weight is params[
+        "model.layers.0.input_layernorm.weight"]
+    assert isinstance(layer.mlp, SwiGLUMLP) and layer.mlp.gate_proj is gate
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    ids, labels = batch(model)
+    before = model.model.norm.weight.detach().clone()
+    model(ids, labels=labels).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.model.norm.weight, before)  # the optimizer moves what the swapped norm uses
+
+    model.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(reloaded(ids).logits, model(ids).logits) <= 1e-4
+
+
+def test_unpatch_restores_modules_and_outputs(arch):
+    model = MAKERS[arch]()
+    modules = dict(model.named_modules())
+    ids, _ = batch(model)
+    with torch.no_grad():
+        want = model(ids).logits
+    patch(model)
+    assert type(model.model.norm) is RMSNorm
+    unpatch(model)
+    after = dict(model.named_modules())
+    assert after.keys() == modules.keys() and all(after[name] is m for name, m in modules.items())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    patch(model)  # patchable again
+    unpatch(model)
+
+
+def test_patching_twice_and_unpatching_nothing_are_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch(model)
+    patch(model)
+    with pytest.raises(ValueError, match="already patched"):
+        patch(model)
+    with pytest.raises(ValueError, match="already patched"):
+        patch(model.model, rope=False)  # a submodel of a patched model
+    unpatch(model)
+    other = tiny_llama()
+    other.model.layers[1].self_attn.forward = lambda *a, **k: None  # some other library's patch
+    with pytest.raises(ValueError, match="instance-level forward"):
+        patch(other)
+    assert type(other.model.norm) is not RMSNorm  # validated before anything changed
+
+
+def test_unsupported_models_raise():
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported"):
+        patch(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+    with pytest.raises(TypeError, match="nn.Module"):
+        patch("llama")
+    gelu = tiny_llama(hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        patch(gelu)
+    assert "_mmfuse_patch" not in gelu.__dict__ and type(gelu.model.norm) is not RMSNorm  # left as it was
+    assert patch(gelu, mlp=False).counts["mlp"] == 0  # the rest is still supported
+    with pytest.raises(ValueError, match="bias"):
+        patch(tiny_llama(mlp_bias=True))
+    with pytest.raises(ValueError, match="backend"):
+        patch(tiny_llama(), backend="cuda")
+    custom = tiny_llama()
+    custom.loss_function = lambda **kwargs: torch.tensor(0.0)
+    with pytest.raises(ValueError, match="loss=False"):
+        patch(custom)
+
+
+def test_generate_greedy_tokens_unchanged(arch):
+    ref = MAKERS[arch]()
+    ours = copy.deepcopy(ref)
+    patch(ours)
+    ids, _ = batch(ref, B=2, L=7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+
+
+def test_torch_compile():
+    ref, ours, _ = pair("llama")
+    ids, labels = batch(ref)
+    compiled = torch.compile(ours, backend="eager")
+    with torch.no_grad():
+        assert rel_err(compiled(ids).logits, ref(ids).logits) <= 1e-4
+    assert rel_err(compiled(ids, labels=labels).loss, ref(ids, labels=labels).loss) <= 1e-4
+
+
+def test_outputs_with_labels_outside_training(arch):
+    ref, ours, _ = pair(arch)
+    ref.eval()
+    ours.eval()
+    ids, labels = batch(ref)
+    with torch.no_grad():
+        want = ref(ids, labels=labels)
+        got = ours(ids, labels=labels)  # evaluation: logits as transformers gives them, beside the fused loss
+        assert rel_err(got.logits, want.logits) <= 1e-4 and rel_err(got.loss, want.loss) <= 1e-4
+        last = ours(ids, labels=labels, logits_to_keep=1).logits
+        assert last.shape == (2, 1, ref.config.vocab_size) and rel_err(last, want.logits[:, -1:]) <= 1e-4
+        loss, logits = ours(ids, None, None, None, None, labels, return_dict=False)[:2]  # positional labels
+        assert rel_err(loss, want.loss) <= 1e-4 and rel_err(logits, want.logits) <= 1e-4
+        shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        assert rel_err(ours(ids, shift_labels=shift).loss, want.loss) <= 1e-4
+    with pytest.raises(TypeError, match="multiple values"):
+        ours(ids, input_ids=ids, labels=labels)
+
+
+def test_deepcopy_of_a_patched_model_is_independent():
+    model = tiny_llama()
+    patch(model)
+    clone = copy.deepcopy(model)
+    assert clone.forward.__self__ is clone
+    assert clone.model.layers[0].self_attn.forward.__self__ is clone.model.layers[0].self_attn
+    unpatch(clone)
+    assert type(clone.model.norm) is not RMSNorm and type(model.model.norm) is RMSNorm
+
+
+def test_public_names_are_lazy_attributes_of_mmfuse():
+    assert mmfuse.patch is patch and mmfuse.apply_mmfuse is patch
+    assert mmfuse.unpatch is unpatch and mmfuse.to_fusion is to_fusion
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mmfuse.nope
+
+
+# ----------------------------------------------------------------------------------------------
+# to_fusion
+# ----------------------------------------------------------------------------------------------
+
+FUSION = FusionConfig(latent_channels=4, latent_size=4, patch_size=2)
+
+
+def test_to_fusion_keeps_text_logits_and_freezes_text(arch):
+    hf = MAKERS[arch]()
+    fusion = to_fusion(hf, FUSION)
+    ids, _ = batch(hf)
+    modality = torch.zeros_like(ids)
+    kv_start, kv_end = mask_intervals(modality)
+    with torch.no_grad():
+        hidden, _ = fusion(ids, modality, torch.zeros(0, 4, 4, 4), torch.zeros(0, dtype=torch.long), kv_start, kv_end)
+        assert rel_err(fusion.decoder.logits(hidden), hf(ids).logits) <= 1e-4
+    params = dict(fusion.named_parameters())
+    text = [n for n in params
+            if n.endswith((".weights.0", ".biases.0")) or n.startswith(("decoder.embed.", "decoder.lm_head."))]
+    image = [n for n in params if n.endswith((".weights.1", ".biases.1"))]
+    assert len(text) == len(image) + 1 + (arch == "qwen2")  # + embeddings (+ untied LM head)
+    assert not any(params[n].requires_grad for n in text) and all(params[n].requires_grad for n in image)
+    assert params["patch_in.weight"].requires_grad
+    hf_ptrs = {p.data_ptr() for p in hf.parameters()}
+    assert not any(p.data_ptr() in hf_ptrs for p in fusion.parameters())  # the HF model is left alone
+
+
+def test_to_fusion_of_a_patched_model_and_bad_input():
+    hf = tiny_llama()
+    want = dict(to_fusion(hf, FUSION).state_dict())
+    patch(hf)
+    got = to_fusion(hf, FUSION).state_dict()
+    text = [k for k in want if k.startswith("decoder.")]
+    assert text and all(torch.equal(got[k], want[k]) for k in text)
+    with pytest.raises(ValueError, match="LlamaModel is not supported"):
+        to_fusion(hf.model)
