@@ -110,6 +110,9 @@ class RoutedLinear(nn.Module):
 def _normalize(x: torch.Tensor, weights: list[torch.Tensor], eps: float, modality: torch.Tensor | None,
                backend: str | None) -> torch.Tensor:
     """The RMSNorm of both norm modules: one weight is the plain op, several are routed by ``modality``."""
+    if x.dtype != weights[0].dtype and torch.is_autocast_enabled(x.device.type):
+        # Autocast runs norms in float32 (as layer_norm): a bf16 activation meets its fp32 weights.
+        x = x.to(weights[0].dtype)
     if len(weights) == 1:
         return rms_norm(x, weights[0], eps, backend=backend)
     return routed_rms_norm(x, modality, weights, eps, backend=backend)

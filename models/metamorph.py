@@ -69,7 +69,8 @@ class MetaMorph(nn.Module):
                              f"visual_tokens holds {n_visual}")
         if n_visual:
             embeds = self.adapter(visual_tokens.reshape(n_visual, -1).to(x.dtype))
-            x = x.masked_scatter((modality == VISUAL)[..., None], embeds)
+            # under autocast the adapter's output is bf16 while the embeddings stay in the weights' dtype
+            x = x.masked_scatter((modality == VISUAL)[..., None], embeds.to(x.dtype))
         return self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
                             input_pos=input_pos)
 

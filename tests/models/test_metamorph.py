@@ -130,3 +130,15 @@ def test_native_checkpoint_round_trip(model, tmp_path):
     assert torch.equal(loaded.training_loss(*args).total, model.training_loss(*args).total)
     with pytest.raises(CheckpointError, match="mmfuse_metamorph"):
         load_metamorph(tmp_path / "llm")
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(model):
+    args = batch(torch.Generator().manual_seed(0))
+    fp32 = model.training_loss(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.training_loss(*args)
+    bf16.total.backward()  # the adapter and the vision head train through the bf16 path
+    assert model.adapter[0].weight.grad is not None and model.adapter[0].weight.grad.dtype == torch.float32
+    for name in fp32.components:  # within about one bf16 ulp (2^-7): the casts are in the right places
+        want, got = float(fp32.components[name]), float(bf16.components[name])
+        assert abs(got - want) <= 1e-2 * abs(want), name

@@ -252,6 +252,20 @@ def test_bf16_llm_with_fp32_trainable_parts(qwen):
     assert model.queries.grad.dtype == torch.float32 and model.queries.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_autocast_runs_and_stays_close_to_fp32(qwen, kind):
+    model = make_model(kind, qwen[1])
+    loss = lambda: model.training_loss(*batch(torch.Generator().manual_seed(0)),  # noqa: E731
+                                       generator=torch.Generator().manual_seed(1)).total
+    fp32 = loss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = loss()
+    bf16.backward()
+    assert model.connector.layers[0].attn.qkv.weights[0].grad.dtype == torch.float32
+    # within about one bf16 ulp (2^-7) of the fp32 loss: the casts are in the right places
+    assert abs(float(bf16.detach()) - float(fp32.detach())) <= 1e-2 * abs(float(fp32.detach()))
+
+
 def test_rejects_bad_inputs(qwen):
     model = make_model("sana", qwen[1])
     ids, latents, mask = batch(torch.Generator().manual_seed(0))
