@@ -37,7 +37,8 @@ setup(
     package_dir=PACKAGES,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.8"],
+        "bench": ["matplotlib>=3.8"],  # `mmfuse bench plot`
         "flash": ["flash-attn"],  # CUDA-only benchmark baseline, never a default dependency
     },
     entry_points={"console_scripts": ["mmfuse=mmfuse.engine.cli:main"]},

@@ -4,7 +4,8 @@ Baselines: eager ``F.cross_entropy(h @ W.T, y)`` (autograd keeps the (N, V) logi
 log-softmax and their gradient) and Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` where it is
 installed (GPU only). Modes: "fwd" (no grad: an eval loss) and "fwd+bwd" (dhidden and dweight).
 Every row carries ms, peak extra memory and ``mem_vs_eager`` (the CPU target for mmfuse: <= 0.25);
-``loss_diff`` is the absolute difference from eager's loss, a sanity check.
+``loss_diff`` is the absolute difference from eager's loss, a sanity check. On CUDA, ``tflops`` counts
+only the logits GEMM and its two gradient GEMMs over the rows that are not ignored.
 
     python -m mmfuse.bench.bench_linear_ce [--quick] [--device cpu|cuda] [--out DIR]
 """
@@ -39,7 +40,8 @@ def implementations(device: torch.device) -> dict[str, Callable | str]:
     return impls
 
 
-def measure(fn: Callable, hidden, weight, labels, mode: str, device: torch.device, reps: int) -> dict:
+def make_step(fn: Callable, hidden, weight, labels, mode: str) -> Callable[[], torch.Tensor]:
+    """The timed step: the loss (no grad) in "fwd" mode; the loss and dhidden, dweight in "fwd+bwd"."""
     h, w = (t.detach().requires_grad_(mode == "fwd+bwd") for t in (hidden, weight))
 
     def step():
@@ -49,6 +51,11 @@ def measure(fn: Callable, hidden, weight, labels, mode: str, device: torch.devic
                 torch.autograd.grad(loss, (h, w))
             return loss
 
+    return step
+
+
+def measure(fn: Callable, hidden, weight, labels, mode: str, device: torch.device, reps: int) -> dict:
+    step = make_step(fn, hidden, weight, labels, mode)
     try:
         loss = step()
         sync(device)
@@ -60,16 +67,25 @@ def measure(fn: Callable, hidden, weight, labels, mode: str, device: torch.devic
     return row
 
 
-def sizes(quick: bool, device: torch.device) -> tuple[torch.dtype, list[tuple[int, int, int]]]:
-    """(dtype, [(N tokens, D hidden, V vocabulary)])."""
+def useful_flops(labels: torch.Tensor, d: int, v: int, mode: str) -> int:
+    """The logits GEMM over the rows that count (not ``ignore_index``); the backward's dhidden and
+    dweight GEMMs twice that. A fused kernel's recomputed logits are not useful work."""
+    fwd = 2 * int((labels != -100).sum()) * d * v
+    return fwd if mode == "fwd" else 3 * fwd
+
+
+def sizes(quick: bool, device: torch.device, tiny: bool = False) -> tuple[torch.dtype, list[tuple[int, int, int]]]:
+    """(dtype, [(N tokens, D hidden, V vocabulary)]); toy ones for the test suite when ``tiny``."""
+    if tiny:
+        return torch.float32, [(64, 32, 512)]
     if device.type == "cuda":
         return torch.bfloat16, [(4096, 4096, 128256)] if quick else [(4096, 4096, 128256), (16384, 4096, 128256)]
     return torch.float32, [(1024, 256, 32000)] if quick else [(4096, 1024, 32000), (4096, 2048, 32000)]
 
 
-def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
-    dtype, cases = sizes(quick, device)
-    reps = 3 if device.type == "cpu" else 10
+def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
+    dtype, cases = sizes(quick or tiny, device, tiny)
+    reps = (2 if tiny else 3) if device.type == "cpu" else 10
     rows = []
     for n, d, v in cases:
         hidden = torch.randn(n, d, device=device, dtype=dtype)
@@ -80,12 +96,15 @@ def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
             for name, fn in implementations(device).items():
                 row = {"impl": name, "mode": mode, "N": n, "D": d, "V": v, "dtype": str(dtype).removeprefix("torch.")}
                 row.update({"error": fn} if isinstance(fn, str) else measure(fn, hidden, weight, labels, mode, device, reps))
+                if device.type == "cuda" and row.get("ms"):
+                    row["tflops"] = useful_flops(labels, d, v, mode) / (row["ms"] * 1e-3) / 1e12
                 rows.append(row)
                 print(f"  {name:7s} {mode:8s} N={n} D={d} V={v}: {row.get('ms', '-')} ms, {row.get('peak_mib', '-')} MiB")
         del hidden, weight, labels
     _add_ratios(rows)
-    print_table(rows, ["N", "D", "V", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "mem_vs_eager", "loss_diff", "error"])
-    config = dict(quick=quick, dtype=str(dtype), cases=cases, reps=reps)
+    print_table(rows, ["N", "D", "V", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "mem_vs_eager", "tflops",
+                       "loss_diff", "error"])
+    config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), cases=cases, reps=reps)
     path = append_results("linear_cross_entropy", device, config, rows, out_dir)
     print(f"appended to {path}")
     return rows

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, time_ms
 from mmfuse.kernels.cosine_loss import cosine_loss
 from mmfuse.bench.bench_linear_ce import _liger_loss
 from mmfuse.bench.bench_linear_ce import sizes as linear_ce_sizes
@@ -69,9 +69,10 @@ def _ours(fn: Callable, device: torch.device) -> dict[str, Callable]:
 # ----------------------------------------------------------------------------------------------
 
 
-def cosine_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
+def cosine_cases(quick: bool, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
     """MetaMorph: SigLIP-width (1152) visual tokens, about half of them generated (selected)."""
     rows_list = ([2048] if quick else [2048, 8192]) if device.type == "cpu" else ([16384] if quick else [16384, 65536])
+    rows_list = [64] if tiny else rows_list
     cases = []
     for n in rows_list:
         pred = torch.randn(n, 1152, device=device, dtype=dtype)
@@ -89,10 +90,11 @@ def cosine_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[
     return cases
 
 
-def diffusion_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
+def diffusion_cases(quick: bool, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
     """SD1.5 latents at 512 px (4x64x64) and SANA's at 1024 px (32x32x32), min-SNR-style weights."""
     batch = 32 if device.type == "cpu" else 64
     shapes = [(batch, 4, 64, 64)] if quick else [(batch, 4, 64, 64), (batch, 32, 32, 32)]
+    shapes = [(2, 4, 8, 8)] if tiny else shapes
     cases = []
     for shape in shapes:
         pred = torch.randn(shape, device=device, dtype=dtype)
@@ -109,10 +111,10 @@ def diffusion_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> li
     return cases
 
 
-def pair_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
+def pair_cases(quick: bool, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
     """DDPM v-prediction pair (x_t, v) for SD1.5 latents: read x0 and noise once, write both."""
-    batch = 32 if device.type == "cpu" else 64
-    shape = (batch, 4, 64, 64)
+    batch = 2 if tiny else 32 if device.type == "cpu" else 64
+    shape = (batch, 4, 8, 8) if tiny else (batch, 4, 64, 64)
     x0 = torch.randn(shape, device=device, dtype=dtype)
     noise = torch.randn(shape, device=device, dtype=dtype)
     abar = torch.rand(batch, device=device)
@@ -129,9 +131,9 @@ def pair_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Ca
                  {"mmfuse": ours, "eager": eager}, (), _bytes(x0, noise) * 2)]
 
 
-def linear_ce_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
+def linear_ce_cases(quick: bool, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
     """The LM head + CE at the first size of ``bench_linear_ce`` (Llama-3's V = 128256 on GPU)."""
-    ce_dtype, shapes = linear_ce_sizes(True, device)
+    ce_dtype, shapes = linear_ce_sizes(True, device, tiny)
     n, d, v = shapes[0]
     hidden = torch.randn(n, d, device=device, dtype=ce_dtype)
     weight = torch.randn(v, d, device=device, dtype=ce_dtype) / d**0.5
@@ -146,7 +148,8 @@ def linear_ce_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> li
                  impls, ("hidden", "weight"), _bytes(hidden, weight) * 2)]
 
 
-CASE_BUILDERS: list[Callable[[bool, torch.device, torch.dtype], list[Case]]] = [
+# Each builder: (quick, device, dtype, tiny=False) -> cases.
+CASE_BUILDERS: list[Callable[..., list[Case]]] = [
     cosine_cases,
     diffusion_cases,
     pair_cases,
@@ -159,8 +162,8 @@ CASE_BUILDERS: list[Callable[[bool, torch.device, torch.dtype], list[Case]]] = [
 # ----------------------------------------------------------------------------------------------
 
 
-def measure(case: Case, name: str, fn: Callable, device: torch.device) -> dict:
-    row = {"loss": case.loss, "shape": case.shape, "mode": case.mode, "impl": name}
+def make_step(case: Case, fn: Callable) -> Callable[[], object]:
+    """The timed step: the loss (no grad) in "fwd" cases; loss and gradients of ``grad_inputs`` otherwise."""
     inputs = {k: (v.detach().requires_grad_() if k in case.grad_inputs else v) for k, v in case.inputs.items()}
     leaves = [inputs[k] for k in case.grad_inputs]
 
@@ -170,13 +173,23 @@ def measure(case: Case, name: str, fn: Callable, device: torch.device) -> dict:
                 return fn(**inputs)
         return torch.autograd.grad(fn(**inputs), leaves)
 
+    return step
+
+
+SLOW_STEP_MS = 100.0  # a step slower than this is timed over fewer repetitions (it is already steady)
+
+
+def measure(case: Case, name: str, fn: Callable, device: torch.device) -> dict:
+    row = {"loss": case.loss, "shape": case.shape, "mode": case.mode, "impl": name}
+    step = make_step(case, fn)
     try:
-        step()
-        sync(device)
+        first = time_ms(step, device, warmup=0, reps=1)["ms"]  # also the first warm-up call
     except Exception as exc:  # noqa: BLE001 - recorded as "does not run here"
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         return row
-    row.update(time_ms(step, device, warmup=3, reps=11))  # the median of 11 steadies a shared CPU
+    # The median of 11 steadies a shared CPU on millisecond steps; multi-100 ms steps need fewer.
+    warmup, reps = (1, 3) if first > SLOW_STEP_MS else (3, 11)
+    row.update(time_ms(step, device, warmup=warmup, reps=reps))
     row["peak_mib"] = peak_memory_mib(step, device)
     if case.bytes_moved:
         row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
@@ -192,15 +205,15 @@ def _add_ratios(rows: list[dict]) -> None:
             r["vs_mmfuse"] = r["ms"] / mine
 
 
-def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
+def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for build in CASE_BUILDERS:
-        for case in build(quick, device, dtype):
+        for case in build(quick or tiny, device, dtype, tiny):
             rows += [measure(case, name, fn, device) for name, fn in case.impls.items()]
     _add_ratios(rows)
     print_table(rows, ["loss", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps", "error"])
-    config = dict(quick=quick, dtype=str(dtype), cpu_threads=torch.get_num_threads())
+    config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), cpu_threads=torch.get_num_threads())
     path = append_results("losses", device, config, rows, out_dir)
     print(f"appended to {path}")
     return rows

@@ -6,10 +6,10 @@
 * rope: ``apply_rope`` vs transformers' ``apply_rotary_pos_emb``, q/k as views of a fused qkv output;
 * swiglu: ``swiglu`` vs ``F.silu(g) * u`` on the halves of a fused gate/up output.
 
-Each in "fwd" (no grad) and "fwd+bwd" mode. On CPU mmfuse runs its PyTorch backend, on CUDA its
-Triton kernels. Rows carry ms, the peak extra memory, ``gbps`` (the bytes a fused implementation must
-move over the time: one numerator for every implementation, so it ranks them) and ``vs_mmfuse``
-(baseline time / mmfuse time; > 1: mmfuse is faster).
+Each in "fwd" (no grad), "bwd" (backward through a kept graph) and "fwd+bwd" mode. On CPU mmfuse runs
+its PyTorch backend, on CUDA its Triton kernels. Rows carry ms, the peak extra memory, ``gbps`` (the
+bytes a fused implementation must move over the time: one numerator for every implementation, so it
+ranks them) and ``vs_mmfuse`` (baseline time / mmfuse time; > 1: mmfuse is faster).
 
     python -m mmfuse.bench.bench_norms [--quick] [--device cpu|cuda] [--out DIR]
 """
@@ -46,8 +46,14 @@ class Case:
     bwd_bytes: int
 
 
-def _sizes(quick: bool, device: torch.device) -> dict[str, int]:
-    """Tokens N, hidden D, FFN width I, heads (Llama-3-8B widths on GPU, a 1B-class model on CPU)."""
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def _sizes(quick: bool, device: torch.device, tiny: bool = False) -> dict[str, int]:
+    """Tokens N, hidden D, FFN width I, heads (Llama-3-8B widths on GPU, a 1B-class model on CPU, toy
+    widths for the test suite)."""
+    if tiny:
+        return dict(N=32, D=64, I=128, Hq=4, Hkv=2, Dh=16)
     if device.type == "cuda":
         return dict(N=4096 if quick else 16384, D=4096, I=14336, Hq=32, Hkv=8, Dh=128)
     return dict(N=512 if quick else 2048, D=2048, I=8192, Hq=16, Hkv=4, Dh=128)
@@ -122,24 +128,34 @@ def _outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def measure(case: Case, mode: str, name: str, fn: Callable, device: torch.device) -> dict:
-    row = {"op": case.op, "shape": case.shape, "mode": mode, "impl": name}
+def make_step(case: Case, mode: str, fn: Callable) -> Callable[[], object]:
+    """The timed step: "fwd" (no grad), "bwd" (backward through a kept graph) or "fwd+bwd"."""
     base = case.make()
     if mode == "fwd":
         def step():
             with torch.no_grad():
                 return fn(*case.views(base))
-    else:
-        base.requires_grad_()
-        grads = [torch.randn_like(o) for o in _outputs(fn(*case.views(base)))]
+        return step
+    base.requires_grad_()
+    outs = _outputs(fn(*case.views(base)))
+    grads = [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(outs, base, grads, retain_graph=True)
+    del outs  # fwd+bwd builds its own graph each step
 
-        def step():
-            return torch.autograd.grad(_outputs(fn(*case.views(base))), base, grads)
+    def step():
+        return torch.autograd.grad(_outputs(fn(*case.views(base))), base, grads)
+    return step
+
+
+def measure(case: Case, mode: str, name: str, fn: Callable, device: torch.device) -> dict:
+    row = {"op": case.op, "shape": case.shape, "mode": mode, "impl": name}
+    step = make_step(case, mode, fn)
     step()
     sync(device)
     row.update(time_ms(step, device))
     row["peak_mib"] = peak_memory_mib(step, device)
-    nbytes = case.fwd_bytes + (case.bwd_bytes if mode == "fwd+bwd" else 0)
+    nbytes = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes, "fwd+bwd": case.fwd_bytes + case.bwd_bytes}[mode]
     row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
     return row
 
@@ -150,17 +166,18 @@ def _add_ratios(rows: list[dict]) -> None:
         r["vs_mmfuse"] = r["ms"] / ours[(r["op"], r["shape"], r["mode"])]
 
 
-def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
+def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sizes = _sizes(quick, device)
+    sizes = _sizes(quick or tiny, device, tiny)
     rows = []
     for build in CASE_BUILDERS:
         for case in build(sizes, device, dtype):
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in MODES:
                 rows += [measure(case, mode, name, fn, device) for name, fn in case.impls.items()]
     _add_ratios(rows)
     print_table(rows, ["op", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps"])
-    path = append_results("norms", device, dict(quick=quick, dtype=str(dtype), **sizes), rows, out_dir)
+    config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), **sizes)
+    path = append_results("norms", device, config, rows, out_dir)
     print(f"appended to {path}")
     return rows
 

@@ -13,7 +13,9 @@ Implementations of each layer:
 * ``where``: both experts over all tokens, then ``torch.where`` (public reimplementations; 2x FLOPs).
 * ``gather``: per expert, boolean-mask gather of its tokens, the expert, ``index_put`` back.
 
-Splits: text/image token fractions 50/50 and 90/10. Modes: "fwd" (no grad) and "fwd+bwd".
+Splits: text/image token fractions 50/50 and 90/10. Modes: "fwd" (no grad), "bwd" (backward through
+a kept graph) and "fwd+bwd". On CUDA, ``tflops`` counts only an ideal routed layer's work (each token
+through its own expert; weight gradients for the trainable expert only), the same for every row.
 The implementations of one case are timed in interleaved rounds (each round runs each once), and
 each row reports the median over rounds, so load from other processes falls on all of them alike.
 ``vs_mmfuse`` is an implementation's time over mmfuse's (> 1: mmfuse faster); ``peak_mib`` the extra
@@ -33,7 +35,7 @@ from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, pri
 from mmfuse.kernels.routed_linear import build_routing
 from mmfuse.kernels.routed_mlp import routed_qkv_projection, routed_swiglu_mlp
 
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd")
 SPLITS = (0.5, 0.9)  # fraction of text tokens
 IMPLS = ("mmfuse", "dense", "where", "gather")
 
@@ -87,8 +89,18 @@ def implementations(kind: str, layer: dict, heads: int) -> dict[str, Callable]:
     return {"mmfuse": ours, "dense": lambda x, m, routing: expert(x, *of(1)), "where": where, "gather": gather}
 
 
-def _step(fn: Callable, x, m, routing, weights, mode: str) -> Callable[[], torch.Tensor]:
+def make_step(fn: Callable, x, m, routing, weights, mode: str) -> Callable[[], object]:
+    """The timed step: "fwd" (no grad), "bwd" (backward through a kept graph) or "fwd+bwd"."""
     trainable = [x] + [w[1] for w in weights]
+    if mode == "bwd":
+        kept: list[torch.Tensor] = []  # the forward graph, built on the first (untimed, warm-up) call
+
+        def backward():
+            if not kept:
+                kept.append(fn(x, m, routing))
+            return torch.autograd.grad(kept[0], trainable, torch.ones_like(kept[0]), retain_graph=True)
+
+        return backward
 
     def step():
         with torch.set_grad_enabled(mode == "fwd+bwd"):
@@ -98,6 +110,16 @@ def _step(fn: Callable, x, m, routing, weights, mode: str) -> Callable[[], torch
             return y
 
     return step
+
+
+def useful_flops(kind: str, n: int, n_trainable: int, d: int, inter: int, mode: str) -> int:
+    """FLOPs of an ideal routed layer: each token through its own expert once; the backward computes
+    dx for every token and dW only for the trainable (image) expert's tokens. Implementations that
+    run both experts do more work than this and get no credit for it."""
+    gemms = [(2 * inter, d), (d, inter)] if kind == "mlp" else [(3 * d, d)]
+    fwd = sum(2 * n * dout * din for dout, din in gemms)
+    bwd = fwd + sum(2 * n_trainable * dout * din for dout, din in gemms)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def measure_interleaved(steps: dict[str, Callable], device, rounds: int) -> dict[str, dict]:
@@ -123,16 +145,18 @@ def measure_interleaved(steps: dict[str, Callable], device, rounds: int) -> dict
     return rows
 
 
-def sizes(quick: bool, device: torch.device) -> tuple[torch.dtype, int, int, int, int]:
-    """(dtype, N tokens, D hidden, I intermediate, heads): Llama-ish widths."""
+def sizes(quick: bool, device: torch.device, tiny: bool = False) -> tuple[torch.dtype, int, int, int, int]:
+    """(dtype, N tokens, D hidden, I intermediate, heads): Llama-ish widths (toy ones when ``tiny``)."""
+    if tiny:
+        return torch.float32, 64, 32, 64, 2
     if device.type == "cuda":
         return (torch.bfloat16, 4096, 2048, 5632, 16) if quick else (torch.bfloat16, 16384, 4096, 14336, 32)
     return (torch.float32, 512, 256, 704, 4) if quick else (torch.float32, 2048, 1024, 2816, 16)
 
 
-def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
-    dtype, n, d, inter, heads = sizes(quick, device)
-    reps = 3 if device.type == "cpu" else 20  # interleaved rounds (GPU: each a do_bench median)
+def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
+    dtype, n, d, inter, heads = sizes(quick or tiny, device, tiny)
+    reps = (2 if tiny else 3) if device.type == "cpu" else 20  # interleaved rounds (GPU: each a do_bench median)
     layers = make_layers(d, inter, device, dtype)
     x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     rows = []
@@ -143,21 +167,25 @@ def run(quick: bool, device: torch.device, out_dir: str | None) -> list[dict]:
         build = time_ms(lambda: build_routing(m, 2), device, warmup=1, reps=reps)
         rows.append({"layer": "-", "split": split, "mode": "-", "impl": "build_routing", **build})
         routing = build_routing(m, 2)
+        n_image = int(m.sum())
         for kind, layer in layers.items():
             for mode in MODES:
-                steps = {name: _step(fn, x, m, routing, layer["weights"], mode)
+                steps = {name: make_step(fn, x, m, routing, layer["weights"], mode)
                          for name, fn in implementations(kind, layer, heads).items()}
+                flops = useful_flops(kind, n, n_image, d, inter, mode)
                 for name, measured in measure_interleaved(steps, device, reps).items():
                     row = {"layer": kind, "split": split, "mode": mode, "impl": name, "N": n, "D": d,
                            "I": inter if kind == "mlp" else None, "dtype": str(dtype).removeprefix("torch."),
                            **measured}
+                    if device.type == "cuda" and row.get("ms"):
+                        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
                     rows.append(row)
                     print(f"  {kind} {split} {mode:8s} {name:7s}: {row.get('ms', '-')} ms, "
                           f"{row.get('peak_mib', '-')} MiB")
     _add_ratios(rows)
     print_table(rows, ["layer", "split", "mode", "impl", "ms", "ms_min", "vs_mmfuse", "vs_mmfuse_min", "vs_dense",
-                       "peak_mib", "error"])
-    config = dict(quick=quick, dtype=str(dtype), N=n, D=d, I=inter, heads=heads, reps=reps,
+                       "peak_mib", "tflops", "error"])
+    config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), N=n, D=d, I=inter, heads=heads, reps=reps,
                   backend="triton" if device.type == "cuda" else "torch", frozen="text expert (0)")
     path = append_results("routed", device, config, rows, out_dir)
     print(f"appended to {path}")

@@ -1,0 +1,264 @@
+"""Sampling: text decode vs transformers ``generate``, image generation cached vs recomputing.
+
+* decode: a random Llama saved as a transformers checkpoint, loaded by transformers and by
+  ``mmfuse.models.from_pretrained``; greedy continuation of the same prompt by ``mmfuse.engine.generate``
+  (static KV cache; compiled decode step with CUDA graphs on CUDA) and by transformers'
+  ``model.generate(do_sample=False)``, at batch 1 and 8. ``tokens_match``: both produced the same tokens
+  (``first_mismatch``: the first step where they differ; in bf16 a near-tie may go either way).
+  On CUDA ``gbps`` = bytes a decode step must read (weights + the KV cache so far) x steps / time,
+  and ``mbu`` = that over the device's memory bandwidth.
+* image: a random LlamaFusion; ``sample_images`` latency per image against the prompt length, with the
+  prompt prefilled once into the KV cache ("cached": each step runs the image chunk only, so the cost
+  should stay flat) and with the reference sampler that feeds prompt + image every step
+  ("recompute"), classifier-free guidance off and on (scale 3, unconditional prefix = BOI), with the
+  DDIM scheduler ``sample_images`` uses by default. ``max_diff``: largest difference between the two
+  samplers' latents from the same noise.
+
+``vs_mmfuse`` = the row's ms / the mmfuse (decode) or cached (image) ms of the same case.
+
+    python -m mmfuse.bench.bench_sampling [--quick] [--device cpu|cuda] [--out DIR]
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from mmfuse.bench.bench_routed import measure_interleaved
+from mmfuse.bench.bench_training import BOI, EOI, LLAMA_3_2_1B, device_peak, randomise_zero_init, random_decoder
+from mmfuse.bench.common import append_results, bench_main, print_table
+from mmfuse.engine.generate import generate
+from mmfuse.engine.sampling import sample_images
+from mmfuse.models.fusion import FusionConfig, LlamaFusion
+from mmfuse.models.loading import from_pretrained
+
+# Memory bandwidth (GB/s), matched in order against torch.cuda.get_device_name.
+PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
+GUIDANCE = 3.0
+
+
+@dataclass
+class Size:
+    label: str
+    decoder: dict  # DecoderConfig fields (decode model and the fusion model's base)
+    prompt_len: int
+    new_tokens: int
+    batches: tuple[int, ...]
+    latent: tuple[int, int, int]  # channels, size, patch
+    image_prompt_lens: tuple[int, ...]
+    steps: int
+    image_batch: int
+    rounds: int
+    fusion_layers: int | None = None  # fewer layers for the image model (None: as the decoder)
+
+
+def sizes(quick: bool, device: torch.device, tiny: bool = False) -> Size:
+    if tiny:
+        return Size("tiny", dict(vocab_size=128, dim=64, hidden_dim=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 head_dim=16, tie_embeddings=True),
+                    prompt_len=8, new_tokens=4, batches=(1, 2), latent=(4, 8, 2), image_prompt_lens=(4, 16), steps=2,
+                    image_batch=1, rounds=1)
+    if device.type == "cuda":
+        return Size("llama-3.2-1b-shaped", dict(LLAMA_3_2_1B), prompt_len=128 if quick else 512,
+                    new_tokens=64 if quick else 256, batches=(1, 8), latent=(4, 32, 2),
+                    image_prompt_lens=(16, 256, 1024) if quick else (16, 64, 256, 1024, 4096),
+                    steps=10 if quick else 20, image_batch=1, rounds=3)
+    if quick:
+        return Size("cpu-quick", dict(vocab_size=32000, dim=256, hidden_dim=768, num_layers=4, num_heads=4,
+                                      num_kv_heads=2, head_dim=64, tie_embeddings=True, rope_theta=500000.0),
+                    prompt_len=32, new_tokens=24, batches=(1, 8), latent=(4, 16, 2), image_prompt_lens=(16, 64, 256),
+                    steps=8, image_batch=1, rounds=3, fusion_layers=2)
+    return Size("cpu-100m", dict(vocab_size=32000, dim=768, hidden_dim=2048, num_layers=12, num_heads=12,
+                                 num_kv_heads=4, head_dim=64, tie_embeddings=True, rope_theta=500000.0),
+                prompt_len=128, new_tokens=128, batches=(1, 8), latent=(4, 32, 2),
+                image_prompt_lens=(16, 64, 256, 1024), steps=10, image_batch=1, rounds=3, fusion_layers=8)
+
+
+def _dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------
+
+
+def save_random_llama(fields: dict, path: str, dtype: torch.dtype) -> None:
+    """A random transformers Llama with these DecoderConfig fields, written to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "default", **(fields.get("rope_scaling") or {}),
+            "rope_theta": fields.get("rope_theta", 10000.0)}
+    config = LlamaConfig(vocab_size=fields["vocab_size"], hidden_size=fields["dim"],
+                         intermediate_size=fields["hidden_dim"], num_hidden_layers=fields["num_layers"],
+                         num_attention_heads=fields["num_heads"], num_key_value_heads=fields["num_kv_heads"],
+                         head_dim=fields["head_dim"],
+                         rms_norm_eps=fields.get("norm_eps", 1e-6), tie_word_embeddings=fields["tie_embeddings"],
+                         rope_parameters=rope, max_position_embeddings=8192)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(path)
+
+
+def decode_bytes_per_step(fields: dict, batch: int, prompt_len: int, new_tokens: int, elem: int) -> float:
+    """Bytes one decode step must read: every weight once (the LM head, not the embedding rows looked
+    up) and, on average over the steps, the KV cache of prompt + half the new tokens."""
+    d, v, layers = fields["dim"], fields["vocab_size"], fields["num_layers"]
+    hq, hkv, dh, inter = fields["num_heads"], fields["num_kv_heads"], fields["head_dim"], fields["hidden_dim"]
+    layer = d * (hq + 2 * hkv) * dh + hq * dh * d + 3 * d * inter + 2 * d
+    weights = layers * layer + v * d + d
+    kv = 2 * layers * hkv * dh * batch * (prompt_len + new_tokens / 2)
+    return (weights + kv) * elem
+
+
+def _agreement(outputs: dict[str, torch.Tensor], prompt_len: int) -> tuple[bool | None, int | None]:
+    """(whether both produced the same tokens, the first new-token step where any row differs)."""
+    if len(outputs) != 2:
+        return None, None
+    ours, theirs = (outputs[k].cpu() for k in ("mmfuse", "transformers"))
+    differs = (ours[:, prompt_len:] != theirs[:, prompt_len:]).any(dim=0).nonzero()
+    return (True, None) if differs.numel() == 0 else (False, int(differs[0]))
+
+
+def decode_rows(size: Size, device: torch.device) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generation-config notices on every call
+    dtype = _dtype(device)
+    with tempfile.TemporaryDirectory() as path:
+        save_random_llama(size.decoder, path, dtype)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        ours = from_pretrained(path, dtype=dtype, device=device).eval()
+    compiled = device.type == "cuda"  # compiling on CPU costs tens of seconds of C++ builds
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in size.batches:
+        ids = torch.randint(BOI + 2, size.decoder["vocab_size"], (batch, size.prompt_len), generator=gen).to(device)
+        outputs = {}
+
+        def ours_fn(compile_step=compiled):
+            outputs["mmfuse"] = generate(ours, ids, size.new_tokens, compile=compile_step)
+
+        def hf_fn():
+            outputs["transformers"] = hf.generate(ids, max_new_tokens=size.new_tokens, do_sample=False,
+                                                  pad_token_id=0, eos_token_id=None)
+
+        mine, error = ours_fn, None
+        if compiled:
+            try:
+                ours_fn()
+            except Exception as exc:  # noqa: BLE001 - report the eager path rather than nothing
+                error = f"compile failed ({type(exc).__name__}): eager decode step"
+                print(f"decode: {error}: {str(exc).splitlines()[0][:120]}")
+                mine = lambda: ours_fn(False)  # noqa: E731
+        measured = measure_interleaved({"mmfuse": mine, "transformers": hf_fn}, device, size.rounds)
+        match, first = _agreement(outputs, size.prompt_len)
+        nbytes = decode_bytes_per_step(size.decoder, batch, size.prompt_len, size.new_tokens, dtype.itemsize)
+        for impl, m in measured.items():
+            row = {"kind": "decode", "impl": impl, "batch": batch, "prompt_len": size.prompt_len,
+                   "new_tokens": size.new_tokens, **m, "tokens_match": match, "first_mismatch": first}
+            if impl == "mmfuse":
+                row.update(compiled=compiled and error is None, note=error)
+            if "ms" in m:
+                row["tokens_per_s"] = size.new_tokens * batch / (m["ms"] * 1e-3)
+                if device.type == "cuda":
+                    row["gbps"] = nbytes * size.new_tokens / (m["ms"] * 1e-3) / 1e9
+                    peak = device_peak(PEAK_GBPS, device)
+                    row["mbu"] = row["gbps"] / peak if peak else None
+            rows.append(row)
+    del hf, ours
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Image generation
+# ----------------------------------------------------------------------------------------------
+
+
+def fusion_model(size: Size, device: torch.device) -> LlamaFusion:
+    channels, latent, patch = size.latent
+    fields = dict(size.decoder, num_layers=size.fusion_layers or size.decoder["num_layers"])
+    config = FusionConfig(latent_channels=channels, latent_size=latent, patch_size=patch, boi_token_id=BOI,
+                          eoi_token_id=EOI)
+    model = LlamaFusion.from_decoder(random_decoder(fields, device), config)
+    randomise_zero_init(model)  # a zero output layer would make every sampler agree trivially
+    model.to(_dtype(device)).eval()
+    model.decoder.reset_buffers(device)  # RoPE frequencies and the noise schedule stay fp32
+    model.reset_buffers(device)
+    return model
+
+
+def image_rows(size: Size, device: torch.device) -> list[dict]:
+    model = fusion_model(size, device)
+    c = model.config
+    gen = torch.Generator().manual_seed(0)
+    B = size.image_batch
+    noise = torch.randn(B, c.latent_channels, c.latent_size, c.latent_size, generator=gen).to(device)
+    rows = []
+    for prompt_len in size.image_prompt_lens:
+        prompt = torch.randint(BOI + 2, size.decoder["vocab_size"], (B, prompt_len), generator=gen)
+        prompt[:, -1] = BOI
+        prompt = prompt.to(device)
+        for cfg in (False, True):
+            outputs = {}
+
+            def sampler(recompute: bool, key: str):
+                def fn():
+                    outputs[key] = sample_images(model, prompt, size.steps, guidance_scale=GUIDANCE if cfg else 1.0,
+                                                 noise=noise, recompute=recompute)
+                return fn
+
+            samplers = {"cached": sampler(False, "cached"), "recompute": sampler(True, "recompute")}
+            measured = measure_interleaved(samplers, device, size.rounds)
+            diff = float((outputs["cached"].float() - outputs["recompute"].float()).abs().max()) \
+                if len(outputs) == 2 else None
+            for impl, m in measured.items():
+                row = {"kind": "image", "impl": impl, "prompt_len": prompt_len, "cfg": cfg, "steps": size.steps,
+                       "batch": B, **m, "max_diff": diff}
+                if "ms" in m:
+                    row["ms_per_image"] = m["ms"] / B
+                rows.append(row)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    def key(r):
+        return (r["kind"], r["batch"], r["prompt_len"], r.get("cfg"))
+
+    ours = {key(r): r.get("ms") for r in rows if r["impl"] in ("mmfuse", "cached")}
+    for r in rows:
+        mine = ours.get(key(r))
+        r["vs_mmfuse"] = r["ms"] / mine if r.get("ms") and mine else None
+
+
+def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
+    quick = quick or tiny
+    device = torch.device(device)
+    size = sizes(quick, device, tiny)
+    torch.manual_seed(0)
+    rows = decode_rows(size, device)
+    gc.collect()
+    rows += image_rows(size, device)
+    _add_ratios(rows)
+    print_table([r for r in rows if r["kind"] == "decode"],
+                ["kind", "impl", "batch", "prompt_len", "new_tokens", "ms", "ms_min", "ms_max", "vs_mmfuse",
+                 "tokens_per_s", "tokens_match", "gbps", "mbu", "error"])
+    print_table([r for r in rows if r["kind"] == "image"],
+                ["kind", "impl", "prompt_len", "cfg", "steps", "batch", "ms", "ms_min", "ms_max", "ms_per_image",
+                 "vs_mmfuse", "max_diff", "error"])
+    config = dict(quick=quick, tiny=tiny, size=dataclasses.asdict(size), dtype=str(_dtype(device)),
+                  guidance_scale=GUIDANCE, scheduler="DDIM (sample_images default)",
+                  backend="triton" if device.type == "cuda" else "torch")
+    path = append_results("sampling", device, config, rows, out_dir)
+    print(f"appended to {path}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main(run, __doc__, argv, quick_help="small models, few tokens and steps")
+
+
+if __name__ == "__main__":
+    main()
