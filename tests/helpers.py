@@ -1,4 +1,7 @@
 """Helpers shared by the tests (imported after conftest has set TRITON_INTERPRET)."""
+import sys
+from collections import Counter
+
 import torch
 
 from mmfuse.kernels._common import triton_interpreting
@@ -44,3 +47,18 @@ def random_layout(B: int, L: int, gen: torch.Generator, padding: bool = True):
             d += 1
         doc[b, pad_from:] = -1
     return span, doc
+
+
+def count_calls(monkeypatch, targets: dict[str, tuple[str, str]]) -> Counter:
+    """Wrap each ``targets[kind] = (module, function)`` so that calls are counted under ``kind``
+    (e.g. an op's Triton launcher: which backend a module really ran)."""
+    counts = Counter()
+    for kind, (module, name) in targets.items():
+        original = getattr(sys.modules[module], name)
+
+        def spy(*args, _kind=kind, _original=original, **kwargs):
+            counts[_kind] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(sys.modules[module], name, spy)
+    return counts

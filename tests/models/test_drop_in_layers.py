@@ -1,5 +1,4 @@
 """The drop-in modules (RMSNorm, LinearCrossEntropy, CosineLoss, DiffusionLoss) vs float64 references."""
-import sys
 from collections import Counter
 
 import pytest
@@ -8,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfuse.models import CosineLoss, DiffusionLoss, LinearCrossEntropy, RMSNorm, RoutedRMSNorm
-from tests.helpers import rel_err, triton_devices
+from tests.helpers import count_calls, rel_err, triton_devices
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     "cpu" not in triton_devices(), reason="needs the Triton interpreter"))]
@@ -21,16 +20,7 @@ LAUNCHERS = {"rms_norm": ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_triton"),
 @pytest.fixture
 def triton_launches(monkeypatch) -> Counter:
     """Calls of each op's Triton forward launcher: which backend a module really ran."""
-    counts = Counter()
-    for kind, (module, name) in LAUNCHERS.items():
-        original = getattr(sys.modules[module], name)
-
-        def spy(*args, _kind=kind, _original=original, **kwargs):
-            counts[_kind] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(sys.modules[module], name, spy)
-    return counts
+    return count_calls(monkeypatch, LAUNCHERS)
 
 
 def leaf(*shape, dtype=torch.float32) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """mmfuse.patch / unpatch / to_fusion on tiny random transformers Llama and Qwen2 models (fp32, no download)."""
 import copy
 import logging
-import sys
 from collections import Counter
 
 import pytest
@@ -13,7 +12,7 @@ from mmfuse.kernels import default_backend, mask_intervals
 from mmfuse.models import RMSNorm
 from mmfuse.models.fusion import FusionConfig
 from mmfuse.models.patch import SwiGLUMLP, patch, to_fusion, unpatch
-from tests.helpers import rel_err, triton_devices
+from tests.helpers import count_calls, rel_err, triton_devices
 from tests.models.test_decoder import tiny_llama, tiny_qwen2
 
 needs_triton = pytest.mark.skipif("cpu" not in triton_devices(), reason="needs the Triton interpreter")
@@ -32,16 +31,8 @@ def arch(request):
 
 @pytest.fixture
 def triton_launches(monkeypatch) -> Counter:
-    counts = Counter()
-    for kind, (module, name) in TRITON_LAUNCHERS.items():
-        original = getattr(sys.modules[module], name)
-
-        def spy(*args, _kind=kind, _original=original, **kwargs):
-            counts[_kind] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(sys.modules[module], name, spy)
-    return counts
+    """Calls of each op's Triton forward launcher: which backend a module really ran."""
+    return count_calls(monkeypatch, TRITON_LAUNCHERS)
 
 
 def batch(model, B: int = 2, L: int = 12):
