@@ -81,3 +81,16 @@ def test_rejects_bad_arguments(pair):
         generate(ours, torch.zeros(1, 3, dtype=torch.long), 2, attention_mask=torch.ones(1, 4))
     with pytest.raises(TypeError, match="Decoder"):
         generate(torch.nn.Linear(2, 2), torch.zeros(1, 3, dtype=torch.long), 2)
+
+
+@pytest.mark.cuda
+def test_compiled_decode_step_runs_as_a_cuda_graph(tmp_path):
+    from torch._dynamo.utils import counters
+
+    tiny_llama().save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, device="cuda")
+    ids = torch.randint(5, 90, (2, 5), device="cuda")
+    counters.clear()
+    compiled = generate(ours, ids, 8, compile=True)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])  # captured, not skipped
+    assert torch.equal(compiled, generate(ours, ids, 8))
