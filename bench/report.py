@@ -297,6 +297,11 @@ def sampling_headlines(rows: list[dict]) -> list[tuple[str, str]]:
         ours = _one(rows, kind="decode", impl="mmfuse", **case)
         if ours and _num(ours.get("tokens_per_s")) and _num(base.get("tokens_per_s")):
             text += f" ({ours['tokens_per_s']:.0f} vs {base['tokens_per_s']:.0f} tokens/s)"
+        compiled = _one(rows, kind="decode", impl="mmfuse_compiled", **case)
+        if compiled and _num(compiled.get("ms")) and _num(base.get("ms")) and compiled["ms"] > 0:
+            text += f"; with `compile=True` {_x(base['ms'] / compiled['ms'])}"
+            if _num(compiled.get("tokens_per_s")):
+                text += f" ({compiled['tokens_per_s']:.0f} tokens/s)"
         out.append((f"decode (batch {case['batch']}, prompt {case['prompt_len']}, {case['new_tokens']} new tokens) "
                     "vs transformers generate", text))
     image = [r for r in _timed(_rows(rows, kind="image", impl="recompute")) if _num(r.get("vs_mmfuse"))]
