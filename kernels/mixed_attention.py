@@ -521,6 +521,36 @@ def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
     return out.view(B, Hq, Lq, D).to(q.dtype), lse.view(B, Hq, Lq).to(torch.float32)
 
 
+# Under torch.compile the PyTorch backend hands at most this many queries (decode, short extend
+# chunks) to :func:`_attention_few_queries_torch` instead of the custom op.
+_TRACED_FEW_QUERIES = 16
+
+
+def _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale):
+    """Plain differentiable PyTorch for a few queries against every key, traced inline under torch.compile.
+
+    The custom op's PyTorch body walks query chunks with data-dependent key windows, which a graph
+    cannot hold: compiled, every call would leave the graph to run ~25 small ops in Python. For a
+    decode step (Lq = 1) the dense (Lq, Lk) scores are all the work there is anyway, and this form
+    lets Inductor fuse it with the rest of the step. Rows with an empty interval give 0, as the op.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    ct = compute_dtype(q)
+    qg = (q.to(ct) * scale).reshape(B, Hkv, G * Lq, D)
+    scores = torch.matmul(qg, k.to(ct).transpose(-1, -2))  # (B, Hkv, G * Lq, Lk)
+    cols = torch.arange(Lk, device=q.device)
+    seen = (cols >= kv_start[..., None]) & (cols < kv_end[..., None])  # (B, Lq, Lk)
+    seen = seen[:, None, None].expand(B, 1, G, Lq, Lk).reshape(B, 1, G * Lq, Lk)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    m = scores.amax(-1, keepdim=True)
+    probs = torch.exp(scores - torch.where(torch.isfinite(m), m, 0.0))
+    total = probs.sum(-1, keepdim=True)
+    out = torch.matmul(probs, v.to(ct)) / torch.where(total > 0, total, 1.0)
+    return out.view(B, Hq, Lq, D).to(q.dtype)
+
+
 def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -663,6 +693,8 @@ def mixed_attention(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if backend == "torch" and q.shape[2] <= _TRACED_FEW_QUERIES and is_tracing():
+        return _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale)
     out, _ = _mixed_attention_fwd_op(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend,
                                      num_splits or 0)
     return out

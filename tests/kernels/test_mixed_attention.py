@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmfuse.kernels import mask_intervals, mixed_attention, mixed_attention_tile_counts, tile_stats
-from tests.helpers import random_layout, rel_err, triton_devices
+from tests.helpers import count_calls, random_layout, rel_err, triton_devices
 
 attn_mod = importlib.import_module("mmfuse.kernels.mixed_attention")  # the package re-exports a same-named function
 
@@ -200,6 +200,29 @@ def test_compiles_without_graph_breaks():
     ref = Block()(q_eager, *inputs[1:])
     ref.square().sum().backward()
     assert rel_err(out, ref) < 1e-6 and rel_err(q.grad, q_eager.grad) < 1e-6
+
+
+@pytest.mark.parametrize("Lq", [1, 5])
+def test_compiled_few_queries_run_inline_and_match_the_reference(monkeypatch, Lq):
+    """Under torch.compile a decode-sized call is traced as plain PyTorch, not the custom op's Python body."""
+    custom_op_body = count_calls(monkeypatch, {"fwd": ("mmfuse.kernels.mixed_attention", "_attention_fwd_torch")})
+    B, Hq, Hkv, Lk, D = 3, 4, 2, 45, 32
+    q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    kv_start = torch.tensor([0, 17, 0], dtype=torch.int32)[:, None].expand(B, Lq).contiguous()
+    kv_end = torch.tensor([45, 30, 0], dtype=torch.int32)[:, None].expand(B, Lq).contiguous()  # row 2: empty
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    attend = torch.compile(lambda q, k, v: mixed_attention(q, k, v, kv_start, kv_end, backend="torch"),
+                           fullgraph=True, backend="aot_eager")
+    out = attend(*leaves)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert custom_op_body["fwd"] == 0
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = dense_reference(*ref_leaves, kv_start, kv_end)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert not torch.isnan(got).any() and rel_err(got, want) <= TOL[torch.float32]
+    assert out[2].abs().max() == 0 and grads[0][2].abs().max() == 0
 
 
 def _good():
