@@ -172,8 +172,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     print_table(rows, ["case", "seq_len", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "tflops", "gbps", "error"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), heads=heads, kv_heads=kv_heads,
                   head_dim=head_dim, batch=batch)
-    path = append_results("attention", device, config, rows, out_dir)
-    print(f"appended to {path}")
+    append_results("attention", device, config, rows, out_dir)
     return rows
 
 

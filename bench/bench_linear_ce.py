@@ -105,8 +105,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     print_table(rows, ["N", "D", "V", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "mem_vs_eager", "tflops",
                        "loss_diff", "error"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), cases=cases, reps=reps)
-    path = append_results("linear_cross_entropy", device, config, rows, out_dir)
-    print(f"appended to {path}")
+    append_results("linear_cross_entropy", device, config, rows, out_dir)
     return rows
 
 

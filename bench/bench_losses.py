@@ -214,8 +214,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     _add_ratios(rows)
     print_table(rows, ["loss", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps", "error"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), cpu_threads=torch.get_num_threads())
-    path = append_results("losses", device, config, rows, out_dir)
-    print(f"appended to {path}")
+    append_results("losses", device, config, rows, out_dir)
     return rows
 
 

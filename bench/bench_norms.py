@@ -177,8 +177,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     _add_ratios(rows)
     print_table(rows, ["op", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), **sizes)
-    path = append_results("norms", device, config, rows, out_dir)
-    print(f"appended to {path}")
+    append_results("norms", device, config, rows, out_dir)
     return rows
 
 

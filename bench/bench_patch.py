@@ -132,8 +132,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     print_table(rows, ["op", "shape", "impl", "ms", "vs_mmfuse", "peak_mib", "tokens_per_s", "loss_diff",
                        "same_tokens"])
     config = dict(quick=quick, tiny=tiny, dtype=str(s["dtype"]), reps=reps, **{k: v for k, v in s.items() if k != "dtype"})
-    path = append_results("patch", device, config, rows, out_dir)
-    print(f"appended to {path}")
+    append_results("patch", device, config, rows, out_dir)
     return rows
 
 

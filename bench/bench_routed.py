@@ -187,8 +187,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
                        "peak_mib", "tflops", "error"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), N=n, D=d, I=inter, heads=heads, reps=reps,
                   backend="triton" if device.type == "cuda" else "torch", frozen="text expert (0)")
-    path = append_results("routed", device, config, rows, out_dir)
-    print(f"appended to {path}")
+    append_results("routed", device, config, rows, out_dir)
     return rows
 
 

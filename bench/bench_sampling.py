@@ -253,8 +253,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     config = dict(quick=quick, tiny=tiny, size=dataclasses.asdict(size), dtype=str(_dtype(device)),
                   guidance_scale=GUIDANCE, scheduler="DDIM (sample_images default)",
                   backend="triton" if device.type == "cuda" else "torch")
-    path = append_results("sampling", device, config, rows, out_dir)
-    print(f"appended to {path}")
+    append_results("sampling", device, config, rows, out_dir)
     return rows
 
 

@@ -416,8 +416,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     config = dict(quick=quick, tiny=tiny, size=dataclasses.asdict(size),
                   autocast="bf16" if device.type == "cuda" else "off", optimizer="AdamW (Trainer.train_step)",
                   backend="triton" if device.type == "cuda" else "torch", families=details)
-    path = append_results("training", device, config, rows, out_dir)
-    print(f"appended to {path}")
+    append_results("training", device, config, rows, out_dir)
     return rows
 
 

@@ -135,6 +135,7 @@ def append_results(name: str, device: torch.device | str, config: dict, rows: li
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(runs, indent=1) + "\n")
     tmp.replace(path)  # atomic: a crash never leaves a half-written results file
+    print(f"appended to {path}")
     return path
 
 
