@@ -25,13 +25,12 @@ memory at the step's peak.
 """
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import append_results, bench_main, measure_interleaved, print_table, time_ms
 from mmfuse.kernels.routed_linear import build_routing
 from mmfuse.kernels.routed_mlp import routed_qkv_projection, routed_swiglu_mlp
 
@@ -120,29 +119,6 @@ def useful_flops(kind: str, n: int, n_trainable: int, d: int, inter: int, mode: 
     fwd = sum(2 * n * dout * din for dout, din in gemms)
     bwd = fwd + sum(2 * n_trainable * dout * din for dout, din in gemms)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
-def measure_interleaved(steps: dict[str, Callable], device, rounds: int) -> dict[str, dict]:
-    """Per implementation: peak memory, then the median (and min, max) over rounds that each time every
-    implementation once in turn, so that load from other processes drifts over all of them alike."""
-    rows: dict[str, dict] = {}
-    for name, step in steps.items():
-        try:
-            step()
-            sync(device)
-        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size (e.g. out of memory)
-            rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
-            continue
-        # Memory first: after the timing loop a CPU allocator may serve the next run from freed pages.
-        rows[name] = {"peak_mib": peak_memory_mib(step, device)}
-    live = [name for name in steps if "error" not in rows[name]]
-    times: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(rounds):
-        for name in live:
-            times[name].append(time_ms(steps[name], device, warmup=0, reps=1)["ms"])
-    for name in live:
-        rows[name].update(ms=statistics.median(times[name]), ms_min=min(times[name]), ms_max=max(times[name]))
-    return rows
 
 
 def sizes(quick: bool, device: torch.device, tiny: bool = False) -> tuple[torch.dtype, int, int, int, int]:

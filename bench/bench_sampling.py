@@ -30,9 +30,8 @@ from typing import Callable
 
 import torch
 
-from mmfuse.bench.bench_routed import measure_interleaved
 from mmfuse.bench.bench_training import BOI, EOI, LLAMA_3_2_1B, device_peak, randomise_zero_init, random_decoder
-from mmfuse.bench.common import append_results, bench_main, print_table
+from mmfuse.bench.common import append_results, bench_main, measure_interleaved, print_table
 from mmfuse.engine.generate import generate
 from mmfuse.engine.sampling import sample_images
 from mmfuse.models.fusion import FusionConfig, LlamaFusion

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from mmfuse.bench import baselines
-from mmfuse.bench.bench_routed import measure_interleaved
-from mmfuse.bench.common import append_results, bench_main, print_table
+from mmfuse.bench.common import append_results, bench_main, measure_interleaved, print_table
 from mmfuse.engine.packing import Image, PackedBatch, pack
 from mmfuse.engine.train import Trainer, TrainConfig
 from mmfuse.kernels import mask_intervals

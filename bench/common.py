@@ -94,6 +94,29 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> flo
         return None  # not Linux, or /proc not writable: report no figure rather than a wrong one
 
 
+def measure_interleaved(steps: dict[str, Callable], device, rounds: int) -> dict[str, dict]:
+    """Per implementation: peak memory, then the median (and min, max) over rounds that each time every
+    implementation once in turn, so that load from other processes drifts over all of them alike."""
+    rows: dict[str, dict] = {}
+    for name, step in steps.items():
+        try:
+            step()
+            sync(device)
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this size (e.g. out of memory)
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
+            continue
+        # Memory first: after the timing loop a CPU allocator may serve the next run from freed pages.
+        rows[name] = {"peak_mib": peak_memory_mib(step, device)}
+    live = [name for name in steps if "error" not in rows[name]]
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(rounds):
+        for name in live:
+            times[name].append(time_ms(steps[name], device, warmup=0, reps=1)["ms"])
+    for name in live:
+        rows[name].update(ms=statistics.median(times[name]), ms_min=min(times[name]), ms_max=max(times[name]))
+    return rows
+
+
 def freeze_imports() -> None:
     """Move every object alive now (the imports: torch, transformers, ...) out of the garbage
     collector's sight: each peak-memory measurement starts with ``gc.collect()``, which otherwise
