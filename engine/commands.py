@@ -314,6 +314,8 @@ def train_from_config(config_path: str | Path, device: str = "cpu", progress: bo
     state = trainer.full_state_dict()  # under FSDP a collective: every rank gathers, rank 0 writes
     if rank == 0:
         recipe.save(model, out / "model", state)
+    if world > 1:
+        torch.distributed.barrier()  # every rank returns (and may exit) only once the model is written
     return out
 
 

@@ -81,6 +81,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, data_parallel: 
             save_file(_cpu(resumed_state), os.path.join(out_dir, "resumed.safetensors"))
             with open(os.path.join(out_dir, "losses.json"), "w") as f:
                 json.dump({"losses": losses, "resumed_last": resumed_loss}, f)
+        dist.barrier()  # no rank tears the group down while another still has work in flight
     finally:
         dist.destroy_process_group()
 
