@@ -21,6 +21,12 @@ _BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_backend_name(backend: str | None) -> None:
+    """``backend`` must be None, "torch" or "triton" (checked where it is given, before any work)."""
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+
+
 # A plain module global, not a ContextVar: torch.compile traces (and guards on) globals but not
 # ContextVar.get. The setting is process-wide, like torch's own backend flags.
 _default_backend_override: str | None = None
@@ -33,8 +39,7 @@ def default_backend(backend: str | None) -> Iterator[None]:
     This is how a whole model built from the ops runs on one backend, e.g. the Triton kernels on CPU
     through the interpreter in tests. ``None`` restores the automatic choice.
     """
-    if backend is not None and backend not in _BACKENDS:
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    check_backend_name(backend)
     global _default_backend_override
     previous, _default_backend_override = _default_backend_override, backend
     try:
@@ -50,8 +55,7 @@ def triton_interpreting() -> bool:
 
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> Backend:
     """Map the user's ``backend`` argument to ``"torch"`` or ``"triton"`` for these tensors."""
-    if backend is not None and backend not in _BACKENDS:
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    check_backend_name(backend)
     on_cuda = any(t.is_cuda for t in tensors)
     if backend is None:
         backend = _default_backend_override

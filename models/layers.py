@@ -32,7 +32,7 @@ from mmfuse.kernels import (
     routed_swiglu_mlp,
     swiglu,
 )
-from mmfuse.kernels._common import _BACKENDS, check_tensor
+from mmfuse.kernels._common import check_backend_name, check_tensor
 from mmfuse.kernels.cosine_loss import _DEFAULT_EPS as _COSINE_EPS
 
 
@@ -71,12 +71,6 @@ def _check_parameter(name: str, p: object, ndim: int) -> None:
     if not isinstance(p, nn.Parameter):
         raise TypeError(f"{name} must be an nn.Parameter (shared, not copied), got {type(p).__name__}")
     check_tensor(name, p, ndim=ndim)
-
-
-def _check_backend(backend: str | None) -> None:
-    """A bad name fails when the module is built, not at its first forward."""
-    if backend is not None and backend not in _BACKENDS:
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
 
 
 def _check_eps(eps: float) -> None:
@@ -144,7 +138,7 @@ class RMSNorm(nn.Module):
             if dim is not None and weight.shape[0] != dim:
                 raise ValueError(f"weight must have shape ({dim},), got {tuple(weight.shape)}")
         _check_eps(eps)
-        _check_backend(backend)
+        check_backend_name(backend)  # a bad name fails when the module is built, not at its first forward
         self.weight, self.eps, self.backend = weight, float(eps), backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +271,7 @@ class LinearCrossEntropy(nn.Module):
         # ignore_index, label_smoothing and z_loss are checked by the op (at the first call).
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        _check_backend(backend)
+        check_backend_name(backend)
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, float(label_smoothing), float(z_loss)
         self.reduction, self.backend = reduction, backend
 
@@ -326,7 +320,7 @@ class CosineLoss(nn.Module):
     def __init__(self, eps: float = _COSINE_EPS, *, backend: str | None = None):
         super().__init__()
         _check_eps(eps)
-        _check_backend(backend)
+        check_backend_name(backend)
         self.eps, self.backend = float(eps), backend
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -345,7 +339,7 @@ class DiffusionLoss(nn.Module):
 
     def __init__(self, *, backend: str | None = None):
         super().__init__()
-        _check_backend(backend)
+        check_backend_name(backend)
         self.backend = backend
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

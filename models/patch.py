@@ -43,11 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfuse.kernels import apply_rope, swiglu
+from mmfuse.kernels._common import check_backend_name
 
 from .decoder import Decoder, DecoderConfig, decoder_state_from_hf
 from .fusion import FusionConfig, LlamaFusion
 from .hf_io import build_from_state
-from .layers import LinearCrossEntropy, RMSNorm, _check_backend
+from .layers import LinearCrossEntropy, RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bo
         TypeError: ``model`` is not an ``nn.Module``.
     """
     prefix, module = _arch(model)
-    _check_backend(backend)
+    check_backend_name(backend)
     norms = _children_of_type(model, getattr(module, f"{prefix}RMSNorm")) if rms_norm else []
     mlps = _children_of_type(model, getattr(module, f"{prefix}MLP")) if mlp else []
     attention_cls = getattr(module, f"{prefix}Attention")
