@@ -182,11 +182,14 @@ class Recipe:
 
     build: Callable[[dict, torch.device], torch.nn.Module]
     image_tensor: str  # the tensor name inside an image file
-    make_batch: Callable[[torch.nn.Module, list, dict], object]  # (model, documents, data config) -> batch
+    make_batch: Callable[[torch.nn.Module, list, int], object]  # (model, documents, row_len) -> batch
     loss: Callable[[torch.nn.Module, object, torch.Generator], Objective]
     count: Callable[[object], dict[str, int]]
     save: Callable[..., None]  # (model, path, state_dict)
-    doc_size: Callable[[torch.nn.Module, list], int]  # positions a document takes in a batch
+    # (model, document, row_len) -> the positions it takes of a batch of rows_per_batch x row_len
+    doc_size: Callable[[torch.nn.Module, list, int], int]
+    # (documents, row_len, data path): reject documents the family cannot train on, by number
+    check_documents: Callable[[list, int, str], None] = lambda docs, row_len, path: None
 
 
 def _packed_size(doc: list, tokens_per_image: int) -> int:
@@ -194,13 +197,12 @@ def _packed_size(doc: list, tokens_per_image: int) -> int:
     return sum(tokens_per_image + 2 if isinstance(s, Image) else len(s) for s in doc)
 
 
-def _pack(model, docs: list, data: dict, tokens_per_image: int) -> PackedBatch:
-    return pack(docs, int(data.get("row_len", 512)), tokens_per_image, model.config.boi_token_id,
-                model.config.eoi_token_id)
+def _pack(model, docs: list, row_len: int, tokens_per_image: int) -> PackedBatch:
+    return pack(docs, row_len, tokens_per_image, model.config.boi_token_id, model.config.eoi_token_id)
 
 
-def _metamorph_batch(model: MetaMorph, docs: list, data: dict) -> PackedBatch:
-    batch = _pack(model, docs, data, model.config.num_visual_tokens)
+def _metamorph_batch(model: MetaMorph, docs: list, row_len: int) -> PackedBatch:
+    batch = _pack(model, docs, row_len, model.config.num_visual_tokens)
     # MetaMorph is causal over its visual tokens as well: intervals without spans, documents kept.
     batch.kv_start, batch.kv_end = mask_intervals(torch.zeros_like(batch.span_ids), batch.doc_ids)
     return batch
@@ -218,7 +220,7 @@ class PromptImageBatch:
         return PromptImageBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.latents.to(device))
 
 
-def _metaquery_batch(model: MetaQuery, docs: list, data: dict) -> PromptImageBatch:
+def _metaquery_batch(model: MetaQuery, docs: list, row_len: int) -> PromptImageBatch:
     prompts, latents = [], []
     for doc in docs:
         prompts.append([t for seg in doc[:-1] for t in seg])
@@ -248,13 +250,13 @@ RECIPES = {
     "fusion": Recipe(
         build=build_fusion,
         image_tensor="latent",
-        make_batch=lambda model, docs, data: _pack(model, docs, data, model.config.patches_per_image),
+        make_batch=lambda model, docs, row_len: _pack(model, docs, row_len, model.config.patches_per_image),
         loss=lambda model, b, gen: model.training_loss(b.input_ids, b.modality, b.labels, b.images, b.kv_start,
                                                        b.kv_end, position_ids=b.position_ids,
                                                        image_mask=b.image_loss_mask, generator=gen),
         count=_packed_counts,
         save=save_fusion,
-        doc_size=lambda model, doc: _packed_size(doc, model.config.patches_per_image),
+        doc_size=lambda model, doc, row_len: _packed_size(doc, model.config.patches_per_image),
     ),
     "metamorph": Recipe(
         build=build_metamorph,
@@ -264,7 +266,7 @@ RECIPES = {
                                                        b.kv_end, position_ids=b.position_ids),
         count=_packed_counts,
         save=save_metamorph,
-        doc_size=lambda model, doc: _packed_size(doc, model.config.num_visual_tokens),
+        doc_size=lambda model, doc, row_len: _packed_size(doc, model.config.num_visual_tokens),
     ),
     "metaquery": Recipe(
         build=build_metaquery,
@@ -273,7 +275,8 @@ RECIPES = {
         loss=lambda model, b, gen: model.training_loss(b.prompt_ids, b.latents, b.prompt_mask, generator=gen),
         count=lambda b: {"tokens": int(b.prompt_mask.sum()), "images": int(b.latents.shape[0])},
         save=save_metaquery,
-        doc_size=lambda model, doc: 1,  # one image a row
+        doc_size=lambda model, doc, row_len: row_len,  # a prompt and its image fill one row
+        check_documents=_check_metaquery_documents,
     ),
 }
 
@@ -288,24 +291,20 @@ def train_from_config(config_path: str | Path, device: str = "cpu", progress: bo
     data = cfg["data"]
     docs = read_documents(Path(config_path).parent / data["path"], recipe.image_tensor)
     row_len, rows = int(data.get("row_len", 512)), int(data.get("rows_per_batch", 8))
-    if cfg["family"] == "metaquery":
-        _check_metaquery_documents(docs, row_len, data["path"])
+    recipe.check_documents(docs, row_len, data["path"])
     train_fields = {"out_dir": str(Path(config_path).parent / "run"), **(cfg.get("train") or {})}
     train_cfg = _dataclass_from(TrainConfig, train_fields, "train")
     model = recipe.build(cfg, dev)
-    # positions a batch holds: rows of row_len for packed families, one image a row for metaquery
-    budget = rows * (row_len if cfg["family"] != "metaquery" else 1)
-
     def get_batch(step: int, micro: int):
         """Documents filling one batch, drawn by a generator seeded from the step (this rank's share)."""
         gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + (step * train_cfg.grad_accum + micro) * world
                                             + rank)
         picked, size = [], 0
-        while size < budget:
+        while size < rows * row_len:
             doc = docs[int(torch.randint(0, len(docs), (1,), generator=gen))]
             picked.append(doc)
-            size += recipe.doc_size(model, doc)
-        return recipe.make_batch(model, picked, data).to(dev)
+            size += recipe.doc_size(model, doc, row_len)
+        return recipe.make_batch(model, picked, row_len).to(dev)
 
     trainer = Trainer(model, lambda batch, gen: recipe.loss(model, batch, gen), get_batch, train_cfg,
                       count=recipe.count)
