@@ -538,17 +538,15 @@ def _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale):
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     ct = compute_dtype(q)
-    qg = (q.to(ct) * scale).reshape(B, Hkv, G * Lq, D)
-    scores = torch.matmul(qg, k.to(ct).transpose(-1, -2))  # (B, Hkv, G * Lq, Lk)
-    cols = torch.arange(Lk, device=q.device)
-    seen = (cols >= kv_start[..., None]) & (cols < kv_end[..., None])  # (B, Lq, Lk)
-    seen = seen[:, None, None].expand(B, 1, G, Lq, Lk).reshape(B, 1, G * Lq, Lk)
-    scores = scores.masked_fill(~seen, float("-inf"))
+    # The chunked implementation's steps for one chunk of every query over every key, out of place.
+    qg = _chunk(_grouped(q, Hkv, ct) * scale, 0, Lq)
+    scores = torch.matmul(qg, k.to(ct).transpose(-1, -2)).view(B, Hkv, G, Lq, Lk)
+    scores = scores.masked_fill(~_chunk_seen(kv_start, kv_end, 0, Lq, 0, Lk), float("-inf"))
     m = scores.amax(-1, keepdim=True)
     probs = torch.exp(scores - torch.where(torch.isfinite(m), m, 0.0))
     total = probs.sum(-1, keepdim=True)
-    out = torch.matmul(probs, v.to(ct)) / torch.where(total > 0, total, 1.0)
-    return out.view(B, Hq, Lq, D).to(q.dtype)
+    out = torch.matmul(probs.view(B, Hkv, G * Lq, Lk), v.to(ct)).view(B, Hkv, G, Lq, D)
+    return (out / torch.where(total > 0, total, 1.0)).view(B, Hq, Lq, D).to(q.dtype)
 
 
 def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
