@@ -15,7 +15,9 @@ adds its own builder there. Every case times each implementation on the same inp
 On CPU mmfuse runs its PyTorch backend; "mmfuse_nocheck" is the same call with ``check_finite=False``
 (the default NaN/Inf check of CPU inputs costs one extra read). Rows carry ms, peak extra memory,
 ``gbps`` (the bytes a fused implementation must move over the time: the same numerator for every
-implementation, so it ranks them) and ``vs_mmfuse`` (baseline time / mmfuse time).
+implementation, so it ranks them), ``of_copy`` (that over the device's copy bandwidth, measured in
+the same run by :func:`~mmfuse.bench.common.copy_bandwidth_gbps`: 1.0 is a memory-bound kernel at
+the ceiling) and ``vs_mmfuse`` (baseline time / mmfuse time).
 
     python -m mmfuse.bench.bench_losses [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
 """
@@ -27,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, time_ms
+from mmfuse.bench.common import append_results, bench_main, copy_bandwidth_gbps, peak_memory_mib, print_table, time_ms
 from mmfuse.kernels.cosine_loss import cosine_loss
 from mmfuse.bench.bench_linear_ce import _liger_loss
 from mmfuse.bench.bench_linear_ce import sizes as linear_ce_sizes
@@ -179,7 +181,7 @@ def make_step(case: Case, fn: Callable) -> Callable[[], object]:
 SLOW_STEP_MS = 100.0  # a step slower than this is timed over fewer repetitions (it is already steady)
 
 
-def measure(case: Case, name: str, fn: Callable, device: torch.device) -> dict:
+def measure(case: Case, name: str, fn: Callable, device: torch.device, copy_gbps: float) -> dict:
     row = {"loss": case.loss, "shape": case.shape, "mode": case.mode, "impl": name}
     step = make_step(case, fn)
     try:
@@ -193,6 +195,7 @@ def measure(case: Case, name: str, fn: Callable, device: torch.device) -> dict:
     row["peak_mib"] = peak_memory_mib(step, device)
     if case.bytes_moved:
         row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
+        row["of_copy"] = row["gbps"] / copy_gbps
     return row
 
 
@@ -207,13 +210,16 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    copy_gbps = copy_bandwidth_gbps(device, 8 if tiny else None)
+    print(f"  device copy bandwidth: {copy_gbps:.1f} GB/s")
     rows = []
     for build in CASE_BUILDERS:
         for case in build(quick or tiny, device, dtype, tiny):
-            rows += [measure(case, name, fn, device) for name, fn in case.impls.items()]
+            rows += [measure(case, name, fn, device, copy_gbps) for name, fn in case.impls.items()]
     _add_ratios(rows)
-    print_table(rows, ["loss", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps", "error"])
-    config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), cpu_threads=torch.get_num_threads())
+    print_table(rows, ["loss", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps", "of_copy", "error"])
+    config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), cpu_threads=torch.get_num_threads(),
+                  copy_gbps=copy_gbps)
     append_results("losses", device, config, rows, out_dir)
     return rows
 

@@ -54,6 +54,20 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
 
 
+def copy_bandwidth_gbps(device: torch.device | str, mib: int | None = None) -> float:
+    """The device's achievable memory bandwidth: GB/s of ``dst.copy_(src)``, counting read + write.
+
+    The ceiling a memory-bound kernel is held against (its ``gbps`` over this), measured in the same
+    run rather than taken from a spec sheet. Default buffer: 1 GiB on CUDA (well past L2), 64 MiB on CPU.
+    """
+    device = torch.device(device)
+    mib = mib or (1024 if device.type == "cuda" else 64)
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=2, reps=7)["ms"]
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -29,7 +29,7 @@ COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     "attention": (["case", "seq_len", "mode", "impl"], ["tflops", "gbps", "error"]),
     "routed": (["layer", "split", "mode", "impl"], ["vs_dense", "tflops", "error"]),
     "norms": (["op", "shape", "mode", "impl"], ["gbps", "error"]),
-    "losses": (["loss", "shape", "mode", "impl"], ["gbps", "error"]),
+    "losses": (["loss", "shape", "mode", "impl"], ["gbps", "of_copy", "error"]),
     "linear_cross_entropy": (["N", "D", "V", "mode", "impl"], ["mem_vs_eager", "tflops", "error"]),
     "training": (["family", "size", "params", "seq_len", "batch", "impl"],
                  ["tokens_per_s", "images_per_s", "tflops", "mfu", "error"]),

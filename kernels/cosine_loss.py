@@ -31,7 +31,7 @@ from ._common import (
 )
 from ._loss_common import check_finite_inputs, chunk_buffer, chunk_store, row_chunks
 
-_DEFAULT_EPS = 1e-8
+DEFAULT_EPS = 1e-8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def cosine_loss(
     target: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    eps: float = _DEFAULT_EPS,
+    eps: float = DEFAULT_EPS,
     check_finite: bool | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:

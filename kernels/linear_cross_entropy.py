@@ -17,14 +17,21 @@ Per row ``i`` with logits ``z``, label ``y``, smoothing ``eps`` and z-loss weigh
     loss_i = (1 - eps) * (lse_i - z_y) + eps * (lse_i - mean_j z_j) + zl * lse_i ** 2
     dloss_i / dz_j = softmax_j * (1 + 2 * zl * lse_i) - (1 - eps) * [j == y] - eps / V
 
-Backends. "torch" chunks the rows (about 32 MiB of fp32 logits per chunk on CPU) and does the
-softmax and its gradient in place on the chunk. "triton": a forward kernel gives each program a
-block of rows and a range of vocabulary tiles, computes each logits tile ``h @ W_tile^T`` with an
-fp32 accumulator over D and folds it into an online max / sum-exp (ranges are split across
-programs when the row blocks alone cannot fill the GPU, and their partial statistics are merged
-afterwards). Without gradients (evaluation) that is the whole op and no logit is ever written.
-With gradients it runs per chunk of rows, stores the chunk's fp32 logits as it goes, then a second
-kernel turns them into dlogits and two cuBLAS GEMMs give dh and dW (see :func:`_sweep_triton`).
+Both backends run the same chunked sweep over rows. Per chunk, the logits GEMM ``h_c @ W^T``
+writes the chunk's (rows, V) logits in the input dtype (cuBLAS on the GPU, like eager), the row
+reductions and the logit gradient are formed in place on that one buffer, and two more GEMMs give
+``dh_c = dlogits @ W`` and ``dW += dlogits^T @ h_c``. "torch" does the softmax with torch ops on
+an fp32 copy (what CPU users get); "triton" reads each row twice in one kernel (pass 1: online
+max / sum-exp in fp32; pass 2: the gradient, written over the logits), so on top of eager's three
+GEMMs there are two reads and one write of the logits instead of eager's chain of softmax passes.
+
+Why the GEMMs stay in cuBLAS and GPU chunks are large: cuBLAS runs the three dense products at the
+tensor cores' full rate, and the only cost chunking adds is that dW's accumulation reads and writes
+the whole (V, D) gradient once per chunk. Next to the chunk's own dW GEMM that traffic takes about
+``2 * FLOPS / (bandwidth * rows)`` of its time, ~420 / rows on an H100 (~700 bf16 TFLOP/s over
+3.35 TB/s): more than the GEMM itself at the few hundred rows a fixed small chunk gives at
+V = 128256, ~10% at 4k rows. So a GPU chunk holds up to 1 GiB of logits (4186 rows of bf16 at
+V = 128256); the eval path (no grad) uses the same chunks and kernel without the gradient pass.
 
 Layout of this file: Triton kernels -> launchers -> PyTorch backend -> custom ops + autograd ->
 public function.
@@ -40,7 +47,6 @@ from ._common import (
     check_same_device,
     check_tensor,
     compute_dtype,
-    dot_flags,
     is_tracing,
     resolve_backend,
     triton_interpreting,
@@ -50,9 +56,9 @@ from ._loss_common import check_finite_inputs
 _REDUCTIONS = ("mean", "sum", "none")
 _LABEL_DTYPES = (torch.int64, torch.int32)
 # Bytes of per-chunk logit buffers: small on CPU (where memory is what the torch backend saves),
-# larger on GPUs so that the chunk's dh / dW GEMMs stay big enough for the tensor cores.
+# large on GPUs so that dW's per-chunk read-modify-write stays small next to its GEMM (see above).
 _CPU_CHUNK_BYTES = 32 * 2**20
-_GPU_CHUNK_BYTES = 256 * 2**20
+_GPU_CHUNK_BYTES = 2**30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,194 +68,89 @@ _GPU_CHUNK_BYTES = 256 * 2**20
 
 @triton.jit
 def _linear_cross_entropy_fwd_kernel(
-    H, W, LABELS, LOGITS, PART_MAX, PART_SUMEXP, PART_LABEL, PART_SUM,
-    n_rows, vocab, dim, cols_per_split, ignore_index,
-    stride_hm, stride_hd, stride_wv, stride_wd, stride_lm, stride_lv,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    STORE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOGITS, LABELS, ROW_SCALE, LSE, LABEL_LOGIT, LOGIT_SUM,
+    vocab, ignore_index, label_smoothing, z_loss, stride_lm,
+    BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    """One program: BLOCK_M rows against the vocabulary columns of one split, tile by tile.
+    """One program: one row of a chunk's logits, (V,) in the input dtype, read twice.
 
-    Writes the split's partial statistics per row (running max, sum of exp relative to it, the
-    label logit if the label falls in this split, sum of logits); the logits themselves are kept
-    only when STORE_LOGITS (the gradient pass reads them back instead of recomputing the GEMM).
+    Pass 1 folds the row tile by tile into an online max / sum-exp (fp32) and writes the row's
+    log-sum-exp, label logit and logit sum. With COMPUTE_GRAD, pass 2 overwrites the row with
+    ``ROW_SCALE[row] * d loss_row / d logits`` (0 on ignored rows), which the dh / dW GEMMs read.
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
-    rows64 = rows.to(tl.int64)  # row * stride overflows int32 for long batches / big vocabularies
-    offs_k = tl.arange(0, BLOCK_K)
-    v_lo = pid_s * cols_per_split
-    v_hi = tl.minimum(v_lo + cols_per_split, vocab)
+    row = tl.program_id(0)
+    row_ptr = LOGITS + row.to(tl.int64) * stride_lm  # row * stride overflows int32 at V = 128256
+    label = tl.load(LABELS + row)
+    offs = tl.arange(0, BLOCK_V)
 
-    run_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    run_sumexp = tl.zeros([BLOCK_M], dtype=tl.float32)
-    label_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
-    logit_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < v_hi
-        logits = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-        for k0 in range(0, dim, BLOCK_K):
-            ks = k0 + offs_k
-            k_ok = ks < dim
-            h = tl.load(H + rows64[:, None] * stride_hm + ks[None, :] * stride_hd,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W + cols.to(tl.int64)[:, None] * stride_wv + ks[None, :] * stride_wd,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            logits = tl.dot(h, tl.trans(w), logits, input_precision=DOT_PRECISION)
-        if STORE_LOGITS:
-            tl.store(LOGITS + rows64[:, None] * stride_lm + cols[None, :] * stride_lv, logits,
-                     mask=row_ok[:, None] & col_ok[None, :])
-        # Every tile holds at least one real column, so the new max is finite and exp(-inf) = 0
-        # takes care of both the padded columns and the first tile's empty running sum.
-        masked = tl.where(col_ok[None, :], logits, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(masked, 1))
-        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(masked - new_max[:, None]), 1)
+    run_max = float("-inf")
+    run_sumexp = 0.0
+    logit_sum = 0.0
+    for v0 in range(0, vocab, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        # Every tile holds at least one real column, so the new max is finite, and exp(-inf) = 0
+        # takes care of the padded columns and of the first tile's empty running sum.
+        new_max = tl.maximum(run_max, tl.max(z, 0))
+        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), 0)
         run_max = new_max
-        label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), 1)
-        logit_sum += tl.sum(tl.where(col_ok[None, :], logits, 0.0), 1)
+        logit_sum += tl.sum(tl.where(cols < vocab, z, 0.0), 0)
+    lse = run_max + tl.log(run_sumexp)
+    valid = label != ignore_index
+    label_logit = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32)
+    tl.store(LSE + row, lse)
+    tl.store(LABEL_LOGIT + row, label_logit)
+    tl.store(LOGIT_SUM + row, logit_sum)
 
-    part = pid_s * n_rows + rows
-    tl.store(PART_MAX + part, run_max, mask=row_ok)
-    tl.store(PART_SUMEXP + part, run_sumexp, mask=row_ok)
-    tl.store(PART_LABEL + part, label_logit, mask=row_ok)
-    tl.store(PART_SUM + part, logit_sum, mask=row_ok)
-
-
-@triton.jit
-def _linear_cross_entropy_bwd_kernel(
-    LOGITS, DLOGITS, LSE, LABELS, ROW_SCALE,
-    n_rows, vocab, ignore_index, label_smoothing, z_loss,
-    stride_lm, stride_lv, stride_dm, stride_dv,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """One program: the logit gradient of one (BLOCK_M, BLOCK_V) tile, from the stored logits.
-
-    DLOGITS may alias LOGITS (fp32 inputs): each element is read once, then written by the same
-    program.
-    """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < n_rows
-    tile_ok = row_ok[:, None] & (cols[None, :] < vocab)
-    rows64 = rows.to(tl.int64)
-    logits = tl.load(LOGITS + rows64[:, None] * stride_lm + cols[None, :] * stride_lv, mask=tile_ok, other=0.0)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    labels = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
-    scale = tl.load(ROW_SCALE + rows, mask=row_ok, other=0.0)  # 0 on ignored rows
-    probs = tl.exp(logits - lse[:, None])
-    grad = probs * (scale * (1.0 + 2.0 * z_loss * lse))[:, None] - (scale * (label_smoothing / vocab))[:, None]
-    grad -= tl.where(cols[None, :] == labels[:, None], (scale * (1.0 - label_smoothing))[:, None], 0.0)
-    tl.store(DLOGITS + rows64[:, None] * stride_dm + cols[None, :] * stride_dv,
-             grad.to(DLOGITS.dtype.element_ty), mask=tile_ok)
+    if COMPUTE_GRAD:
+        scale = tl.load(ROW_SCALE + row)  # 0 on ignored rows: their gradient row is all zeros
+        prob_scale = scale * (1.0 + 2.0 * z_loss * lse)
+        smooth = scale * (label_smoothing / vocab)
+        hit = scale * (1.0 - label_smoothing)
+        for v0 in range(0, vocab, BLOCK_V):
+            cols = v0 + offs
+            col_ok = cols < vocab
+            z = tl.load(row_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            grad = tl.exp(z - lse) * prob_scale - smooth - tl.where(cols == label, hit, 0.0)
+            tl.store(row_ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launcher
 # ----------------------------------------------------------------------------------------------
 
 
-def _block_sizes(dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps) for this hidden size on this process."""
+def _row_block(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernel for this vocabulary on this process."""
     if triton_interpreting():
-        # Interpreted cost is per program x loop iteration: one K step and wide vocab tiles.
-        return 16, 128, triton.next_power_of_2(max(dim, 16)), 4
-    return 64, 128, 64, 8
+        # Interpreted cost is per program x loop iteration; 128 still gives several tiles per row in
+        # the tests, so CI runs the online max / sum-exp across tiles.
+        return min(128, triton.next_power_of_2(vocab)), 4
+    block_v = min(4096, triton.next_power_of_2(vocab))
+    return block_v, 8 if block_v >= 2048 else 4
 
 
-def _num_vocab_splits(rows: int, vocab: int, block_m: int, block_v: int, device: torch.device) -> int:
-    """Split the vocabulary across programs when too few row blocks exist to fill the GPU."""
-    max_splits = triton.cdiv(vocab, block_v)
-    if device.type != "cuda":
-        # Interpreted: two splits, so that CI runs the cross-split log-sum-exp combine.
-        return min(2, max_splits)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(rows, block_m)
-    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, 4 * block_v)))
-
-
-def _logit_stats_triton(hidden, weight, labels, ignore_index, logits_out=None):
-    """Per-row (lse, label logit, logit sum) in fp32; fills ``logits_out`` (rows, V) if given."""
-    n_rows, dim = hidden.shape
-    vocab = weight.shape[0]
-    block_m, block_v, block_k, num_warps = _block_sizes(dim)
-    splits = _num_vocab_splits(n_rows, vocab, block_m, block_v, hidden.device)
-    cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
-    splits = triton.cdiv(vocab, cols_per_split)
-    parts = torch.empty((4, splits, n_rows), device=hidden.device, dtype=torch.float32)
-    store = logits_out is not None
-    logits_arg = logits_out if store else parts  # never written when not storing
-    torch.library.wrap_triton(_linear_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_m), splits)](
-        hidden, weight, labels, logits_arg, parts[0], parts[1], parts[2], parts[3],
-        n_rows, vocab, dim, cols_per_split, ignore_index,
-        *hidden.stride(), *weight.stride(), *(logits_out.stride() if store else (0, 0)),
-        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, STORE_LOGITS=store,
-        # The interpreter's tl.dot on bf16 returns garbage; fp32 inputs stay exact (no tf32).
-        **dot_flags(hidden.dtype),
-        num_warps=num_warps,
+def _chunk_triton(h_c, y_c, weight, scale, dh_c, dw, ignore_index, label_smoothing, z_loss):
+    """Triton backend of one chunk: see :func:`_chunk_torch` (same arguments and result)."""
+    rows, vocab = h_c.shape[0], weight.shape[0]
+    logits = torch.mm(h_c, weight.T)  # (rows, V), input dtype; reused in place for the gradient
+    stats = torch.empty((3, rows), device=h_c.device, dtype=torch.float32)
+    block_v, num_warps = _row_block(vocab)
+    compute_grad = scale is not None
+    torch.library.wrap_triton(_linear_cross_entropy_fwd_kernel)[(rows,)](
+        logits, y_c, scale if compute_grad else stats, stats[0], stats[1], stats[2],
+        vocab, ignore_index, label_smoothing, z_loss, logits.stride(0),
+        BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, num_warps=num_warps,
     )
-    part_max, part_sumexp, part_label, part_sum = parts
-    row_max = part_max.amax(0)
-    lse = row_max + torch.log((part_sumexp * torch.exp(part_max - row_max)).sum(0))
-    return lse, part_label.sum(0), part_sum.sum(0)
-
-
-def _logit_grads_triton(logits, dlogits, lse, labels, row_scale, ignore_index, label_smoothing, z_loss):
-    """Overwrite ``dlogits`` (rows, V) with d(sum_i row_scale_i * loss_i) / d logits."""
-    n_rows, vocab = logits.shape
-    block_m, block_v, _, num_warps = _block_sizes(0)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(vocab, block_v))
-    torch.library.wrap_triton(_linear_cross_entropy_bwd_kernel)[grid](
-        logits, dlogits, lse, labels, row_scale,
-        n_rows, vocab, ignore_index, label_smoothing, z_loss,
-        *logits.stride(), *dlogits.stride(),
-        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
-    )
-
-
-def _sweep_triton(hidden, weight, labels, row_scale, ignore_index, label_smoothing, z_loss,
-                  compute_dh, compute_dw, chunk_size):
-    """Triton backend of :func:`_sweep`.
-
-    Without gradients one launch streams the whole batch and no logit is ever stored. With
-    gradients, per chunk of rows: the forward kernel stores the chunk's fp32 logits while reducing
-    them, the gradient kernel turns them into dlogits, and two cuBLAS GEMMs give
-    ``dh = dlogits @ W`` and ``dW += dlogits^T @ h``. The GEMMs stay in torch on purpose: they are
-    plain dense products that cuBLAS runs at full tensor-core rate, and the in-place ``addmm_``
-    accumulates dW across chunks without atomics (deterministic).
-    """
-    n_rows, _ = hidden.shape
-    vocab = weight.shape[0]
-    valid = labels != ignore_index
-    dh, dw = _grad_buffers(hidden, weight, compute_dh, compute_dw)
-    if row_scale is None:
-        lse, label_logit, logit_sum = _logit_stats_triton(hidden, weight, labels, ignore_index)
-        return _row_losses(lse, label_logit, logit_sum, valid, label_smoothing, z_loss, vocab), dh, dw
-
-    chunk = chunk_size or _chunk_rows(n_rows, vocab, 4 + hidden.element_size(), hidden.device)
-    logits_buf = torch.empty((min(chunk, n_rows), vocab), device=hidden.device, dtype=torch.float32)
-    # fp32: dlogits overwrite the logits in place; otherwise GEMM operands in the input dtype.
-    dlogits_buf = logits_buf if hidden.dtype == torch.float32 else torch.empty_like(logits_buf, dtype=hidden.dtype)
-    losses = []
-    for c0 in range(0, n_rows, chunk):
-        c1 = min(n_rows, c0 + chunk)
-        h_c, y_c = hidden[c0:c1], labels[c0:c1]
-        logits, dlogits = logits_buf[: c1 - c0], dlogits_buf[: c1 - c0]
-        lse, label_logit, logit_sum = _logit_stats_triton(h_c, weight, y_c, ignore_index, logits)
-        losses.append(_row_losses(lse, label_logit, logit_sum, valid[c0:c1], label_smoothing, z_loss, vocab))
-        _logit_grads_triton(logits, dlogits, lse, y_c, row_scale[c0:c1], ignore_index, label_smoothing, z_loss)
-        _accumulate_grads(dlogits, h_c, weight, dh[c0:c1] if compute_dh else None, dw if compute_dw else None)
-    return torch.cat(losses), dh, dw
+    lse, label_logit, logit_sum = stats
+    losses = _row_losses(lse, label_logit, logit_sum, y_c != ignore_index, label_smoothing, z_loss, vocab)
+    if compute_grad:
+        _accumulate_grads(logits, h_c, weight, dh_c, dw)
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch backend: the same chunked sweep with torch ops (what CPU users get)
+# PyTorch backend and the chunked sweep both backends share
 # ----------------------------------------------------------------------------------------------
 
 
@@ -288,8 +189,9 @@ def _accumulate_grads(dlogits, h_c, weight, dh_c, dw):
         dw.addmm_(dlogits.T, h_c)
 
 
-def _chunk_torch(h_c, y_c, weight, scale, dh_c, dw, ignore_index, label_smoothing, z_loss, ct):
-    """Losses of one chunk of rows; with ``scale``, also writes dh_c and adds into dw.
+def _chunk_torch(h_c, y_c, weight, scale, dh_c, dw, ignore_index, label_smoothing, z_loss):
+    """Per-row losses (rows,) of one chunk of rows; with ``scale`` (rows,), also writes dh_c (the
+    gradient of ``sum_i scale_i * loss_i`` w.r.t. h_c) and adds that of the weight into dw.
 
     A function of its own so that the chunk's (rows, V) buffer is freed before the next chunk
     allocates its own (a loop variable would keep two alive).
@@ -297,7 +199,7 @@ def _chunk_torch(h_c, y_c, weight, scale, dh_c, dw, ignore_index, label_smoothin
     vocab = weight.shape[0]
     valid = y_c != ignore_index
     target = torch.where(valid, y_c, 0).long()[:, None]  # ignored rows: any column; they are masked
-    logits = (h_c @ weight.T).to(ct)  # the GEMM runs in the input dtype, like eager
+    logits = (h_c @ weight.T).to(compute_dtype(h_c))  # the GEMM runs in the input dtype, like eager
     label_logit = logits.gather(1, target).squeeze(1)
     logit_sum = logits.sum(1) if label_smoothing else None
     # In place, no second (rows, V) buffer: logits -> exp(z - max) -> dlogits.
@@ -317,31 +219,27 @@ def _chunk_torch(h_c, y_c, weight, scale, dh_c, dw, ignore_index, label_smoothin
     return losses
 
 
-def _sweep_torch(hidden, weight, labels, row_scale, ignore_index, label_smoothing, z_loss,
-                 compute_dh, compute_dw, chunk_size):
-    """PyTorch backend of :func:`_sweep`: one chunk of (rows, V) logits at a time, softmax in place."""
-    n_rows, _ = hidden.shape
-    ct = compute_dtype(hidden)
-    dh, dw = _grad_buffers(hidden, weight, compute_dh, compute_dw)
-    losses = hidden.new_empty(n_rows, dtype=ct)
-    chunk = chunk_size or _chunk_rows(n_rows, weight.shape[0], torch.finfo(ct).bits // 8, hidden.device)
-    for c0 in range(0, n_rows, chunk):
-        c1 = min(n_rows, c0 + chunk)
-        scale = None if row_scale is None else row_scale[c0:c1]
-        losses[c0:c1] = _chunk_torch(hidden[c0:c1], labels[c0:c1], weight, scale, dh[c0:c1] if compute_dh else None,
-                                     dw if compute_dw else None, ignore_index, label_smoothing, z_loss, ct)
-    return losses, dh, dw
+def _bytes_per_logit(hidden: torch.Tensor, backend: str) -> int:
+    """Triton keeps the chunk's logits in the input dtype; the torch backend works on an fp32 copy."""
+    return hidden.element_size() if backend == "triton" else torch.finfo(compute_dtype(hidden)).bits // 8
 
 
 def _sweep(hidden, weight, labels, row_scale, ignore_index, label_smoothing, z_loss,
            compute_dh, compute_dw, chunk_size, backend):
     """Per-row losses (N,) and, when ``row_scale`` (N,) is given, the gradients of
-    ``sum_i row_scale_i * loss_i`` w.r.t. hidden (N, D) and weight (V, D) (empty if not wanted)."""
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=compute_dtype(hidden)), *_grad_buffers(hidden, weight, compute_dh, compute_dw)
-    sweep = _sweep_triton if backend == "triton" else _sweep_torch
-    return sweep(hidden, weight, labels, row_scale, ignore_index, label_smoothing, z_loss,
-                 compute_dh, compute_dw, chunk_size)
+    ``sum_i row_scale_i * loss_i`` w.r.t. hidden (N, D) and weight (V, D) (empty if not wanted),
+    one chunk of (rows, V) logits at a time."""
+    n_rows = hidden.shape[0]
+    dh, dw = _grad_buffers(hidden, weight, compute_dh, compute_dw)
+    losses = hidden.new_empty(n_rows, dtype=compute_dtype(hidden))
+    chunk = chunk_size or _chunk_rows(n_rows, weight.shape[0], _bytes_per_logit(hidden, backend), hidden.device)
+    chunk_fn = _chunk_triton if backend == "triton" else _chunk_torch
+    for c0 in range(0, n_rows, chunk):
+        c1 = min(n_rows, c0 + chunk)
+        scale = None if row_scale is None else row_scale[c0:c1]
+        losses[c0:c1] = chunk_fn(hidden[c0:c1], labels[c0:c1], weight, scale, dh[c0:c1] if compute_dh else None,
+                                 dw if compute_dw else None, ignore_index, label_smoothing, z_loss)
+    return losses, dh, dw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +407,7 @@ def linear_cross_entropy(
         reduction: "mean" (over non-ignored rows; 0 when every row is ignored, not NaN like
             ``F.cross_entropy``), "sum", or "none" (per-row losses, ignored rows 0).
         chunk_size: rows per chunk; None picks it so that one chunk's logits take about 32 MiB
-            (CPU) or 256 MiB (GPU). The result does not depend on it beyond rounding.
+            (CPU) or 1 GiB (GPU). The result does not depend on it beyond rounding.
         backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
 
     Returns:

@@ -33,7 +33,7 @@ from mmfuse.kernels import (
     swiglu,
 )
 from mmfuse.kernels._common import check_backend_name, check_tensor
-from mmfuse.kernels.cosine_loss import _DEFAULT_EPS as _COSINE_EPS
+from mmfuse.kernels.cosine_loss import DEFAULT_EPS as _COSINE_EPS
 
 
 @dataclass

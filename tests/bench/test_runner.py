@@ -55,6 +55,9 @@ def check_run(run: dict, name: str) -> None:
             assert _positive(r["vs_mmfuse"]), (name, r)
         if r.get("peak_mib") is not None:
             assert math.isfinite(r["peak_mib"]) and r["peak_mib"] >= 0, (name, r)
+        if name == "losses" and "gbps" in r:  # held against the copy bandwidth measured in the same run
+            assert _positive(run["config"]["copy_gbps"]), run["config"]
+            assert r["of_copy"] == pytest.approx(r["gbps"] / run["config"]["copy_gbps"]), (name, r)
     # The reference implementation of each case: "mmfuse", or the cached sampler for image rows.
     reference = [r for r in rows if "ms" in r and r["impl"] in ("mmfuse", "cached")]
     assert reference, name

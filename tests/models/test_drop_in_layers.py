@@ -12,7 +12,7 @@ from tests.helpers import count_calls, rel_err, triton_devices
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     "cpu" not in triton_devices(), reason="needs the Triton interpreter"))]
 LAUNCHERS = {"rms_norm": ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_triton"),
-             "linear_cross_entropy": ("mmfuse.kernels.linear_cross_entropy", "_logit_stats_triton"),
+             "linear_cross_entropy": ("mmfuse.kernels.linear_cross_entropy", "_chunk_triton"),
              "cosine": ("mmfuse.kernels.cosine_loss", "_cosine_fwd_triton"),
              "diffusion": ("mmfuse.kernels.diffusion_loss", "_diffusion_fwd_triton")}
 
