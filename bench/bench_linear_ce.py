@@ -2,7 +2,9 @@
 
 Baselines: eager ``F.cross_entropy(h @ W.T, y)`` (autograd keeps the (N, V) logits, their
 log-softmax and their gradient) and Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` where it is
-installed (GPU only). Modes: "fwd" (no grad: an eval loss) and "fwd+bwd" (dhidden and dweight).
+installed (GPU only). On CUDA, mmfuse also runs at fixed chunks of 256 and 1024 rows beside its
+default (1 GiB of logits a chunk), which shows what that budget buys. Modes: "fwd" (no grad: an
+eval loss) and "fwd+bwd" (dhidden and dweight).
 Every row carries ms, peak extra memory and ``mem_vs_eager`` (the CPU target for mmfuse: <= 0.25);
 ``loss_diff`` is the absolute difference from eager's loss, a sanity check. On CUDA, ``tflops`` counts
 only the logits GEMM and its two gradient GEMMs over the rows that are not ignored.
@@ -20,6 +22,7 @@ from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, pri
 from mmfuse.kernels.linear_cross_entropy import linear_cross_entropy
 
 MODES = ("fwd", "fwd+bwd")
+CUDA_CHUNK_SWEEP = (256, 1024)
 
 
 def _liger_loss() -> Callable | str:
@@ -37,6 +40,11 @@ def implementations(device: torch.device) -> dict[str, Callable | str]:
         "eager": lambda h, w, y: F.cross_entropy(h @ w.T, y),
     }
     impls["liger"] = _liger_loss() if device.type == "cuda" else "Liger's kernels need CUDA"
+    if device.type == "cuda":
+        # Fixed smaller chunks beside the default (1 GiB of logits): the evidence for that budget,
+        # since each chunk re-reads and re-writes the whole dW.
+        for rows in CUDA_CHUNK_SWEEP:
+            impls[f"mmfuse_chunk{rows}"] = lambda h, w, y, _rows=rows: linear_cross_entropy(h, w, y, chunk_size=_rows)
     return impls
 
 

@@ -121,3 +121,21 @@ def dot_flags(dtype: torch.dtype) -> dict:
 def is_tracing() -> bool:
     """True under torch.compile/export tracing, where data-dependent checks must be skipped."""
     return torch.compiler.is_compiling()
+
+
+def check_values_in_range(name: str, t: torch.Tensor, low: int, high: int, bounds: str) -> None:
+    """Every element of the integer tensor ``t`` must lie in ``[low, high]`` (``bounds`` writes that
+    range for the message, e.g. ``"[0, Lk=10]"``).
+
+    On CPU a ValueError with the range found. On CUDA a device-side assertion instead
+    (``torch._assert_async``, failing asynchronously): a host-side test would synchronise the GPU on
+    every call, i.e. in every layer of an eager decode step. Skipped under torch.compile, where it
+    is data-dependent.
+    """
+    if is_tracing() or t.numel() == 0:
+        return
+    in_range = ((t >= low) & (t <= high)).all()
+    if t.is_cuda:
+        torch._assert_async(in_range, f"{name} values must lie in {bounds}")
+    elif not bool(in_range):
+        raise ValueError(f"{name} values must lie in {bounds}, got [{int(t.min())}, {int(t.max())}]")

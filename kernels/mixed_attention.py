@@ -22,6 +22,7 @@ from ._common import (
     FLOAT_DTYPES,
     check_same_device,
     check_tensor,
+    check_values_in_range,
     compute_dtype,
     dot_flags,
     is_tracing,
@@ -654,10 +655,8 @@ def _check_inputs(q, k, v, kv_start, kv_end, backend) -> None:
             raise TypeError(f"q dtype {q.dtype} is not supported by the Triton backend (fp16, bf16, fp32)")
         if D not in _TRITON_HEAD_DIMS:
             raise ValueError(f"q head dim {D} is not supported by the Triton backend (one of {_TRITON_HEAD_DIMS})")
-    if not is_tracing():  # data-dependent: skipped under torch.compile
-        for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
-            if bool(((t < 0) | (t > Lk)).any()):
-                raise ValueError(f"{name} values must lie in [0, Lk={Lk}], got [{int(t.min())}, {int(t.max())}]")
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        check_values_in_range(name, t, 0, Lk, f"[0, Lk={Lk}]")
 
 
 def mixed_attention(
@@ -677,7 +676,9 @@ def mixed_attention(
         q: (B, Hq, Lq, D) fp16 / bf16 / fp32 (fp64 on the torch backend).
         k, v: (B, Hkv, Lk, D), same dtype; ``Hq`` a multiple of ``Hkv`` (GQA). ``Lk`` may differ
             from ``Lq``: queries are then a new chunk against a KV cache and the intervals index it.
-        kv_start, kv_end: int32 (B, Lq), values in [0, Lk]; see :func:`mask_intervals`.
+        kv_start, kv_end: int32 (B, Lq), values in [0, Lk]; see :func:`mask_intervals`. A value
+            outside raises ValueError on CPU; on CUDA it fails a device-side assertion instead, so
+            the check costs no host sync (every layer of an eager decode step calls this).
         scale: softmax scale, default ``D ** -0.5``.
         backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
         num_splits: split the keys into this many chunks reduced afterwards (split-KV, for decode);

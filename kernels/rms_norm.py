@@ -20,7 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, is_tracing, resolve_backend
+from ._common import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    check_values_in_range,
+    compute_dtype,
+    resolve_backend,
+)
 
 _MAX_TRITON_DIM = 32768  # one row lives in registers; wider rows would spill
 _TILE_ELEMENTS = 4096  # rows per program chosen so a tile holds about this many elements
@@ -312,7 +319,8 @@ def routed_rms_norm(
 
     Args:
         x: (..., D) fp16 / bf16 / fp32 (fp64 on the torch backend); any strides.
-        modality: int32 / int64 tensor of shape ``x.shape[:-1]``, values in ``[0, E)``.
+        modality: int32 / int64 tensor of shape ``x.shape[:-1]``, values in ``[0, E)`` (else
+            ValueError on CPU, a device-side assertion on CUDA: no host sync).
         weights: E tensors (D,), x's dtype, each its own Parameter; an expert whose weight does not
             require grad gets none (a frozen text norm), an expert with no tokens gets zeros.
         eps: added to the mean square before the reciprocal square root.
@@ -337,8 +345,7 @@ def routed_rms_norm(
         check_tensor(f"weights[{e}]", w, dtypes=(x.dtype,), shape=(x.shape[-1],))
     check_same_device(x=x, modality=modality, **{f"weights[{e}]": w for e, w in enumerate(weights)})
     E = len(weights)
-    if not is_tracing() and modality.numel() and bool(((modality < 0) | (modality >= E)).any()):
-        raise ValueError(f"modality values must lie in [0, {E}), got [{int(modality.min())}, {int(modality.max())}]")
+    check_values_in_range("modality", modality, 0, E - 1, f"[0, {E})")
     # Stacking E weights of size D is cheap; autograd splits dweight back per expert (and skips frozen ones).
     weight_stack = torch.stack(weights)
     return _norm(x, weight_stack, modality.reshape(-1).contiguous(), eps, backend)

@@ -94,3 +94,24 @@ def test_compiled_decode_step_runs_as_a_cuda_graph(tmp_path):
     compiled = generate(ours, ids, 8, compile=True)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])  # captured, not skipped
     assert torch.equal(compiled, generate(ours, ids, 8))
+
+
+@pytest.mark.cuda
+def test_eager_decode_step_makes_no_host_sync(tmp_path):
+    """An uncompiled decode step only queues GPU work: under torch's sync debug mode "error" any
+    call in it that waits for the GPU (a host-side input check, a .item()) would raise."""
+    tiny_llama().save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, device="cuda")
+    B, L = 2, 5
+    ours.setup_cache(B, L + 1)
+    with torch.no_grad():
+        ours(torch.randint(5, 90, (B, L), device="cuda"), input_pos=torch.arange(L, device="cuda"))  # prefill
+        tok = torch.randint(5, 90, (B, 1), device="cuda")
+        pos = torch.tensor([L], device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            next_tok = sample_next(ours.logits(ours(tok, input_pos=pos)[:, -1]))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert next_tok.shape == (B,)

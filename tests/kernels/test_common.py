@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmfuse.kernels import default_backend
-from mmfuse.kernels._common import check_tensor, resolve_backend, triton_interpreting
+from mmfuse.kernels._common import check_tensor, check_values_in_range, resolve_backend, triton_interpreting
 
 
 def test_none_picks_torch_on_cpu_and_triton_is_explicit():
@@ -46,3 +46,12 @@ def test_check_tensor_messages():
         check_tensor("w", torch.zeros(2, 2), shape=(3, None))
     with pytest.raises(TypeError, match=r"w must have dtype in \(int32\)"):
         check_tensor("w", torch.zeros(2), dtypes=(torch.int32,))
+
+
+def test_check_values_in_range_names_the_argument_and_what_it_found():
+    check_values_in_range("kv_end", torch.tensor([0, 3]), 0, 3, "[0, Lk=3]")  # both ends are allowed
+    check_values_in_range("kv_end", torch.empty(0, dtype=torch.int32), 0, 3, "[0, Lk=3]")
+    with pytest.raises(ValueError, match=r"kv_end values must lie in \[0, Lk=3\], got \[-1, 2\]"):
+        check_values_in_range("kv_end", torch.tensor([2, -1]), 0, 3, "[0, Lk=3]")
+    with pytest.raises(ValueError, match=r"modality values must lie in \[0, 2\), got \[0, 2\]"):
+        check_values_in_range("modality", torch.tensor([0, 2]), 0, 1, "[0, 2)")

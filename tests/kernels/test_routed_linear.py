@@ -104,9 +104,9 @@ def test_build_routing_sorts_stably_and_tiles_cover_every_row(num_experts):
 
 
 def test_build_routing_rejects_bad_ids():
-    with pytest.raises(ValueError, match="modality ids"):
+    with pytest.raises(ValueError, match="modality values"):
         build_routing(torch.tensor([0, 1, 2]), 2)
-    with pytest.raises(ValueError, match="modality ids"):
+    with pytest.raises(ValueError, match="modality values"):
         build_routing(torch.tensor([0, -1]), 2)
     with pytest.raises(TypeError, match="modality"):
         build_routing(torch.tensor([0.0, 1.0]), 2)
@@ -264,7 +264,7 @@ def _good_args():
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (lambda a: a.update(modality=torch.tensor([[0, 1, 2, 0, 1], [0, 0, 0, 0, 0]])), ValueError, "modality ids"),
+    (lambda a: a.update(modality=torch.tensor([[0, 1, 2, 0, 1], [0, 0, 0, 0, 0]])), ValueError, "modality values"),
     (lambda a: a.update(modality=torch.zeros(10, dtype=torch.int64)), ValueError, "modality must have shape"),
     (lambda a: a.update(modality=torch.zeros(2, 5)), TypeError, "modality must have dtype"),
     (lambda a: a.update(weights=[torch.randn(8, 16), torch.randn(9, 16)]), ValueError, r"weights\[1\]"),
