@@ -139,3 +139,17 @@ def check_values_in_range(name: str, t: torch.Tensor, low: int, high: int, bound
         torch._assert_async(in_range, f"{name} values must lie in {bounds}")
     elif not bool(in_range):
         raise ValueError(f"{name} values must lie in {bounds}, got [{int(t.min())}, {int(t.max())}]")
+
+
+def runs_body_directly(backend: str, *tensors: torch.Tensor) -> bool:
+    """True when an op may call its PyTorch body itself instead of going through its custom op.
+
+    That is the torch backend, outside torch.compile, with no gradient wanted (inference: a decode
+    step, sampling). The custom-op wrapper is there for autograd and for graphs; at decode sizes
+    its dispatch costs more than the arithmetic (CPU, rms_norm on (8, 256): 57 us through the op,
+    15 us in the body). rms_norm, rope and swiglu run the op's own body (bit-identical results);
+    mixed_attention with <= 16 queries takes its dense few-query form, equal to rounding.
+    """
+    if backend != "torch" or is_tracing():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -27,6 +27,7 @@ from ._common import (
     dot_flags,
     is_tracing,
     resolve_backend,
+    runs_body_directly,
     triton_interpreting,
 )
 
@@ -692,7 +693,7 @@ def mixed_attention(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if backend == "torch" and q.shape[2] <= _TRACED_FEW_QUERIES and is_tracing():
+    if q.shape[2] <= _TRACED_FEW_QUERIES and (runs_body_directly(backend, q, k, v) or (backend == "torch" and is_tracing())):
         return _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale)
     out, _ = _mixed_attention_fwd_op(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend,
                                      num_splits or 0)

@@ -27,6 +27,7 @@ from ._common import (
     check_values_in_range,
     compute_dtype,
     resolve_backend,
+    runs_body_directly,
 )
 
 _MAX_TRITON_DIM = 32768  # one row lives in registers; wider rows would spill
@@ -282,7 +283,10 @@ def _check_x(x, backend) -> None:
 
 def _norm(x, weight_stack, modality, eps, backend):
     shape = x.shape
-    y, _ = _rms_norm_fwd_op(_as_rows(x), weight_stack, modality, float(eps), backend)
+    if runs_body_directly(backend, x, weight_stack):
+        y, _ = _rms_norm_fwd_torch(_as_rows(x), weight_stack, modality, float(eps))
+    else:
+        y, _ = _rms_norm_fwd_op(_as_rows(x), weight_stack, modality, float(eps), backend)
     return y.view(shape)
 
 

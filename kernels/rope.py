@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, resolve_backend
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, resolve_backend, runs_body_directly
 
 _TILE_ELEMENTS = 2048  # positions per program chosen so one half-tile holds about this many elements
 
@@ -267,4 +267,6 @@ def apply_rope(
         check_tensor(name, t)
     backend = resolve_backend(backend, q, k, cos, sin)
     cos, sin = _check_rope_inputs(q, k, cos, sin, backend)
+    if runs_body_directly(backend, q, k):
+        return _rope_torch(q, k, cos, sin, False)
     return _rope_op(q, k, cos, sin, False, backend)

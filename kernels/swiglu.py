@@ -12,11 +12,13 @@ public function.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, resolve_backend
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, resolve_backend, runs_body_directly
 from .rms_norm import _as_rows
 
 _BLOCK_N = 1024  # columns per program
@@ -186,4 +188,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     if gate.dim() == 0 or gate.shape[-1] == 0:
         raise ValueError(f"gate must have shape (..., I) with I > 0, got {tuple(gate.shape)}")
     shape = gate.shape
-    return _swiglu_fwd_op(_as_rows(gate), _as_rows(up), backend).view(shape)
+    fwd = _swiglu_fwd_torch if runs_body_directly(backend, gate, up) else partial(_swiglu_fwd_op, backend=backend)
+    return fwd(_as_rows(gate), _as_rows(up)).view(shape)

@@ -1,0 +1,59 @@
+"""Inference on the torch backend calls the ops' PyTorch bodies directly, not through their custom
+ops (whose dispatch outweighs decode-sized arithmetic), and gets what the op gives."""
+import pytest
+import torch
+
+from mmfuse.kernels import apply_rope, mixed_attention, rms_norm, routed_rms_norm, swiglu
+from tests.helpers import count_calls, rel_err
+
+
+def _inputs(seed: int, *shapes):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen) for s in shapes]
+
+
+def _rope(q, k, cos, sin):
+    return torch.cat([t.flatten() for t in apply_rope(q, k, cos, sin, backend="torch")])
+
+
+def _attention(q, k, v):
+    kv_start = torch.tensor([[0], [2]], dtype=torch.int32)
+    kv_end = torch.tensor([[7], [0]], dtype=torch.int32)  # the second row sees nothing: zeros
+    return mixed_attention(q, k, v, kv_start, kv_end, backend="torch")
+
+
+# name -> (call, input shapes, the custom op it must skip, tolerance vs the op's result)
+CASES = {
+    "rms_norm": (lambda x, w: rms_norm(x, w, backend="torch"), [(3, 5, 24), (24,)],
+                 ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_op"), 0.0),
+    "routed_rms_norm": (lambda x, w0, w1: routed_rms_norm(x, torch.tensor([[0, 1, 1]]), [w0, w1], backend="torch"),
+                        [(1, 3, 24), (24,), (24,)], ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_op"), 0.0),
+    "rope": (_rope, [(2, 4, 3, 16), (2, 2, 3, 16), (2, 3, 16), (2, 3, 16)], ("mmfuse.kernels.rope", "_rope_op"), 0.0),
+    "swiglu": (lambda g, u: swiglu(g, u, backend="torch"), [(4, 2, 40), (4, 2, 40)],
+               ("mmfuse.kernels.swiglu", "_swiglu_fwd_op"), 0.0),
+    # A different (dense, few-query) form of the same attention, so equal to rounding.
+    "mixed_attention": (_attention, [(2, 4, 1, 16), (2, 2, 9, 16), (2, 2, 9, 16)],
+                        ("mmfuse.kernels.mixed_attention", "_mixed_attention_fwd_op"), 1e-6),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_inference_skips_the_custom_op_and_matches_it(name, monkeypatch):
+    call, shapes, (module, op), tol = CASES[name]
+    inputs = _inputs(0, *shapes)
+    through_op = call(inputs[0].clone().requires_grad_(), *inputs[1:]).detach()  # grad wanted: the op
+    calls = count_calls(monkeypatch, {"op": (module, op)})
+    with torch.no_grad():
+        direct = call(*inputs)
+    assert calls["op"] == 0, f"{name}: the custom op ran under no_grad"
+    assert direct.shape == through_op.shape and direct.dtype == through_op.dtype
+    assert rel_err(direct, through_op) <= tol, f"{name}: {rel_err(direct, through_op):.3g}"
+
+
+def test_inputs_without_grad_outside_no_grad_also_skip_the_op(monkeypatch):
+    calls = count_calls(monkeypatch, {"op": ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_op")})
+    x, w = _inputs(1, (2, 8), (8,))
+    rms_norm(x, w, backend="torch")
+    assert calls["op"] == 0
+    rms_norm(x, w.requires_grad_(), backend="torch")  # a trainable weight: autograd needs the op
+    assert calls["op"] == 1
