@@ -46,12 +46,17 @@ def _load_tile(ptr, stride_row, rows, cols, mask):
 
 @triton.jit
 def _row_weights(W, MODALITY, rows, cols, row_ok, mask, D, ROUTED: tl.constexpr):
-    """(BLOCK_M, BLOCK_D) float32 weights: each row's expert row of W, or the single weight broadcast."""
+    """(BLOCK_M, BLOCK_D) float32 weights: each row's expert row of W, or the single weight broadcast.
+
+    One return: the compiler types every return of a function alike, even one behind a constexpr
+    branch, and the two weights have different shapes (the interpreter does not mind).
+    """
     if ROUTED:
         expert = tl.load(MODALITY + rows, mask=row_ok, other=0)
-        return tl.load(W + expert[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
-    return w[None, :]
+        w = tl.load(W + expert[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    else:
+        w = tl.load(W + cols, mask=cols < D, other=0.0)[None, :]
+    return w.to(tl.float32)
 
 
 @triton.jit
