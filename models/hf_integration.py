@@ -7,11 +7,16 @@ a KV cache) is one key interval per query, which :func:`mixed_attention` takes d
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from mmfuse.kernels import mixed_attention
 
 ATTN_IMPLEMENTATION = "mmfuse"
+# transformers hands every layer of a forward the same mask tensor: its intervals (and their
+# contiguity check, a host sync) are worked out once, for the first layer. (mask weakref, key, result)
+_last_intervals: tuple | None = None
 
 
 def mask_to_intervals(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
@@ -43,6 +48,21 @@ def mask_to_intervals(mask: torch.Tensor | None, batch: int, q_len: int, kv_len:
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
+def _intervals_of(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+                  causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mask_to_intervals`, reused while the same mask object comes back unmodified."""
+    global _last_intervals
+    if mask is None or torch.compiler.is_compiling():
+        return mask_to_intervals(mask, batch, q_len, kv_len, causal)
+    key = (mask._version, batch, q_len, kv_len, causal)
+    last = _last_intervals
+    if last is not None and last[0]() is mask and last[1] == key:
+        return last[2]
+    result = mask_to_intervals(mask, batch, q_len, kv_len, causal)
+    _last_intervals = (weakref.ref(mask), key, result)
+    return result
+
+
 def mmfuse_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None,
@@ -52,7 +72,7 @@ def mmfuse_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise ValueError("the mmfuse attention has no dropout; set attention_dropout=0")
     B, _, q_len, _ = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    kv_start, kv_end = mask_to_intervals(attention_mask, B, q_len, key.shape[2], causal)
+    kv_start, kv_end = _intervals_of(attention_mask, B, q_len, key.shape[2], causal)
     out = mixed_attention(query, key, value, kv_start.to(query.device), kv_end.to(query.device), scaling)
     return out.transpose(1, 2).contiguous(), None
 

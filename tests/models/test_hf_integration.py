@@ -79,3 +79,23 @@ def test_mask_to_intervals():
         mask_to_intervals(torch.tensor([[[[True, False, True]]]]), 1, 1, 3)
     with pytest.raises(ValueError, match="bool"):
         mask_to_intervals(torch.zeros(1, 1, 1, 3), 1, 1, 3)
+
+
+def test_a_padded_mask_becomes_intervals_once_per_forward(pair, monkeypatch):
+    """transformers passes every layer the same mask: converted (and checked) once, not per layer."""
+    from mmfuse.models import hf_integration
+    from tests.helpers import count_calls
+
+    sdpa, ours = pair
+    ids, mask = padded_batch()
+    calls = count_calls(monkeypatch, {"convert": ("mmfuse.models.hf_integration", "mask_to_intervals")})
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask).logits
+        assert calls["convert"] == 1 < ours.config.num_hidden_layers
+        mask[1] = 1  # another batch's mask is converted anew, not served from the last one
+        again = ours(ids, attention_mask=mask).logits
+        want = sdpa(ids, attention_mask=mask).logits
+    assert calls["convert"] == 2 and hf_integration._last_intervals is not None
+    real = mask.bool()
+    assert not torch.allclose(got[1], again[1])  # row 1 lost its padding: the new intervals were used
+    assert rel_err(again[real], want[real]) <= 1e-4
