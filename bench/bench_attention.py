@@ -153,7 +153,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
         q = torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)
         k = torch.randn(batch, kv_heads, seq_len, head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
-        tiles = tile_stats(kv_start.cpu(), kv_end.cpu(), seq_len, head_dim=head_dim,
+        tiles = tile_stats(kv_start.cpu(), kv_end.cpu(), seq_len, head_dim=head_dim, dtype=dtype,
                            **({} if device.type == "cuda" else {"block_m": 128, "block_n": 64}))
         flops = 4 * head_dim * heads * unmasked_pairs(kv_start, kv_end)
         mask_ok = batch * seq_len * seq_len <= 2**31

@@ -327,10 +327,14 @@ def _mixed_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _block_sizes(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim on this process."""
+def _block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head dim and dtype on this process."""
     if triton_interpreting():
         return 32, 32, 4, 1  # bigger numpy tiles are cheaper than more interpreted iterations
+    if dtype == torch.float32:
+        # Exact fp32 dots (no tf32) run on FMAs with their operands in registers: ptxas spills
+        # 5-400 KB per thread at the bf16 tiles on sm_90 (tests/kernels/gpu_compile.py), ~0.5 KB at 32 x 32.
+        return 32, 32, 4, 3
     if head_dim <= 64:
         return 128, 64, 4, 3
     return 64, 64, 4, 3
@@ -355,7 +359,7 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
 def _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits, count_tiles=False):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    block_m, block_n, num_warps, num_stages = _block_sizes(D)
+    block_m, block_n, num_warps, num_stages = _block_sizes(D, q.dtype)
     num_q_blocks = triton.cdiv(Lq, block_m)
     if num_splits is None:
         num_splits = _default_num_splits(B * Hq, num_q_blocks, Lk, block_n, q.device)
@@ -429,7 +433,7 @@ def _query_block_ranges(kv_start, kv_end, kv_len, block_m, block_n):
 def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    block_m, block_n, num_warps, num_stages = _block_sizes(D)
+    block_m, block_n, num_warps, num_stages = _block_sizes(D, q.dtype)
     delta = (do.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -719,15 +723,16 @@ def mixed_attention_tile_counts(
 
 
 def tile_stats(kv_start: torch.Tensor, kv_end: torch.Tensor, kv_len: int, num_heads: int = 1,
-               block_m: int | None = None, block_n: int | None = None, head_dim: int = 64) -> dict[str, int]:
+               block_m: int | None = None, block_n: int | None = None, head_dim: int = 64,
+               dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Tile accounting of one forward pass, computed from the intervals alone (no kernel runs).
 
     Returns ``needed`` (tiles holding at least one unmasked query/key pair: the minimum any
     tile-based kernel must compute), ``full`` (needed tiles every live query sees whole),
     ``masked`` (``needed - full``) and ``dense`` (all tiles, what a dense-mask kernel computes).
-    Block sizes default to this process's Triton choice for ``head_dim``.
+    Block sizes default to this process's Triton choice for ``head_dim`` and ``dtype``.
     """
-    dm, dn, _, _ = _block_sizes(head_dim)
+    dm, dn, _, _ = _block_sizes(head_dim, dtype)
     block_m, block_n = block_m or dm, block_n or dn
     s, e = _blocked_intervals(kv_start, kv_end, block_m)
     s, e = s[..., None], e[..., None]  # (B, nqb, block_m, 1) against the key blocks

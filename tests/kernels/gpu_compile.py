@@ -8,7 +8,8 @@ sizes the launchers choose for a GPU (their interpreter branches switched off), 
 every distinct launch through Triton's NVIDIA backend down to a cubin (ptxas ships with Triton).
 
 Run in a process without ``TRITON_INTERPRET`` (``@triton.jit`` picks the interpreter at import).
-Prints one JSON object per line: ``{"kernel", "ok", "shared", "config", "error"}``, then a summary
+Prints one JSON object per line: ``{"kernel", "ok", "config", "shared", "registers", "stack", "error"}``
+(shared memory per block, registers and spill stack per thread, from ``cuobjdump -res-usage``), then a summary
 ``{"kernels": [...], "driver_errors": [...]}``.
 
     python -m tests.kernels.gpu_compile [--arch 90]
@@ -21,7 +22,9 @@ import importlib
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 from typing import Callable
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -153,6 +156,19 @@ def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, options
 
 
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack bytes per thread (where ptxas spills what registers cannot hold)."""
+    import triton.backends.nvidia as nvidia
+
+    cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
+    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"])}
+
+
 def _compile(job: tuple) -> dict:
     """Compile one launch to a cubin; the row reports the shared memory it takes or the compiler's error."""
     module, name, signature, constexprs, options, arch = job
@@ -161,7 +177,7 @@ def _compile(job: tuple) -> dict:
     try:
         binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                 target=GPUTarget("cuda", arch, 32), options=options)
-        row.update(ok=True, shared=binary.metadata.shared)
+        row.update(ok=True, shared=binary.metadata.shared, **_resource_usage(binary.asm["cubin"]))
     except Exception as exc:  # noqa: BLE001 - the compiler's message is the result
         cause = f"\n<- {exc.__cause__}" if exc.__cause__ else ""
         row.update(ok=False, error=f"{type(exc).__name__}: " + "\n".join(str(exc).strip().splitlines()[-12:]) + cause)

@@ -45,3 +45,16 @@ def test_every_launch_fits_in_sm90_shared_memory(compiled):
     too_big = [(row["kernel"], row["config"], row["shared"]) for row in rows
                if row["ok"] and row["shared"] > SM90_MAX_SHARED_BYTES]
     assert not too_big, too_big
+
+
+# Spilled registers live in local memory (L1 / L2, then HBM). A few hundred bytes per thread is
+# common in tuned Triton GEMMs; kilobytes mean the tile does not fit the register file at all (exact
+# fp32 attention at the bf16 tiles spilled 5-400 KB per thread before it got its own 32 x 32 tiles).
+MAX_SPILL_STACK_BYTES = 2048
+
+
+def test_no_launch_spills_kilobytes_of_registers(compiled):
+    rows, _ = compiled
+    spilling = [(row["kernel"], row["config"], row["stack"]) for row in rows
+                if row["ok"] and row["stack"] > MAX_SPILL_STACK_BYTES]
+    assert not spilling, spilling

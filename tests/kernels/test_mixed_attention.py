@@ -167,7 +167,7 @@ def test_tile_counts_match_the_minimum():
 def test_causal_tile_counts():
     dev = triton_devices()[0]
     L, D = 160, 32
-    block_m, block_n, _, _ = attn_mod._block_sizes(D)
+    block_m, block_n, _, _ = attn_mod._block_sizes(D, torch.float32)
     kv_start, kv_end = (t.to(dev) for t in mask_intervals(torch.zeros(1, L, dtype=torch.long)))
     q, k, v = (torch.randn(1, 1, L, D, device=dev) for _ in range(3))
     counts = mixed_attention_tile_counts(q, k, v, kv_start, kv_end)
