@@ -12,8 +12,6 @@ public function.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import triton
 import triton.language as tl
@@ -188,5 +186,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     if gate.dim() == 0 or gate.shape[-1] == 0:
         raise ValueError(f"gate must have shape (..., I) with I > 0, got {tuple(gate.shape)}")
     shape = gate.shape
-    fwd = _swiglu_fwd_torch if runs_body_directly(backend, gate, up) else partial(_swiglu_fwd_op, backend=backend)
-    return fwd(_as_rows(gate), _as_rows(up)).view(shape)
+    if runs_body_directly(backend, gate, up):
+        return _swiglu_fwd_torch(_as_rows(gate), _as_rows(up)).view(shape)
+    return _swiglu_fwd_op(_as_rows(gate), _as_rows(up), backend).view(shape)
