@@ -102,6 +102,8 @@ def _cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
         "mixed_attention decode split-KV": lambda: K.mixed_attention(
             t(2, 8, 1, 128, grad=False), t(2, 2, 1024, 128, grad=False), t(2, 2, 1024, 128, grad=False),
             dec_start, dec_end, backend="triton", num_splits=4),
+        "mixed_attention tile counts": lambda: K.mixed_attention_tile_counts(
+            t(2, 4, 192, 64, grad=False), t(2, 2, 192, 64, grad=False), t(2, 2, 192, 64, grad=False), starts, ends),
         "cosine_loss": lambda: K.cosine_loss(t(64, 1152), t(64, 1152), backend="triton"),
         "cosine_loss masked": lambda: K.cosine_loss(t(64, 1152), t(64, 1152), torch.rand(64) > 0.5, backend="triton"),
         "diffusion_loss": lambda: K.diffusion_loss(t(4, 4, 32, 32), t(4, 4, 32, 32), torch.rand(4), backend="triton"),
@@ -111,6 +113,8 @@ def _cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
                                                            torch.rand(4), backend="triton"),
         "linear_cross_entropy": lambda: K.linear_cross_entropy(t(64, 256), t(5000, 256), ids, label_smoothing=0.1,
                                                                backend="triton"),
+        "linear_cross_entropy eval": lambda: K.linear_cross_entropy(t(64, 256, grad=False), t(5000, 256, grad=False),
+                                                                    ids, backend="triton"),
         "routed_linear": lambda: K.routed_linear(t(96, 256), modality, [t(512, 256), t(512, 256)],
                                                  [t(512), t(512)], backend="triton"),
         "routed_swiglu_mlp": lambda: K.routed_swiglu_mlp(t(96, 256), modality, [t(1024, 256), t(1024, 256)],
@@ -122,7 +126,7 @@ def _run(call: Callable[[], object]) -> None:
     """The op's forward and, where something requires grad, its backward (recorded, not run)."""
     out = call()
     outs = out if isinstance(out, tuple) else (out,)
-    total = sum(o.float().sum() for o in outs if o.requires_grad)
+    total = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
     if isinstance(total, torch.Tensor):
         total.backward()
 
