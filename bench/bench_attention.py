@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import add_ratio, append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.kernels import dense_mask, mask_intervals, mixed_attention, tile_stats
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -168,7 +168,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
                            tiles_full_vs_computed=tiles["full"] / tiles["needed"])
                 rows.append(row)
     rows += extend_and_decode(s, device)
-    _add_ratios(rows)
+    add_ratio(rows, ("case", "seq_len", "mode"), "vs_mmfuse")
     print_table(rows, ["case", "seq_len", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "tflops", "gbps", "error"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), heads=heads, kv_heads=kv_heads,
                   head_dim=head_dim, batch=batch)
@@ -199,15 +199,6 @@ def extend_and_decode(s: dict, device) -> list[dict]:
                 row.update(case=case, seq_len=lk, batch=1)
                 rows.append(row)
     return rows
-
-
-def _add_ratios(rows: list[dict]) -> None:
-    """``vs_mmfuse``: the baseline's time over mmfuse's for the same case (> 1 means mmfuse is faster)."""
-    ours = {(r["case"], r["seq_len"], r["mode"]): r.get("ms") for r in rows if r["impl"] == "mmfuse"}
-    for r in rows:
-        mine = ours.get((r["case"], r["seq_len"], r["mode"]))
-        if r.get("ms") and mine:
-            r["vs_mmfuse"] = r["ms"] / mine
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import add_ratio, append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.kernels.linear_cross_entropy import linear_cross_entropy
 
 MODES = ("fwd", "fwd+bwd")
@@ -119,17 +119,12 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
 
 def _add_ratios(rows: list[dict]) -> None:
     """``vs_mmfuse``: time over mmfuse's (> 1: mmfuse faster); ``mem_vs_eager``: peak over eager's."""
-    def key(r):
-        return r["N"], r["D"], r["V"], r["mode"]
-
-    ours = {key(r): r for r in rows if r["impl"] == "mmfuse"}
-    eager = {key(r): r for r in rows if r["impl"] == "eager"}
+    case = ("N", "D", "V", "mode")
+    add_ratio(rows, case, "vs_mmfuse")
+    add_ratio(rows, case, "mem_vs_eager", reference="eager", value="peak_mib")
+    eager = {tuple(r[f] for f in case): r for r in rows if r["impl"] == "eager"}
     for r in rows:
-        mine, base = ours.get(key(r), {}), eager.get(key(r), {})
-        if r.get("ms") and mine.get("ms"):
-            r["vs_mmfuse"] = r["ms"] / mine["ms"]
-        if r.get("peak_mib") is not None and base.get("peak_mib"):
-            r["mem_vs_eager"] = r["peak_mib"] / base["peak_mib"]
+        base = eager.get(tuple(r[f] for f in case), {})
         if "loss" in r and "loss" in base:
             r["loss_diff"] = abs(r["loss"] - base["loss"])
 

@@ -29,7 +29,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, bench_main, copy_bandwidth_gbps, peak_memory_mib, print_table, time_ms
+from mmfuse.bench.common import (
+    add_ratio,
+    append_results,
+    bench_main,
+    copy_bandwidth_gbps,
+    peak_memory_mib,
+    print_table,
+    time_ms,
+)
 from mmfuse.kernels.cosine_loss import cosine_loss
 from mmfuse.bench.bench_linear_ce import _liger_loss
 from mmfuse.bench.bench_linear_ce import sizes as linear_ce_sizes
@@ -199,15 +207,6 @@ def measure(case: Case, name: str, fn: Callable, device: torch.device, copy_gbps
     return row
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    """``vs_mmfuse``: the implementation's time over mmfuse's on the same case (> 1: mmfuse is faster)."""
-    ours = {(r["loss"], r["shape"]): r.get("ms") for r in rows if r["impl"] == "mmfuse"}
-    for r in rows:
-        mine = ours.get((r["loss"], r["shape"]))
-        if r.get("ms") and mine:
-            r["vs_mmfuse"] = r["ms"] / mine
-
-
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     copy_gbps = copy_bandwidth_gbps(device, 8 if tiny else None)
@@ -216,7 +215,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     for build in CASE_BUILDERS:
         for case in build(quick or tiny, device, dtype, tiny):
             rows += [measure(case, name, fn, device, copy_gbps) for name, fn in case.impls.items()]
-    _add_ratios(rows)
+    add_ratio(rows, ("loss", "shape"), "vs_mmfuse")
     print_table(rows, ["loss", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps", "of_copy", "error"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), cpu_threads=torch.get_num_threads(),
                   copy_gbps=copy_gbps)

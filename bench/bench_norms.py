@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import add_ratio, append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.kernels.rms_norm import rms_norm, routed_rms_norm
 from mmfuse.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 from mmfuse.kernels.swiglu import swiglu
@@ -160,12 +160,6 @@ def measure(case: Case, mode: str, name: str, fn: Callable, device: torch.device
     return row
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    ours = {(r["op"], r["shape"], r["mode"]): r["ms"] for r in rows if r["impl"] == "mmfuse"}
-    for r in rows:
-        r["vs_mmfuse"] = r["ms"] / ours[(r["op"], r["shape"], r["mode"])]
-
-
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sizes = _sizes(quick or tiny, device, tiny)
@@ -174,7 +168,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
         for case in build(sizes, device, dtype):
             for mode in MODES:
                 rows += [measure(case, mode, name, fn, device) for name, fn in case.impls.items()]
-    _add_ratios(rows)
+    add_ratio(rows, ("op", "shape", "mode"), "vs_mmfuse")
     print_table(rows, ["op", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), **sizes)
     append_results("norms", device, config, rows, out_dir)

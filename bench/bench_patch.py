@@ -24,7 +24,7 @@ import copy
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmfuse.bench.common import append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import add_ratio, append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
 from mmfuse.models.patch import patch
 
 
@@ -104,9 +104,9 @@ def generate_row(model: LlamaForCausalLM, s: dict, device: torch.device, reps: i
 
 
 def _add_ratios(rows: list[dict]) -> None:
+    add_ratio(rows, ("op",), "vs_mmfuse")
     ours = {r["op"]: r for r in rows if r["impl"] == "mmfuse"}
     for r in rows:
-        r["vs_mmfuse"] = r["ms"] / ours[r["op"]]["ms"]
         if r["op"] == "train_step":
             r["loss_diff"] = ours["train_step"]["loss"] - r["loss"] if r["impl"] != "mmfuse" else 0.0
 

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import append_results, bench_main, measure_interleaved, print_table, time_ms
+from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table, time_ms
 from mmfuse.kernels.routed_linear import build_routing
 from mmfuse.kernels.routed_mlp import routed_qkv_projection, routed_swiglu_mlp
 
@@ -170,18 +170,10 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
 def _add_ratios(rows: list[dict]) -> None:
     """``vs_mmfuse``: time over mmfuse's (> 1: mmfuse faster; ``_min``: of the fastest rounds);
     ``vs_dense``: time over one dense layer's."""
-    def key(r):
-        return r["layer"], r["split"], r["mode"]
-
-    ours = {key(r): r for r in rows if r["impl"] == "mmfuse"}
-    dense = {key(r): r for r in rows if r["impl"] == "dense"}
-    for r in rows:
-        mine, base = ours.get(key(r), {}), dense.get(key(r), {})
-        if r.get("ms") and mine.get("ms"):
-            r["vs_mmfuse"] = r["ms"] / mine["ms"]
-            r["vs_mmfuse_min"] = r["ms_min"] / mine["ms_min"]  # best rounds: robust on a shared machine
-        if r.get("ms") and base.get("ms"):
-            r["vs_dense"] = r["ms"] / base["ms"]
+    case = ("layer", "split", "mode")
+    add_ratio(rows, case, "vs_mmfuse")
+    add_ratio(rows, case, "vs_mmfuse_min", value="ms_min")  # best rounds: robust on a shared machine
+    add_ratio(rows, case, "vs_dense", reference="dense")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from mmfuse.bench.bench_training import BOI, EOI, LLAMA_3_2_1B, device_peak, randomise_zero_init, random_decoder
-from mmfuse.bench.common import append_results, bench_main, measure_interleaved, print_table
+from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table
 from mmfuse.engine.generate import generate
 from mmfuse.engine.sampling import sample_images
 from mmfuse.models.fusion import FusionConfig, LlamaFusion
@@ -224,16 +224,6 @@ def image_rows(size: Size, device: torch.device) -> list[dict]:
     return rows
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    def key(r):
-        return (r["kind"], r["batch"], r["prompt_len"], r.get("cfg"))
-
-    ours = {key(r): r.get("ms") for r in rows if r["impl"] in ("mmfuse", "cached")}
-    for r in rows:
-        mine = ours.get(key(r))
-        r["vs_mmfuse"] = r["ms"] / mine if r.get("ms") and mine else None
-
-
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     quick = quick or tiny
     device = torch.device(device)
@@ -242,7 +232,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     rows = decode_rows(size, device)
     gc.collect()
     rows += image_rows(size, device)
-    _add_ratios(rows)
+    add_ratio(rows, ("kind", "batch", "prompt_len", "cfg"), "vs_mmfuse", reference=("mmfuse", "cached"))
     print_table([r for r in rows if r["kind"] == "decode"],
                 ["kind", "impl", "batch", "prompt_len", "new_tokens", "ms", "ms_min", "ms_max", "vs_mmfuse",
                  "tokens_per_s", "tokens_match", "gbps", "mbu", "error"])

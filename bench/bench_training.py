@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mmfuse.bench import baselines
-from mmfuse.bench.common import append_results, bench_main, measure_interleaved, print_table
+from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table
 from mmfuse.engine.packing import Image, PackedBatch, pack
 from mmfuse.engine.train import Trainer, TrainConfig
 from mmfuse.kernels import mask_intervals
@@ -385,13 +385,6 @@ def measure_case(case: Case, device: torch.device, rounds: int, size_label: str)
     return rows
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    ours = {(r["family"], r["size"]): r.get("ms") for r in rows if r["impl"] == "mmfuse"}
-    for r in rows:
-        mine = ours.get((r["family"], r["size"]))
-        r["vs_mmfuse"] = r["ms"] / mine if r.get("ms") and mine else None
-
-
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False,
         families: tuple[str, ...] = FAMILIES) -> list[dict]:
     quick = quick or tiny
@@ -409,7 +402,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _add_ratios(rows)
+    add_ratio(rows, ("family", "size"), "vs_mmfuse")
     print_table(rows, ["family", "impl", "size", "params", "seq_len", "batch", "ms", "ms_min", "ms_max", "vs_mmfuse",
                        "tokens_per_s", "images_per_s", "peak_mib", "tflops", "mfu", "error"])
     config = dict(quick=quick, tiny=tiny, size=dataclasses.asdict(size),

@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -66,6 +66,26 @@ def copy_bandwidth_gbps(device: torch.device | str, mib: int | None = None) -> f
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, warmup=2, reps=7)["ms"]
     return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def add_ratio(rows: list[dict], case: Sequence[str], name: str, reference: str | tuple[str, ...] = "mmfuse",
+              value: str = "ms") -> None:
+    """``row[name] = row[value] / the reference implementation's value on the same case``.
+
+    ``case`` names the fields that identify a case; ``reference`` is the ``impl`` (or impls) measured
+    against. A row without ``value``, or whose case has no reference value, gets no ``name``.
+    ``add_ratio(rows, fields, "vs_mmfuse")`` gives the baseline time over mmfuse's (> 1: mmfuse faster).
+    """
+    references = (reference,) if isinstance(reference, str) else reference
+
+    def key(r: dict) -> tuple:
+        return tuple(r.get(f) for f in case)
+
+    base = {key(r): r.get(value) for r in rows if r["impl"] in references}
+    for r in rows:
+        ref = base.get(key(r))
+        if r.get(value) is not None and ref:
+            r[name] = r[value] / ref
 
 
 def _proc_status_kib(field: str) -> int:
