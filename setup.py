@@ -14,8 +14,8 @@ PACKAGES = {
     "mmfuse.bench": "bench",
 }
 
-# Ranges that a CPU machine satisfies with the cached CPU torch wheel and that leave a GPU image's
-# torch 2.11 + triton 3.6 alone (see DESIGN.md section 4).
+# Ranges that a CPU machine satisfies with the pre-cached CPU torch 2.13 wheel (an unbounded torch would
+# pull a multi-GB CUDA build) and that leave a GPU image's torch 2.11 + triton 3.6 alone.
 INSTALL_REQUIRES = [
     "torch>=2.11,<2.14",
     "triton>=3.6,<3.9",
@@ -37,9 +37,10 @@ setup(
     package_dir=PACKAGES,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.8", "datasets>=3"],
+        "data": ["datasets>=3"],  # training data from a Hugging Face `datasets` folder
         "bench": ["matplotlib>=3.8"],  # `mmfuse bench plot`
         "flash": ["flash-attn"],  # CUDA-only benchmark baseline, never a default dependency
     },
-    entry_points={"console_scripts": ["mmfuse=mmfuse.engine.cli:main"]},
+    entry_points={"console_scripts": ["mmfuse=mmfuse.cli:main"]},
 )

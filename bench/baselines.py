@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from mmfuse.kernels import dense_mask, sample_sigmas, sample_timesteps
 from mmfuse.kernels.objectives import Objective
 from mmfuse.models.decoder import Decoder
-from mmfuse.models.fusion import IMAGE, LlamaFusion, patchify, timestep_features, unpatchify
+from mmfuse.engine.packing import PackedBatch
+from mmfuse.models.fusion import LlamaFusion, patchify, timestep_features, unpatchify
 from mmfuse.models.layers import MixedAttention, RoutedLinear, RoutedMLP, RoutedRMSNorm
-from mmfuse.models.metamorph import VISUAL, MetaMorph
-from mmfuse.models.metaquery import Connector, MetaQuery
+from mmfuse.models.metamorph import MetaMorph
+from mmfuse.models.metaquery import Connector, MetaQuery, PromptImageBatch
+from mmfuse.models.modality import IMAGE
 
 IGNORE_INDEX = -100
 
@@ -136,13 +138,12 @@ def mse(pred: torch.Tensor, target: torch.Tensor, sample_mask: torch.Tensor | No
 # ----------------------------------------------------------------------------------------------
 
 
-def fusion_loss(model: LlamaFusion, input_ids: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor,
-                latents: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, *, noise: torch.Tensor,
-                timesteps: torch.Tensor, position_ids: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None) -> Objective:
-    """``LlamaFusion.training_loss`` as public code computes it (same arguments; noise (N, C, S, S)
-    and timesteps (N,) given, so both draw nothing)."""
+def fusion_loss(model: LlamaFusion, batch: PackedBatch, *, noise: torch.Tensor, timesteps: torch.Tensor) -> Objective:
+    """``LlamaFusion.training_loss`` as public code computes it (same batch; noise (N, C, S, S) and
+    timesteps (N,) given, so both draw nothing)."""
     c = model.config
+    input_ids, modality, labels, latents = batch.input_ids, batch.modality, batch.labels, batch.images
+    kv_start, kv_end, position_ids, image_mask = batch.kv_start, batch.kv_end, batch.position_ids, batch.image_loss_mask
     abar = model.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     target = noise if c.prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
@@ -169,16 +170,15 @@ def fusion_loss(model: LlamaFusion, input_ids: torch.Tensor, modality: torch.Ten
     return Objective(lm + c.lambda_diffusion * diffusion, {"lm": lm, "diffusion": diffusion})
 
 
-def metamorph_loss(model: MetaMorph, input_ids: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor,
-                   pixel_values: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
-                   position_ids: torch.Tensor | None = None) -> Objective:
-    """``MetaMorph.training_loss`` as public code computes it (same arguments)."""
-    targets = model.visual_tokens(pixel_values)  # the frozen SigLIP tower: mmfuse's in both
-    x = model.decoder.embed(input_ids)
-    visual = (modality == VISUAL)[..., None]
+def metamorph_loss(model: MetaMorph, batch: PackedBatch) -> Objective:
+    """``MetaMorph.training_loss`` as public code computes it (the same causal batch)."""
+    modality, labels = batch.modality, batch.labels
+    targets = model.visual_tokens(batch.images)  # the frozen SigLIP tower: mmfuse's in both
+    x = model.decoder.embed(batch.input_ids)
+    visual = (modality == IMAGE)[..., None]
     x = x.masked_scatter(visual, model.adapter(targets.reshape(-1, targets.shape[-1]).to(x.dtype)).to(x.dtype))
-    hidden = decoder_forward(model.decoder, x, sdpa_mask(kv_start, kv_end), position_ids)
-    pred = model.vision_head(hidden[:, :-1][modality[:, 1:] == VISUAL])
+    hidden = decoder_forward(model.decoder, x, sdpa_mask(batch.kv_start, batch.kv_end), batch.position_ids)
+    pred = model.vision_head(hidden[:, :-1][modality[:, 1:] == IMAGE])
     cosine = (1 - F.cosine_similarity(pred.float(), targets.reshape(-1, targets.shape[-1]).float(), dim=-1)).mean()
     lm = lm_cross_entropy(model.decoder, hidden, labels)
     return Objective(lm + model.config.lambda_cosine * cosine, {"lm": lm, "cosine": cosine})
@@ -193,14 +193,13 @@ def connector_forward(connector: Connector, x: torch.Tensor) -> torch.Tensor:
     return rms_norm(connector.out_norm, connector.proj_out(x), None)
 
 
-def metaquery_loss(model: MetaQuery, prompt_ids: torch.Tensor, latents: torch.Tensor,
-                   prompt_mask: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> Objective:
+def metaquery_loss(model: MetaQuery, batch: PromptImageBatch, generator: torch.Generator | None = None) -> Objective:
     """``MetaQuery.training_loss`` as public code computes it: padded prompts + queries in place, a
     causal mask with key padding, then the connector and the diffusion decoder. Draws the same random
     numbers in the same order as mmfuse, so equal generators give equal losses."""
     c, llm = model.config, model.llm
+    prompt_ids, latents, keep = batch.prompt_ids, batch.images, batch.prompt_mask
     B, P = prompt_ids.shape
-    keep = torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_mask is None else prompt_mask
     if model.training and c.prompt_dropout > 0:
         dropped = torch.rand(B, generator=generator, device=latents.device) < c.prompt_dropout
         keep = keep & ~dropped[:, None].to(keep.device)

@@ -9,14 +9,19 @@
   either way).
   On CUDA ``gbps`` = bytes a decode step must read (weights + the KV cache so far) x steps / time,
   and ``mbu`` = that over the device's memory bandwidth.
-* image: a random LlamaFusion; ``sample_images`` latency per image against the prompt length, with the
-  prompt prefilled once into the KV cache ("cached": each step runs the image chunk only, so the cost
-  should stay flat) and with the reference sampler that feeds prompt + image every step
-  ("recompute"), classifier-free guidance off and on (scale 3, unconditional prefix = BOI), with the
-  DDIM scheduler ``sample_images`` uses by default. ``max_diff``: largest difference between the two
-  samplers' latents from the same noise.
+* image: a random LlamaFusion through ``MMFusePipeline`` (latents out): latency per image against the
+  prompt length, with the prompt prefilled once into the KV cache ("cached": each step runs the image
+  chunk only, so the cost should stay flat) and with the reference sampler that feeds prompt + image
+  every step ("recompute"), classifier-free guidance off and on (scale 3, unconditional prompt =
+  BOI), with the model's DDIM scheduler. ``max_diff``: largest difference between the two samplers'
+  latents from the same noise.
+* e2e: prompt -> PNG-ready pixels per family (LlamaFusion, MetaMorph, MetaQuery; random weights and a
+  random VAE of the real downsampling), split by the pipeline's own stage clock into ``prefill_ms``
+  (the prompt run once: KV-cache prefill, MetaMorph's visual tokens, MetaQuery's LLM + connector),
+  ``denoise_ms`` and ``decode_ms`` (the VAE); "cached" vs "recompute" (nothing cached: the prompt
+  runs again at every step).
 
-``vs_mmfuse`` = the row's ms / the mmfuse (decode) or cached (image) ms of the same case.
+``vs_mmfuse`` = the row's ms / the mmfuse (decode) or cached (image, e2e) ms of the same case.
 
     python -m mmfuse.bench.bench_sampling [--quick] [--device cpu|cuda] [--out DIR]
 """
@@ -24,18 +29,26 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
 import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from mmfuse.bench.bench_training import BOI, EOI, LLAMA_3_2_1B, device_peak, randomise_zero_init, random_decoder
+from mmfuse.bench.bench_training import (BOI, EOI, LLAMA_3_2_1B, build_model, device_peak, randomise_zero_init,
+                                         random_decoder)
 from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table
 from mmfuse.engine.generate import generate
-from mmfuse.engine.sampling import sample_images
+from mmfuse.engine.pipeline import MMFusePipeline
+from mmfuse.models.denoisers import build_denoiser
+from mmfuse.models.family import Parts
 from mmfuse.models.fusion import FusionConfig, LlamaFusion
 from mmfuse.models.loading import from_pretrained
+from mmfuse.models.metamorph import MetaMorphConfig
+from mmfuse.models.metaquery import MetaQueryConfig
+from mmfuse.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from mmfuse.models.vae import DiffusersVAE
 
 # Memory bandwidth (GB/s), matched in order against torch.cuda.get_device_name.
 PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
@@ -55,6 +68,8 @@ class Size:
     image_batch: int
     rounds: int
     fusion_layers: int | None = None  # fewer layers for the image model (None: as the decoder)
+    vae_channels: tuple[int, ...] = (32, 64, 64, 64)  # the e2e VAEs' blocks (4 levels: 8x, as SD1.5's)
+    e2e_prompt_len: int = 32
 
 
 def sizes(quick: bool, device: torch.device, tiny: bool = False) -> Size:
@@ -62,12 +77,13 @@ def sizes(quick: bool, device: torch.device, tiny: bool = False) -> Size:
         return Size("tiny", dict(vocab_size=128, dim=64, hidden_dim=96, num_layers=2, num_heads=4, num_kv_heads=2,
                                  head_dim=16, tie_embeddings=True),
                     prompt_len=8, new_tokens=4, batches=(1, 2), latent=(4, 8, 2), image_prompt_lens=(4, 16), steps=2,
-                    image_batch=1, rounds=1)
+                    image_batch=1, rounds=1, vae_channels=(8, 16), e2e_prompt_len=6)
     if device.type == "cuda":
         return Size("llama-3.2-1b-shaped", dict(LLAMA_3_2_1B), prompt_len=128 if quick else 512,
                     new_tokens=64 if quick else 256, batches=(1, 8), latent=(4, 32, 2),
                     image_prompt_lens=(16, 256, 1024) if quick else (16, 64, 256, 1024, 4096),
-                    steps=10 if quick else 20, image_batch=1, rounds=3)
+                    steps=10 if quick else 20, image_batch=1, rounds=3, vae_channels=(128, 256, 512, 512),
+                    e2e_prompt_len=128)
     if quick:
         return Size("cpu-quick", dict(vocab_size=32000, dim=256, hidden_dim=768, num_layers=4, num_heads=4,
                                       num_kv_heads=2, head_dim=64, tie_embeddings=True, rope_theta=500000.0),
@@ -178,37 +194,93 @@ def decode_rows(size: Size, device: torch.device) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _ready(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Random zero-initialised layers made non-zero (a zero output layer would make every sampler agree
+    trivially), cast to the benchmark dtype with the derived fp32 buffers (RoPE, noise schedule) rebuilt."""
+    randomise_zero_init(model)
+    model.to(_dtype(device)).eval()
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device)
+    return model
+
+
 def fusion_model(size: Size, device: torch.device) -> LlamaFusion:
     channels, latent, patch = size.latent
     fields = dict(size.decoder, num_layers=size.fusion_layers or size.decoder["num_layers"])
     config = FusionConfig(latent_channels=channels, latent_size=latent, patch_size=patch, boi_token_id=BOI,
                           eoi_token_id=EOI)
-    model = LlamaFusion.from_decoder(random_decoder(fields, device), config)
-    randomise_zero_init(model)  # a zero output layer would make every sampler agree trivially
-    model.to(_dtype(device)).eval()
-    model.decoder.reset_buffers(device)  # RoPE frequencies and the noise schedule stay fp32
-    model.reset_buffers(device)
-    return model
+    return _ready(build_model("llamafusion", Parts(random_decoder(fields, device)), config), device)
+
+
+def metamorph_model(size: Size, device: torch.device):
+    from mmfuse.bench.bench_training import sizes as training_sizes
+
+    t = training_sizes(True, device, tiny=size.label == "tiny")
+    fields = dict(size.decoder, num_layers=size.fusion_layers or size.decoder["num_layers"])
+    channels, latent, _ = size.latent
+    unet = build_denoiser("sd15", dict(sample_size=latent, in_channels=channels, out_channels=channels,
+                                       layers_per_block=1, block_out_channels=(32, 64),
+                                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                       attention_head_dim=8, norm_num_groups=8))
+    with torch.device(device):
+        vision = SiglipVisionTower(SiglipVisionConfig(**t.siglip))
+    config = MetaMorphConfig(num_visual_tokens=t.visual_tokens, boi_token_id=BOI, eoi_token_id=EOI,
+                             sd_cross_attention_dim=64)
+    return _ready(build_model("metamorph", Parts(random_decoder(fields, device), vision=vision,
+                                                 diffusion=unet.to(device)), config), device)
+
+
+def metaquery_model(size: Size, device: torch.device):
+    from mmfuse.bench.bench_training import sizes as training_sizes
+
+    t = training_sizes(True, device, tiny=size.label == "tiny")
+    fields = dict(size.decoder, num_layers=size.fusion_layers or size.decoder["num_layers"])
+    channels, latent, _ = size.latent
+    sana = build_denoiser("sana", dict(t.sana, in_channels=channels, out_channels=channels, sample_size=latent))
+    config = MetaQueryConfig(num_queries=t.queries, cond_dim=t.sana["caption_channels"], decoder="sana", **t.connector)
+    return _ready(build_model("metaquery", Parts(random_decoder(fields, device), diffusion=sana.to(device)), config),
+                  device)
+
+
+def random_vae(size: Size, kind: str, device: torch.device) -> DiffusersVAE:
+    """A random diffusers VAE of the size's blocks: KL (SD1.5-style) or DC (SANA's), 4 latent channels."""
+    from diffusers import AutoencoderDC, AutoencoderKL
+
+    blocks = size.vae_channels
+    if kind == "kl":
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=size.latent[0], block_out_channels=blocks,
+                            down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                            up_block_types=("UpDecoderBlock2D",) * len(blocks), norm_num_groups=8)
+    else:
+        vae = AutoencoderDC(in_channels=3, latent_channels=size.latent[0], attention_head_dim=8,
+                            encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+                            encoder_block_out_channels=blocks, decoder_block_out_channels=blocks,
+                            encoder_layers_per_block=(1,) * len(blocks), decoder_layers_per_block=(1,) * len(blocks),
+                            encoder_qkv_multiscales=((),) * len(blocks), decoder_qkv_multiscales=((),) * len(blocks),
+                            upsample_block_type="interpolate", downsample_block_type="Conv")
+    return DiffusersVAE(vae.to(device) if device.type == "cpu" else vae.to(device, _dtype(device)))
 
 
 def image_rows(size: Size, device: torch.device) -> list[dict]:
     model = fusion_model(size, device)
+    pipe = MMFusePipeline(model)
     c = model.config
     gen = torch.Generator().manual_seed(0)
     B = size.image_batch
     noise = torch.randn(B, c.latent_channels, c.latent_size, c.latent_size, generator=gen).to(device)
     rows = []
     for prompt_len in size.image_prompt_lens:
-        prompt = torch.randint(BOI + 2, size.decoder["vocab_size"], (B, prompt_len), generator=gen)
-        prompt[:, -1] = BOI
-        prompt = prompt.to(device)
+        prompt = torch.randint(BOI + 2, size.decoder["vocab_size"], (B, prompt_len - 1), generator=gen)  # + BOI
         for cfg in (False, True):
             outputs = {}
 
             def sampler(recompute: bool, key: str):
                 def fn():
-                    outputs[key] = sample_images(model, prompt, size.steps, guidance_scale=GUIDANCE if cfg else 1.0,
-                                                 noise=noise, recompute=recompute)
+                    outputs[key] = pipe(prompt_ids=prompt, num_inference_steps=size.steps, latents=noise,
+                                        guidance_scale=GUIDANCE if cfg else 1.0, recompute=recompute,
+                                        output_type="latent", progress=False).images
                 return fn
 
             samplers = {"cached": sampler(False, "cached"), "recompute": sampler(True, "recompute")}
@@ -224,6 +296,45 @@ def image_rows(size: Size, device: torch.device) -> list[dict]:
     return rows
 
 
+E2E_FAMILIES = {"llamafusion": (fusion_model, "kl"), "metamorph": (metamorph_model, "kl"),
+                "metaquery": (metaquery_model, "dc")}
+
+
+def e2e_rows(size: Size, device: torch.device) -> list[dict]:
+    """Prompt -> pixels per family, split into prefill / denoise / VAE decode (see the module docstring)."""
+    rows = []
+    for family, (make, vae_kind) in E2E_FAMILIES.items():
+        torch.manual_seed(0)
+        pipe = MMFusePipeline(make(size, device), vae=random_vae(size, vae_kind, device))
+        prompt = torch.randint(BOI + 2, size.decoder["vocab_size"], (1, size.e2e_prompt_len - 1),
+                               generator=torch.Generator().manual_seed(0))
+        stages: dict[str, list[dict]] = {"cached": [], "recompute": []}
+        pixels = {}
+
+        def sampler(impl: str):
+            def fn():
+                timings = {}
+                pixels[impl] = pipe(prompt_ids=prompt, num_inference_steps=size.steps, guidance_scale=GUIDANCE,
+                                    recompute=impl == "recompute", seed=0, output_type="pt", progress=False,
+                                    timings=timings).images
+                stages[impl].append(timings)
+            return fn
+
+        measured = measure_interleaved({impl: sampler(impl) for impl in stages}, device, size.rounds)
+        diff = float((pixels["cached"] - pixels["recompute"]).abs().max()) if len(pixels) == 2 else None
+        for impl, m in measured.items():
+            row = {"kind": "e2e", "family": family, "impl": impl, "prompt_len": size.e2e_prompt_len, "cfg": True,
+                   "steps": size.steps, "batch": 1, **m, "max_diff": diff}
+            if stages[impl]:
+                row["image_px"] = int(pixels[impl].shape[-1])
+                for stage in ("prefill_ms", "denoise_ms", "decode_ms"):
+                    row[stage] = statistics.median(t[stage] for t in stages[impl])
+            rows.append(row)
+        pipe = None  # free this family's model before the next is built
+        gc.collect()
+    return rows
+
+
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     quick = quick or tiny
     device = torch.device(device)
@@ -232,15 +343,20 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     rows = decode_rows(size, device)
     gc.collect()
     rows += image_rows(size, device)
-    add_ratio(rows, ("kind", "batch", "prompt_len", "cfg"), "vs_mmfuse", reference=("mmfuse", "cached"))
+    gc.collect()
+    rows += e2e_rows(size, device)
+    add_ratio(rows, ("kind", "family", "batch", "prompt_len", "cfg"), "vs_mmfuse", reference=("mmfuse", "cached"))
     print_table([r for r in rows if r["kind"] == "decode"],
                 ["kind", "impl", "batch", "prompt_len", "new_tokens", "ms", "ms_min", "ms_max", "vs_mmfuse",
                  "tokens_per_s", "tokens_match", "gbps", "mbu", "error"])
     print_table([r for r in rows if r["kind"] == "image"],
                 ["kind", "impl", "prompt_len", "cfg", "steps", "batch", "ms", "ms_min", "ms_max", "ms_per_image",
                  "vs_mmfuse", "max_diff", "error"])
+    print_table([r for r in rows if r["kind"] == "e2e"],
+                ["kind", "family", "impl", "prompt_len", "steps", "image_px", "ms", "prefill_ms", "denoise_ms",
+                 "decode_ms", "vs_mmfuse", "max_diff", "error"])
     config = dict(quick=quick, tiny=tiny, size=dataclasses.asdict(size), dtype=str(_dtype(device)),
-                  guidance_scale=GUIDANCE, scheduler="DDIM (sample_images default)",
+                  guidance_scale=GUIDANCE, scheduler="each family's default (DDIM; flow-matching Euler for SANA)",
                   backend="triton" if device.type == "cuda" else "torch")
     append_results("sampling", device, config, rows, out_dir)
     return rows

@@ -29,16 +29,18 @@ from torch import nn
 
 from mmfuse.bench import baselines
 from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table
-from mmfuse.engine.packing import Image, PackedBatch, pack
+from mmfuse.engine.packing import Image, PackedBatch
 from mmfuse.engine.train import Trainer, TrainConfig
-from mmfuse.kernels import mask_intervals
 from mmfuse.models.decoder import Decoder, DecoderConfig
-from mmfuse.models.fusion import FusionConfig, LlamaFusion
-from mmfuse.models.metamorph import MetaMorph, MetaMorphConfig
-from mmfuse.models.metaquery import MetaQuery, MetaQueryConfig, build_diffusion_decoder, connector_layer_config
+from mmfuse.models.denoisers import build_denoiser
+from mmfuse.models.family import Parts, get_family
+from mmfuse.models.fusion import FusionConfig
+from mmfuse.models.metamorph import MetaMorphConfig
+from mmfuse.models.metaquery import MetaQuery, MetaQueryConfig, connector_layer_config
 from mmfuse.models.siglip import SiglipVisionConfig, SiglipVisionTower
 
-FAMILIES = ("llamafusion", "metamorph", "metaquery")
+FAMILIES = ("llamafusion", "metamorph", "metaquery")  # the rows' labels; the registry names the first "fusion"
+SPEC_NAMES = {"llamafusion": "fusion", "metamorph": "metamorph", "metaquery": "metaquery"}
 BOI, EOI = 3, 4  # token ids of the image markers; text tokens are drawn above them
 
 # Dense bf16 tensor-core peaks (TFLOP/s), matched in order against torch.cuda.get_device_name.
@@ -174,12 +176,14 @@ def _documents(size: Size, tokens_per_image: int, make_image: Callable[[], torch
         free -= n
 
 
-def packed_batch(size: Size, tokens_per_image: int, image_shape: tuple[int, ...], seed: int = 0) -> PackedBatch:
+def packed_batch(model: nn.Module, family: str, size: Size, tokens_per_image: int, image_shape: tuple[int, ...],
+                 seed: int = 0) -> PackedBatch:
+    """The family's batch (its ``make_batch``) of documents filling exactly ``size.batch`` rows."""
     gen = torch.Generator().manual_seed(seed)
     docs = _documents(size, tokens_per_image, lambda: torch.randn(image_shape, generator=gen), gen)
-    batch = pack(docs, size.row_len, tokens_per_image, BOI, EOI)
+    batch = get_family(family).make_batch(model, docs, size.row_len, None, None)
     if batch.input_ids.shape[0] != size.batch:
-        raise RuntimeError(f"the document planner filled {size.batch} rows but pack() made {batch.input_ids.shape[0]}")
+        raise RuntimeError(f"the document planner filled {size.batch} rows but packing made {batch.input_ids.shape[0]}")
     return batch
 
 
@@ -198,20 +202,28 @@ class Case:
     details: dict = field(default_factory=dict)
 
 
+def build_model(family: str, parts: Parts, config) -> nn.Module:
+    """The family's model through the registry, as ``mmfuse train`` builds it."""
+    spec = get_family(SPEC_NAMES[family])
+    model = spec.build(parts, config)
+    spec.set_trainable(model)
+    return model
+
+
 def fusion_case(size: Size, device: torch.device) -> Case:
     channels, latent, patch = size.latent
     fusion = FusionConfig(latent_channels=channels, latent_size=latent, patch_size=patch, boi_token_id=BOI,
                           eoi_token_id=EOI)
-    model = LlamaFusion.from_decoder(random_decoder(size.decoder, device), fusion)
+    model = build_model("llamafusion", Parts(random_decoder(size.decoder, device)), fusion)
     randomise_zero_init(model)
-    b = packed_batch(size, fusion.patches_per_image, (channels, latent, latent)).to(device)
+    b = packed_batch(model, "fusion", size, fusion.patches_per_image, (channels, latent, latent)).to(device)
     gen = torch.Generator().manual_seed(1)
-    noise = torch.randn(b.images.shape, generator=gen).to(device)
-    timesteps = torch.randint(0, fusion.num_train_timesteps, (b.images.shape[0],), generator=gen).to(device)
-    args = (b.input_ids, b.modality, b.labels, b.images, b.kv_start, b.kv_end)
-    kw = dict(position_ids=b.position_ids, image_mask=b.image_loss_mask, noise=noise, timesteps=timesteps)
-    losses = {"mmfuse": lambda batch, g: model.training_loss(*args, **kw),
-              "baseline": lambda batch, g: baselines.fusion_loss(model, *args, **kw)}
+    # Both implementations take the same noise and timesteps from the batch, so neither draws any.
+    b.extra = {"noise": torch.randn(b.images.shape, generator=gen).to(device),
+               "timesteps": torch.randint(0, fusion.num_train_timesteps, (b.images.shape[0],), generator=gen).to(device)}
+    spec = get_family("fusion")
+    losses = {"mmfuse": lambda batch, g: spec.loss(model, batch, g),
+              "baseline": lambda batch, g: baselines.fusion_loss(model, batch, **batch.extra)}
     return Case("llamafusion", model, b, losses, _real_tokens(b), b.images.shape[0], size.row_len, size.batch,
                 dict(patches_per_image=fusion.patches_per_image, image_token_fraction=_image_fraction(b)))
 
@@ -221,14 +233,12 @@ def metamorph_case(size: Size, device: torch.device) -> Case:
     config = MetaMorphConfig(num_visual_tokens=size.visual_tokens, boi_token_id=BOI, eoi_token_id=EOI)
     with torch.device(device):
         vision = SiglipVisionTower(vision_cfg)
-        model = MetaMorph(random_decoder(size.decoder, device), vision, config)
+    model = build_model("metamorph", Parts(random_decoder(size.decoder, device), vision=vision), config)
     img = vision_cfg.image_size
-    b = packed_batch(size, size.visual_tokens, (3, img, img)).to(device)
-    # MetaMorph is causal over visual tokens too: intervals of the documents only, no spans.
-    kv_start, kv_end = mask_intervals(torch.zeros_like(b.span_ids), b.doc_ids)
-    args = (b.input_ids, b.modality, b.labels, b.images, kv_start, kv_end, b.position_ids)
-    losses = {"mmfuse": lambda batch, g: model.training_loss(*args),
-              "baseline": lambda batch, g: baselines.metamorph_loss(model, *args)}
+    b = packed_batch(model, "metamorph", size, size.visual_tokens, (3, img, img)).to(device)  # causal intervals
+    spec = get_family("metamorph")
+    losses = {"mmfuse": lambda batch, g: spec.loss(model, batch, g),
+              "baseline": lambda batch, g: baselines.metamorph_loss(model, batch)}
     return Case("metamorph", model, b, losses, _real_tokens(b), b.images.shape[0], size.row_len, size.batch,
                 dict(visual_tokens=size.visual_tokens, siglip_patches=vision_cfg.num_patches,
                      image_token_fraction=_image_fraction(b)))
@@ -238,19 +248,20 @@ def metaquery_case(size: Size, device: torch.device) -> Case:
     config = MetaQueryConfig(num_queries=size.queries, cond_dim=size.sana["caption_channels"], decoder="sana",
                              **size.connector)
     with torch.device(device):
-        model = MetaQuery(random_decoder(size.decoder, device), build_diffusion_decoder("sana", size.sana), config)
+        sana = build_denoiser("sana", size.sana)
+    model = build_model("metaquery", Parts(random_decoder(size.decoder, device), diffusion=sana), config)
     gen = torch.Generator().manual_seed(0)
     B, P = size.mq_batch, size.prompt_len
-    prompt_ids = torch.randint(BOI + 2, size.decoder["vocab_size"], (B, P), generator=gen)
     lengths = torch.randint(P // 4, P + 1, (B,), generator=gen)
     lengths[0] = P
-    prompt_mask = torch.arange(P)[None] < lengths[:, None]  # right padding, as a tokenizer pads a batch
     s, c = size.sana["sample_size"], size.sana["in_channels"]
-    latents = torch.randn(B, c, s, s, generator=gen)
-    args = (prompt_ids.to(device), latents.to(device), prompt_mask.to(device))
-    losses = {"mmfuse": lambda batch, g: model.training_loss(*args, generator=g),
-              "baseline": lambda batch, g: baselines.metaquery_loss(model, *args, generator=g)}
-    return Case("metaquery", model, args, losses, int(lengths.sum()) + B * size.queries, B, P + size.queries, B,
+    docs = [[torch.randint(BOI + 2, size.decoder["vocab_size"], (int(n),), generator=gen),
+             Image(torch.randn(c, s, s, generator=gen))] for n in lengths]
+    spec = get_family("metaquery")
+    batch = spec.make_batch(model, docs, P, None, None).to(device)  # prompts left-padded, one image each
+    losses = {"mmfuse": lambda batch, g: spec.loss(model, batch, g),
+              "baseline": lambda batch, g: baselines.metaquery_loss(model, batch, generator=g)}
+    return Case("metaquery", model, batch, losses, int(lengths.sum()) + B * size.queries, B, P + size.queries, B,
                 dict(queries=size.queries, prompt_len=P, connector_layers=config.connector_layers,
                      diffusion_tokens=(s // size.sana["patch_size"]) ** 2))
 
@@ -313,14 +324,13 @@ def step_flops(case: Case) -> float:
         return flops + _lm_head_flops(c, int((b.labels[:, 1:] != -100).sum()), not frozen_text)
     if case.family == "metamorph":
         c, v = m.decoder.config, m.vision.config
-        kv_start, kv_end = mask_intervals(torch.zeros_like(b.span_ids), b.doc_ids)
-        flops = stack_flops(c, case.tokens, _pairs(kv_start, kv_end), case.tokens)
+        flops = stack_flops(c, case.tokens, _pairs(b.kv_start, b.kv_end), case.tokens)  # causal intervals
         flops += _lm_head_flops(c, int((b.labels[:, 1:] != -100).sum()), True)
         n = b.images.shape[0] * v.num_patches  # frozen tower, forward only: GEMMs + attention over all patches
         gemm_params = 4 * v.dim * v.dim + 2 * v.dim * v.hidden_dim
         return flops + v.num_layers * (2 * gemm_params * n + 4 * v.dim * n * v.num_patches)
-    prompt_ids, latents, prompt_mask = b
-    c, B, N = m.llm.config, prompt_ids.shape[0], m.config.num_queries
+    latents, prompt_mask = b.images, b.prompt_mask
+    c, B, N = m.llm.config, latents.shape[0], m.config.num_queries
     lengths = prompt_mask.sum(1).double()
     llm_pairs = float((lengths * (lengths + 1) / 2 + N * lengths + N * (N + 1) / 2).sum())
     flops = stack_flops(c, case.tokens, llm_pairs, 0)

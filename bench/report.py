@@ -33,8 +33,9 @@ COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     "linear_cross_entropy": (["N", "D", "V", "mode", "impl"], ["mem_vs_eager", "tflops", "error"]),
     "training": (["family", "size", "params", "seq_len", "batch", "impl"],
                  ["tokens_per_s", "images_per_s", "tflops", "mfu", "error"]),
-    "sampling": (["kind", "batch", "prompt_len", "new_tokens", "cfg", "steps", "impl"],
-                 ["tokens_per_s", "ms_per_image", "gbps", "mbu", "tokens_match", "max_diff", "error"]),
+    "sampling": (["kind", "family", "batch", "prompt_len", "new_tokens", "cfg", "steps", "image_px", "impl"],
+                 ["tokens_per_s", "ms_per_image", "prefill_ms", "denoise_ms", "decode_ms", "gbps", "mbu",
+                  "tokens_match", "max_diff", "error"]),
     "patch": (["what", "op", "shape", "mode", "impl"], ["tokens_per_s", "error"]),
 }
 
@@ -312,6 +313,15 @@ def sampling_headlines(rows: list[dict]) -> list[tuple[str, str]]:
             if r:
                 out.append((f"image sampling, prompt {longest} tokens, cfg {'on' if cfg else 'off'}: KV-cached prefix "
                             "vs recomputing it every step", _x(r["vs_mmfuse"])))
+    for r in _timed(_rows(rows, kind="e2e", impl="cached")):
+        stages = [k for k in ("prefill_ms", "denoise_ms", "decode_ms") if _num(r.get(k))]
+        split = " + ".join(f"{k.removesuffix('_ms')} {r[k]:.0f}" for k in stages)
+        recompute = _one(rows, kind="e2e", impl="recompute", family=r.get("family"))
+        text = f"{r['ms']:.0f} ms ({split})"
+        if recompute and _num(recompute.get("vs_mmfuse")):
+            text += f"; {_x(recompute['vs_mmfuse'])} vs recomputing the prompt every step"
+        out.append((f"{r.get('family')}: prompt ({r.get('prompt_len')} tokens) -> {r.get('image_px')} px image, "
+                    f"{r.get('steps')} steps, cfg", text))
     return out
 
 

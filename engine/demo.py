@@ -1,38 +1,44 @@
-"""``mmfuse demo``: a tiny Transfusion model learns captions <-> handwritten digits from scratch.
+"""``mmfuse demo``: a tiny Transfusion model learns captions <-> handwritten digits, along the user's path.
 
-Data: scikit-learn's digits (1,797 8x8 images that ship inside the package, no download). Each image
-is its own 1 x 8 x 8 "latent", cut into 16 patches of 2 x 2. Two kinds of documents are packed into
-rows and trained together with LM cross-entropy + 5 x DDPM noise-prediction MSE:
+Data: scikit-learn's digits (1,797 8x8 images that ship inside the package, no download). The demo
+first writes them as a folder a user would bring -- ``DATA/img/*.png``, two JSONL files of text
+(``understand.jsonl``: image -> digit, ``draw.jsonl``: caption -> image, mixed 1:1 in every batch), a
+word-level tokenizer and a run config ``DATA/run.json`` -- then trains exactly as
+``mmfuse prepare`` and ``mmfuse train --config DATA/run.json`` do (pixel-space diffusion: each 8x8
+picture is its own 1 x 8 x 8 "latent", 16 patches of 2 x 2; ``prepare`` reads every PNG once into
+``DATA/cache``). Two kinds of documents, packed into rows and trained
+together with LM cross-entropy + 5 x DDPM noise-prediction MSE:
 
-* understanding  ``<caption> BOI [clean image] EOI <digit>``  (the image conditions the text)
-* generation     ``<draw> <digit> BOI [noised image] EOI``    (the digit is dropped 10% of the time,
+* understanding  ``caption BOI [clean image] EOI <digit>``  (the image conditions the text)
+* generation     ``draw <digit> BOI [noised image] EOI``    (the caption is dropped 10% of the time,
   which trains the unconditional branch of classifier-free guidance)
 
-Afterwards, on held-out digits: caption accuracy (the digit token the model writes after a real
-image), and generation accuracy (the share of generated digits that an independent classifier
-trained on the real digits reads as the requested class). Writes ``samples.png``, ``loss.png`` and
-``metrics.json`` to ``--out``.
+Afterwards, on held-out digits: caption accuracy (the digit the model writes after a real image), and
+generation accuracy (the share of digits that the pipeline draws for "draw 0" ... "draw 9" which an
+independent classifier, trained on the real digits, reads as the requested class). Writes
+``samples.png``, ``loss.png`` and ``metrics.json`` to ``--out``; the trained model folder is
+``OUT/run/model`` (try ``mmfuse generate --checkpoint OUT/run/model --prompt "draw 7" --out 7.png``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from mmfuse.engine.packing import Image, pack
-from mmfuse.engine.sampling import sample_images, save_png
-from mmfuse.engine.train import TrainConfig, Trainer
-from mmfuse.models.decoder import Decoder, DecoderConfig
-from mmfuse.models.fusion import FusionConfig, LlamaFusion
+from mmfuse.engine.packing import Image
+from mmfuse.engine.pipeline import MMFusePipeline, image_grid, write_image
+from mmfuse.engine.prepare import prepare_from_config
+from mmfuse.engine.run import resolve_device, train_from_config
+from mmfuse.engine.text import prompt_ids
+from mmfuse.models.family import get_family
 
-PAD, BOI, EOI, CAPTION, DRAW = 0, 1, 2, 3, 4
-DIGIT0 = 5  # tokens 5..14 are the digits 0..9
-VOCAB = 16
+HELP = "a tiny Transfusion model learns captions <-> digits on CPU (PNGs + captions -> train -> PNGs)"
+WORDS = ["<pad>", "<boi>", "<eoi>", "caption", "draw", *"0123456789", "<unk>"]
 ROW_LEN = 80  # four 20-position documents per row
+FAMILY = "fusion"
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
@@ -50,73 +56,71 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
     return images[train], labels[train], images[test], labels[test]
 
 
-def build_model(device: torch.device) -> LlamaFusion:
-    decoder_config = DecoderConfig(vocab_size=VOCAB, dim=128, hidden_dim=384, num_layers=4, num_heads=4,
-                                   num_kv_heads=2, head_dim=32, tie_embeddings=True)
-    fusion_config = FusionConfig(latent_channels=1, latent_size=8, patch_size=2, boi_token_id=BOI,
-                                 eoi_token_id=EOI, train_text=True, beta_schedule="squaredcos_cap_v2",
-                                 timestep_dim=128)
-    with torch.device(device):
-        decoder = Decoder(decoder_config)
-        torch.nn.init.normal_(decoder.embed.weight, std=0.02)
-    return LlamaFusion.from_decoder(decoder, fusion_config)
+def digits_tokenizer():
+    """A word-level tokenizer over the demo's words (``<boi>`` / ``<eoi>`` included, as special tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<pad>", "<boi>", "<eoi>", "<unk>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
-def documents(images, labels, gen: torch.Generator, n: int, drop_label: float = 0.1) -> list:
-    """``n`` random documents: half understanding, half generation."""
-    docs = []
-    picks = torch.randint(0, len(labels), (n,), generator=gen)
-    drops = torch.rand(n, generator=gen) < drop_label
-    for i, (k, drop) in enumerate(zip(picks.tolist(), drops.tolist())):
-        digit = DIGIT0 + int(labels[k])
-        if i % 2 == 0:
-            docs.append([[CAPTION], Image(images[k], diffuse=False), [digit]])
-        else:
-            docs.append([[DRAW] + ([] if drop else [digit]), Image(images[k], diffuse=True)])
-    return docs
+def run_config(steps: int, seed: int, workers: int) -> dict:
+    """The run config the demo trains with (written to DATA/run.json)."""
+    return {
+        "family": FAMILY,
+        "decoder": {"vocab_size": len(WORDS), "dim": 128, "hidden_dim": 384, "num_layers": 4, "num_heads": 4,
+                    "num_kv_heads": 2, "head_dim": 32, "tie_embeddings": True},
+        "tokenizer": "tokenizer",
+        "vae": "pixels",
+        FAMILY: {"latent_channels": 1, "latent_size": 8, "patch_size": 2, "train_text": True,
+                 "beta_schedule": "squaredcos_cap_v2", "timestep_dim": 128},
+        # half understanding, half generation in every batch (a mixture of two files, 1:1)
+        "data": {"path": [{"path": "understand.jsonl", "weight": 1}, {"path": "draw.jsonl", "weight": 1}],
+                 "row_len": ROW_LEN, "rows_per_batch": 8, "num_workers": workers, "caption_dropout": 0.1,
+                 "cache": "cache"},
+        "train": {"steps": steps, "lr": 2e-3, "warmup_steps": min(100, steps // 10 + 1), "min_lr_ratio": 0.05,
+                  "weight_decay": 0.01, "grad_clip": 1.0, "seed": seed, "log_every": 10, "ema_decay": 0.995,
+                  "out_dir": "../run"},
+    }
 
 
-def train(model, images, labels, steps: int, batch_docs: int, device, out: Path, seed: int):
-    def get_batch(step, micro):
-        gen = torch.Generator().manual_seed(seed * 100_003 + step)
-        return pack(documents(images, labels, gen, batch_docs), ROW_LEN, 16, BOI, EOI, PAD).to(device)
+def export_data(folder: Path, images: torch.Tensor, labels: torch.Tensor, config: dict) -> Path:
+    """Write the digits as a user's data folder: PNGs, captions (JSONL), tokenizer, run config."""
+    from PIL import Image as PILImage
 
-    def loss_fn(batch, generator):
-        return model.training_loss(batch.input_ids, batch.modality, batch.labels, batch.images, batch.kv_start,
-                                   batch.kv_end, position_ids=batch.position_ids,
-                                   image_mask=batch.image_loss_mask, generator=generator)
-
-    config = TrainConfig(steps=steps, lr=2e-3, warmup_steps=min(100, steps // 10 + 1), min_lr_ratio=0.05,
-                         weight_decay=0.01, grad_clip=1.0, seed=seed, log_every=10, out_dir=str(out / "run"))
-    counts = lambda b: {"tokens": b.num_text_tokens, "images": int(b.images.shape[0])}  # noqa: E731
-    trainer = Trainer(model, loss_fn, get_batch, config, count=counts)
-    return trainer.train(progress=None)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    understand, draw = [], []
+    pixels = ((images[:, 0] + 1) / 2 * 255).round().to(torch.uint8).numpy()
+    for i, (array, label) in enumerate(zip(pixels, labels.tolist())):
+        name = f"img/{i:05d}.png"
+        PILImage.fromarray(array, mode="L").save(folder / name)
+        understand.append(json.dumps({"segments": [{"text": "caption"}, {"image": name, "diffuse": False},
+                                                   {"text": str(label)}]}))
+        draw.append(json.dumps({"text": f"draw {label}", "image": name}))
+    (folder / "understand.jsonl").write_text("\n".join(understand) + "\n")
+    (folder / "draw.jsonl").write_text("\n".join(draw) + "\n")
+    digits_tokenizer().save_pretrained(str(folder / "tokenizer"))
+    (folder / "run.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder / "run.json"
 
 
 @torch.no_grad()
-def caption_accuracy(model, images, labels, device) -> float:
-    model.eval()
-    n = len(labels)
-    ids = torch.tensor([CAPTION, BOI] + [0] * 16 + [EOI], device=device).repeat(n, 1)
-    modality = torch.zeros_like(ids)
-    modality[:, 2:18] = 1
-    kv_start = torch.zeros(n, ids.shape[1], dtype=torch.int32, device=device)
-    kv_end = (torch.arange(ids.shape[1], device=device) + 1).to(torch.int32).repeat(n, 1)
-    kv_end[:, 2:18] = 18  # the image span is bidirectional
-    hidden, _ = model(ids, modality, images.to(device), torch.zeros(n, dtype=torch.long, device=device), kv_start, kv_end)
-    digit_logits = model.decoder.logits(hidden[:, -1])[:, DIGIT0:DIGIT0 + 10]
-    return float((digit_logits.argmax(-1).cpu() == labels).float().mean())
-
-
-def generate_digits(model, per_class: int, device, seed: int, steps: int = 50, guidance: float = 3.0):
-    """(10 * per_class, 1, 8, 8) generated images in [-1, 1], class-major, and their requested labels."""
-    model.eval()
-    wanted = torch.arange(10).repeat_interleave(per_class)
-    prompts = torch.stack([torch.tensor([DRAW, DIGIT0 + int(d), BOI]) for d in wanted]).to(device)
-    uncond = torch.tensor([[DRAW, BOI]], device=device).expand(len(wanted), 2)
-    latents = sample_images(model, prompts, num_steps=steps, guidance_scale=guidance, uncond_ids=uncond,
-                            generator=torch.Generator(device=device).manual_seed(seed), progress=None)
-    return latents.clamp(-1, 1).cpu(), wanted
+def caption_accuracy(pipe: MMFusePipeline, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of held-out images after which the model's most likely digit is the right one."""
+    model, tok = pipe.model, pipe.tokenizer
+    caption = torch.tensor(prompt_ids(tok, "caption"))
+    docs = [[caption, Image(img.to(pipe.device), diffuse=False)] for img in images]
+    row = caption.numel() + model.config.patches_per_image + 2
+    batch = get_family(FAMILY).make_batch(model, docs, row, len(docs), None).to(pipe.device)
+    clean = torch.zeros(len(docs), dtype=torch.long, device=pipe.device)  # conditioning images: t = 0
+    hidden, _ = model(batch.input_ids, batch.modality, batch.images, clean, batch.kv_start, batch.kv_end,
+                      batch.position_ids)
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    predicted = model.decoder.logits(hidden[:, -1])[:, digits].argmax(-1).cpu()
+    return float((predicted == labels).float().mean())
 
 
 def digit_classifier(images, labels):
@@ -153,26 +157,30 @@ def save_loss_curve(history: list[dict], path: Path) -> None:
 
 
 def run_demo(steps: int = 1200, out: str | Path = "mmfuse-demo", device: str = "cpu", seed: int = 0,
-             per_class: int = 10, batch_docs: int = 32, sample_steps: int = 50) -> dict:
+             per_class: int = 10, sample_steps: int = 50, guidance: float = 3.0, workers: int = 0) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
-    torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = load_digits_split(seed)
-    model = build_model(device)
+    config_file = export_data(out / "data", train_x, train_y, run_config(steps, seed, workers))
+    prepare_from_config(config_file, device, batch_size=256, progress=False)  # every picture encoded once
     t0 = time.perf_counter()
-    history = train(model, train_x, train_y, steps, batch_docs, device, out, seed)
+    run = train_from_config(config_file, device, progress=None)
     train_s = time.perf_counter() - t0
-    caption_acc = caption_accuracy(model, test_x, test_y, device)
+    history = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    pipe = MMFusePipeline.from_pretrained(run / "model", device=device)
+    caption_acc = caption_accuracy(pipe, test_x, test_y)
     t1 = time.perf_counter()
-    generated, wanted = generate_digits(model, per_class, device, seed, steps=sample_steps)
+    drawn = pipe([f"draw {d}" for d in range(10)], num_images_per_prompt=per_class, num_inference_steps=sample_steps,
+                 guidance_scale=guidance, seed=seed, output_type="latent", progress=None).images
     sample_s = time.perf_counter() - t1
+    generated = drawn.clamp(-1, 1).cpu()  # pixel space: the latents are the pictures, in [-1, 1]
+    wanted = torch.arange(10).repeat_interleave(per_class)
     clf = digit_classifier(train_x, train_y)
     real_acc = float(clf.score(test_x.reshape(len(test_y), -1).numpy(), test_y.numpy()))
     gen_acc = float((torch.tensor(clf.predict(generated.reshape(len(wanted), -1).numpy())) == wanted).float().mean())
     # 8x8 digits enlarged 4x (nearest) so the grid is readable: one row per class.
     big = generated.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
-    save_png((big + 1) / 2, out / "samples.png", nrow=per_class)
+    write_image(image_grid((big + 1) / 2, nrow=per_class), out / "samples.png")
     save_loss_curve(history, out / "loss.png")
     last = history[-1]
     metrics = {
@@ -186,7 +194,8 @@ def run_demo(steps: int = 1200, out: str | Path = "mmfuse-demo", device: str = "
         "classifier_accuracy_on_real_test_digits": real_acc,
         "sampling_seconds": sample_s,
         "images_generated": len(wanted),
-        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "model_parameters": sum(p.numel() for p in pipe.model.parameters()),
+        "model_folder": str(run / "model"),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -194,23 +203,33 @@ def run_demo(steps: int = 1200, out: str | Path = "mmfuse-demo", device: str = "
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
-    parser.add_argument("--out", default="mmfuse-demo", help="output folder (default ./mmfuse-demo)")
+    parser.add_argument("--out", default="mmfuse-demo", help="output folder (default ./mmfuse-demo); a new one "
+                        "each time (an existing run inside is not overwritten)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=10, help="generated digits per class (default 10)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per image (default 50)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0: the "
+                        "documents are small, and on 2 cores a worker slows the training step more than it saves)")
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.per_class < 1 or args.sample_steps < 1:
-        raise SystemExit("mmfuse demo: --steps, --per-class and --sample-steps must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"mmfuse demo: --device {args.device} but no CUDA device is available")
-    m = run_demo(args.steps, args.out, args.device, args.seed, args.per_class, sample_steps=args.sample_steps)
+def run(args: argparse.Namespace) -> int:
+    from mmfuse.engine.config import ConfigError
+
+    if args.steps < 1 or args.per_class < 1 or args.sample_steps < 1 or args.workers < 0:
+        raise SystemExit("mmfuse demo: --steps, --per-class and --sample-steps must be >= 1, --workers >= 0")
+    try:
+        resolve_device(args.device)
+        m = run_demo(args.steps, args.out, args.device, args.seed, args.per_class, sample_steps=args.sample_steps,
+                     workers=args.workers)
+    except ConfigError as exc:
+        raise SystemExit(f"mmfuse demo: {exc}") from exc
     print(f"trained {m['steps']} steps in {m['train_seconds']:.0f} s: {m['tokens_per_s']:.0f} text tokens/s, "
           f"{m['images_per_s']:.0f} images/s")
     print(f"caption accuracy on held-out digits:    {m['caption_accuracy']:.1%}")
     print(f"generation accuracy (independent reader): {m['generation_accuracy']:.1%} "
           f"(the reader scores {m['classifier_accuracy_on_real_test_digits']:.1%} on real held-out digits)")
     print(f"wrote {Path(args.out) / 'samples.png'}, {Path(args.out) / 'loss.png'}, {Path(args.out) / 'metrics.json'}")
+    print(f"the model folder: {m['model_folder']} (mmfuse generate --checkpoint {m['model_folder']} "
+          '--prompt "draw 7" --out 7.png)')
     return 0

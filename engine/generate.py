@@ -1,18 +1,23 @@
 """Text generation with a static KV cache: one prefill, then one-token decode steps.
 
-The decode step takes the cache position as a tensor and reads no value back to the host, so it can
-be compiled once (``compile=True``: ``torch.compile``, with CUDA graphs on GPU) and replayed for
-every position. Left-padded prompts of different lengths share a batch: each row's key interval
-starts at its first real token, so padding is never attended.
+The decode step takes the cache position as a tensor and reads no value back to the host, so it is
+compiled once per model (``compile=True``: ``torch.compile``, with CUDA graphs on GPU) and replayed
+for every position of every later call. Left-padded prompts of different lengths share a batch: each
+row's key interval starts at its first real token, so padding is never attended. The KV cache lives
+for the call only: the model is left as it was.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 
 from mmfuse._progress import progress_bar
 from mmfuse.models.decoder import Decoder
+
+# model -> its compiled decode step, built on the first compile=True call and reused by every later one
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[Decoder, Callable]" = weakref.WeakKeyDictionary()
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -41,6 +46,34 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return (probs / q).argmax(dim=-1)
 
 
+def decode_step(model: Decoder, tokens: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
+                first: torch.Tensor, noise: torch.Tensor | None, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """tokens (B, T) written to cache slots ``pos`` (T,) at RoPE ``positions`` (B, T) -> next token (B,).
+
+    Each row sees keys ``[first, pos + 1)`` (``first`` (B, 1) int32: its first real token).
+    ``noise``: see :func:`sample_next`.
+    """
+    B, T = tokens.shape
+    kv_start = first.expand(B, T)
+    kv_end = (pos + 1).to(torch.int32).expand(B, T)
+    # A multi-expert (fusion) decoder routes generated text through its text expert.
+    modality = torch.zeros_like(tokens) if model.config.num_experts > 1 else None
+    hidden = model(tokens, position_ids=positions, kv_start=kv_start, kv_end=kv_end, modality=modality, input_pos=pos)
+    return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
+
+
+def compiled_decode_step(model: Decoder) -> Callable:
+    """The model's :func:`decode_step` under ``torch.compile(fullgraph=True)``, built once per model
+    (fullgraph: a graph break would mean a host round trip inside the step)."""
+    step = _COMPILED_STEPS.get(model)
+    if step is None:
+        cuda = model.embed.weight.device.type == "cuda"
+        step = torch.compile(decode_step, mode="reduce-overhead" if cuda else None, dynamic=False, fullgraph=True)
+        _COMPILED_STEPS[model] = step
+    return step
+
+
 def _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p) -> None:
     if not isinstance(model, Decoder):
         raise TypeError(f"model must be an mmfuse Decoder, got {type(model).__name__}")
@@ -54,6 +87,15 @@ def _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, t
         raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    limit = model.config.max_seq_len
+    if limit and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"input_ids ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                         f"model's context of {limit} positions")
+    vocab = model.config.vocab_size
+    in_vocab = input_ids.numel() == 0 or 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab
+    if not torch.compiler.is_compiling() and not in_vocab:
+        raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
 
 @torch.no_grad()
@@ -79,7 +121,7 @@ def generate(
         eos_token_id: a row that emits it keeps emitting it (the padding transformers uses when the
             pad token is the EOS token); generation stops early once every row has.
         attention_mask: (B, L) 1 for real tokens, 0 for left padding (prompts of different lengths).
-        compile: compile the decode step (CUDA graphs on GPU).
+        compile: compile the decode step (CUDA graphs on GPU); built once per model.
         progress: show a progress bar (None: only when stderr is a terminal).
     """
     _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p)
@@ -92,21 +134,10 @@ def generate(
         mask = attention_mask.to(device).long()
         first = (L - mask.sum(dim=1, keepdim=True)).to(torch.int32)  # left padding: first real token
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    model.setup_cache(B, L + max_new_tokens)
     out = torch.empty(B, L + max_new_tokens, dtype=input_ids.dtype, device=device)
     out[:, :L] = input_ids
     if max_new_tokens == 0:
         return out
-
-    def step(tokens, pos, positions, noise):
-        """tokens (B, T) at cache slots ``pos`` (T,) -> next token (B,); ``noise`` see sample_next."""
-        kv_start = first.expand(B, tokens.shape[1])
-        kv_end = (pos + 1).to(torch.int32).expand(B, tokens.shape[1])
-        # A multi-expert (fusion) decoder routes generated text through its text expert.
-        modality = torch.zeros_like(tokens) if model.config.num_experts > 1 else None
-        hidden = model(tokens, position_ids=positions, kv_start=kv_start, kv_end=kv_end, modality=modality,
-                       input_pos=pos)
-        return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
 
     def draw_noise() -> torch.Tensor | None:
         """The sampling noise of one step, drawn outside the (compiled) step; None when greedy."""
@@ -114,20 +145,22 @@ def generate(
             return None
         return torch.empty(B, model.config.vocab_size, device=device).exponential_(1.0, generator=generator)
 
-    # fullgraph: a graph break would mean a host round trip inside the decode step.
-    decode: Callable = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None,
-                                     dynamic=False, fullgraph=True) if compile else step
+    decode: Callable = compiled_decode_step(model) if compile else decode_step
+    sampling = (temperature, top_k, top_p)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = position_ids[:, -1:] + 1
-    tok = step(input_ids, torch.arange(L, device=device), position_ids, draw_noise())  # prefill
-    for i in progress_bar(range(max_new_tokens), progress, desc="decode"):
-        if eos_token_id is not None:
-            tok = torch.where(done, eos_token_id, tok)
-            done |= tok == eos_token_id
-        out[:, L + i] = tok
-        if i + 1 == max_new_tokens or (eos_token_id is not None and i % 16 == 15 and bool(done.all())):
-            if i + 1 < max_new_tokens:
-                out[:, L + i + 1:] = eos_token_id
-            break
-        tok = decode(tok[:, None], torch.tensor([L + i], device=device), next_pos + i, draw_noise())
+    with model.kv_cache(B, L + max_new_tokens):
+        tok = decode_step(model, input_ids, torch.arange(L, device=device), position_ids, first, draw_noise(),
+                          *sampling)  # prefill
+        for i in progress_bar(range(max_new_tokens), progress, desc="decode"):
+            if eos_token_id is not None:
+                tok = torch.where(done, eos_token_id, tok)
+                done |= tok == eos_token_id
+            out[:, L + i] = tok
+            if i + 1 == max_new_tokens or (eos_token_id is not None and i % 16 == 15 and bool(done.all())):
+                if i + 1 < max_new_tokens:
+                    out[:, L + i + 1:] = eos_token_id
+                break
+            tok = decode(model, tok[:, None], torch.tensor([L + i], device=device), next_pos + i, first, draw_noise(),
+                         *sampling)
     return out

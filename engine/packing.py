@@ -1,12 +1,14 @@
 """Pack interleaved text-and-image documents into fixed-length rows for training.
 
-A document is a list of segments: token-id lists (text) and :class:`Image` (a latent tensor, or
-anything the model turns into ``tokens_per_image`` positions). An image becomes ``BOI``,
-``tokens_per_image`` image positions (one bidirectional span) and ``EOI``.
+A document is a list of segments: token-id runs (1-D tensors or lists: text) and :class:`Image` (one
+image's tensor: VAE latents, or anything the model turns into ``tokens_per_image`` positions). An
+image becomes ``BOI``, ``tokens_per_image`` image positions (one bidirectional span) and ``EOI``.
 
 Rows are filled greedily in document order, so padding is only at the tail of a row. A document that
 does not fit the rest of a row starts a new row; one longer than a whole row is cut at row ends, each
-piece becoming its own document — but never inside an image block, which moves whole to the next row.
+piece becoming its own document -- but never inside an image block, which moves whole to the next row.
+With ``max_rows`` the batch has exactly that many rows (a fixed shape): what does not fit is left out.
+Text is handled in runs (tensor slices), never one Python object per token.
 """
 from __future__ import annotations
 
@@ -16,15 +18,18 @@ from typing import Sequence, Union
 import torch
 
 from mmfuse.kernels import mask_intervals
+from mmfuse.models.modality import IMAGE
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class Image:
-    """One image of a document: ``latent`` (e.g. VAE latents (C, H, W)); ``diffuse``: gets the diffusion loss."""
+    """One image of a document: ``tensor`` as the model takes it (e.g. VAE latents (C, h, w), or
+    SigLIP pixels (3, H, W)); ``diffuse``: it gets the diffusion loss (False: a clean conditioning
+    image, e.g. one to caption)."""
 
-    latent: torch.Tensor
+    tensor: torch.Tensor
     diffuse: bool = True
 
 
@@ -58,37 +63,38 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-@dataclass
-class _Block:
-    """An unbreakable run: a text token (length 1) or BOI + image positions + EOI."""
-
-    ids: list[int]
-    image: Image | None = None
+def packed_size(document: Sequence[Segment], tokens_per_image: int) -> int:
+    """Positions a document takes in packed rows: its tokens, and BOI + image positions + EOI per image."""
+    return sum(tokens_per_image + 2 if isinstance(s, Image) else len(s) for s in document)
 
 
-def _blocks(document: Sequence[Segment], tokens_per_image: int, boi: int, eoi: int) -> list[_Block]:
-    blocks: list[_Block] = []
+def _as_ids(segment: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    return segment.long().reshape(-1) if isinstance(segment, torch.Tensor) else torch.tensor(list(segment), dtype=torch.long)
+
+
+def _pieces(document: Sequence[Segment], row_len: int, block: int) -> list[list[torch.Tensor | Image]]:
+    """Cut a document into pieces of at most ``row_len`` positions: text runs split anywhere, an image
+    block (``block`` positions) never."""
+    if block > row_len and any(isinstance(s, Image) for s in document):
+        raise ValueError(f"an image block needs {block} positions but row_len is {row_len}")
+    pieces: list[list[torch.Tensor | Image]] = [[]]
+    free = row_len
     for seg in document:
         if isinstance(seg, Image):
-            blocks.append(_Block([boi] + [0] * tokens_per_image + [eoi], seg))
-        else:
-            ids = seg.tolist() if isinstance(seg, torch.Tensor) else list(seg)
-            blocks.extend(_Block([int(t)]) for t in ids)
-    return blocks
-
-
-def _pieces(blocks: list[_Block], row_len: int) -> list[list[_Block]]:
-    """Cut a document's blocks into pieces of at most ``row_len`` positions, never inside a block."""
-    pieces: list[list[_Block]] = [[]]
-    size = 0
-    for block in blocks:
-        if len(block.ids) > row_len:
-            raise ValueError(f"an image block needs {len(block.ids)} positions but row_len is {row_len}")
-        if size + len(block.ids) > row_len:
-            pieces.append([])
-            size = 0
-        pieces[-1].append(block)
-        size += len(block.ids)
+            if block > free:
+                pieces.append([])
+                free = row_len
+            pieces[-1].append(seg)
+            free -= block
+            continue
+        ids = _as_ids(seg)
+        while ids.numel():
+            if free == 0:
+                pieces.append([])
+                free = row_len
+            pieces[-1].append(ids[:free])
+            taken = min(free, ids.numel())
+            ids, free = ids[taken:], free - taken
     return [p for p in pieces if p]
 
 
@@ -99,53 +105,72 @@ def pack(
     boi_token_id: int,
     eoi_token_id: int,
     pad_token_id: int = 0,
+    max_rows: int | None = None,
 ) -> PackedBatch:
-    """Pack ``documents`` into as many rows of ``row_len`` positions as they need."""
+    """Pack ``documents`` into as many rows of ``row_len`` positions as they need, or into exactly
+    ``max_rows`` rows (the pieces that would need more are left out; missing rows are padding)."""
     if row_len < 1 or tokens_per_image < 1:
         raise ValueError(f"row_len and tokens_per_image must be >= 1, got {row_len} and {tokens_per_image}")
-    rows: list[list[list[_Block]]] = [[]]  # row -> pieces (documents) -> blocks
+    block = tokens_per_image + 2
+    rows: list[list[list[torch.Tensor | Image]]] = [[]]  # row -> pieces (documents) -> chunks
     free = row_len
     for doc in documents:
-        for piece in _pieces(_blocks(doc, tokens_per_image, boi_token_id, eoi_token_id), row_len):
-            size = sum(len(b.ids) for b in piece)
+        for piece in _pieces(doc, row_len, block):
+            size = sum(block if isinstance(c, Image) else c.numel() for c in piece)
             if size > free:
+                if max_rows is not None and len(rows) == max_rows:
+                    break
                 rows.append([])
                 free = row_len
             rows[-1].append(piece)
             free -= size
     rows = [r for r in rows if r] or [[]]
-    return _tensorize(rows, row_len, pad_token_id)
+    if max_rows is not None:
+        rows += [[]] * (max_rows - len(rows))
+    return _tensorize(rows, row_len, tokens_per_image, boi_token_id, eoi_token_id, pad_token_id)
 
 
-def _tensorize(rows, row_len: int, pad_token_id: int) -> PackedBatch:
+def _piece_tensors(piece, n: int, boi: int, eoi: int) -> tuple[torch.Tensor, torch.Tensor, list[Image]]:
+    """(ids, modality) of one piece, image blocks laid out as BOI + n zeros + EOI; its images in order."""
+    ids, modality, images = [], [], []
+    for chunk in piece:
+        if isinstance(chunk, Image):
+            block = torch.zeros(n + 2, dtype=torch.long)
+            block[0], block[-1] = boi, eoi
+            kind = torch.full((n + 2,), IMAGE, dtype=torch.long)
+            kind[0] = kind[-1] = 0
+            ids.append(block)
+            modality.append(kind)
+            images.append(chunk)
+        else:
+            ids.append(chunk)
+            modality.append(torch.zeros_like(chunk))
+    return torch.cat(ids), torch.cat(modality), images
+
+
+def _tensorize(rows, row_len: int, n: int, boi: int, eoi: int, pad_token_id: int) -> PackedBatch:
     B = len(rows)
     input_ids = torch.full((B, row_len), pad_token_id, dtype=torch.long)
     modality = torch.zeros(B, row_len, dtype=torch.long)
-    span_ids = torch.zeros(B, row_len, dtype=torch.long)
     doc_ids = torch.full((B, row_len), -1, dtype=torch.long)
     position_ids = torch.zeros(B, row_len, dtype=torch.long)
-    labels = torch.full((B, row_len), IGNORE_INDEX, dtype=torch.long)
     images: list[Image] = []
     for b, pieces in enumerate(rows):
-        i, span = 0, 0
+        i = 0
         for d, piece in enumerate(pieces):
-            start = i
-            for block in piece:
-                n = len(block.ids)
-                input_ids[b, i:i + n] = torch.tensor(block.ids)
-                labels[b, i:i + n] = torch.tensor(block.ids)
-                if block.image is not None:
-                    span += 1
-                    span_ids[b, i + 1:i + n - 1] = span
-                    modality[b, i + 1:i + n - 1] = 1
-                    labels[b, i + 1:i + n - 1] = IGNORE_INDEX
-                    images.append(block.image)
-                i += n
-            doc_ids[b, start:i] = d
-            position_ids[b, start:i] = torch.arange(i - start)
-            labels[b, start] = IGNORE_INDEX  # nothing before a document predicts its first token
+            ids, kind, piece_images = _piece_tensors(piece, n, boi, eoi)
+            j = i + ids.numel()
+            input_ids[b, i:j], modality[b, i:j], doc_ids[b, i:j] = ids, kind, d
+            position_ids[b, i:j] = torch.arange(j - i)
+            images += piece_images
+            i = j
+    is_image = modality == IMAGE
+    # One span per image block: a new id wherever an image run starts (runs never touch: BOI/EOI between).
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    span_ids = torch.where(is_image, starts.long().cumsum(dim=1), 0)
+    labels = input_ids.masked_fill(is_image | (doc_ids < 0) | (position_ids == 0), IGNORE_INDEX)
     kv_start, kv_end = mask_intervals(span_ids, doc_ids)
-    stacked = torch.stack([im.latent for im in images]) if images else None
+    stacked = torch.stack([im.tensor for im in images]) if images else None
     return PackedBatch(
         input_ids=input_ids, modality=modality, span_ids=span_ids, doc_ids=doc_ids, position_ids=position_ids,
         labels=labels, kv_start=kv_start, kv_end=kv_end, images=stacked,

@@ -9,8 +9,9 @@ Under ``torchrun`` (after :func:`init_distributed`) ``get_batch`` returns this r
 (:func:`rank_and_world`), gradients are averaged across ranks, the logged losses are the all-reduced
 means, and rank 0 alone writes checkpoints and logs. ``TrainConfig.data_parallel`` picks how:
 ``"ddp"`` (``DistributedDataParallel``: every rank holds all weights) or ``"fsdp"`` (FSDP2
-``fully_shard`` on every decoder layer and the root: weights, gradients and optimizer state sharded
-across ranks; checkpoints gather them, so they are the same files either way).
+``fully_shard`` on every block the caller names -- a family's ``blocks``, e.g. its decoder layers --
+and the root: weights, gradients and optimizer state sharded across ranks; checkpoints gather them, so
+they are the same files either way). Activation checkpointing recomputes those same blocks.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from mmfuse._progress import progress_bar
+from mmfuse.engine.atomic import atomic_file, atomic_folder
 from mmfuse.kernels.objectives import Objective
 
 LossFn = Callable[[object, torch.Generator], Objective]  # (batch, noise generator) -> objective
@@ -49,15 +50,18 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end (when out_dir is set)
     out_dir: str | None = None
-    activation_checkpointing: bool = False  # recompute decoder layers in the backward (less memory)
+    activation_checkpointing: bool = False  # recompute the model's blocks in the backward (less memory)
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trainable weights
     autocast: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16": always; "off"
     data_parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2, sharded)
 
     def __post_init__(self):
-        if self.steps < 0 or self.grad_accum < 1 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError(f"bad training config: steps={self.steps}, grad_accum={self.grad_accum}, "
-                             f"lr={self.lr}, warmup_steps={self.warmup_steps}")
+        for name, ok, rule in (("steps", self.steps >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                               ("lr", self.lr > 0, "> 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                               ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+                               ("log_every", self.log_every >= 1, ">= 1"), ("grad_clip", self.grad_clip >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"bad training config: {name} must be {rule}, got {getattr(self, name)}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"bad training config: autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if self.data_parallel not in ("ddp", "fsdp"):
@@ -114,26 +118,34 @@ def make_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.AdamW:
 
 
 class Trainer:
-    """Runs ``config.steps`` optimizer steps of ``loss_fn(get_batch(step, micro), generator)``."""
+    """Runs ``config.steps`` optimizer steps of ``loss_fn(get_batch(step, micro), generator)``.
+
+    Args:
+        blocks: the model's repeated blocks (a family's ``blocks(model)``): FSDP2 units, and what
+            activation checkpointing recomputes.
+        meta: what the run is (e.g. its family), written into every checkpoint's ``trainer.json``.
+    """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, get_batch: Callable[[int, int], object],
-                 config: TrainConfig, count: Callable[[object], dict[str, int]] | None = None):
+                 config: TrainConfig, count: Callable[[object], dict[str, int]] | None = None,
+                 blocks: list[torch.nn.Module] | None = None, meta: dict | None = None):
         self.model, self.loss_fn, self.get_batch, self.config = model, loss_fn, get_batch, config
         self.count = count or (lambda batch: {})
+        self.meta = dict(meta or {})
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.rank, self.world = rank_and_world()
         self.out_dir = Path(config.out_dir) if config.out_dir and self.rank == 0 else None
+        blocks = list(blocks or [])
         if config.activation_checkpointing:
-            decoders = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
-            if not decoders:
-                raise ValueError("activation_checkpointing: the model has no decoder that supports it")
-            for m in decoders:
-                m.activation_checkpointing = True
+            if not blocks:
+                raise ValueError("activation_checkpointing: give the model's blocks to recompute (blocks=...)")
+            for block in blocks:
+                _checkpoint_forward(block)
         loss_module = _LossModule(model, lambda batch, generator: self.loss_fn(batch, generator))
         self.sharded = self.world > 1 and config.data_parallel == "fsdp"
         if self.sharded:
-            _fully_shard(loss_module)
+            _fully_shard(loss_module, blocks)
             self._forward = loss_module
         elif self.world > 1:
             self._forward = torch.nn.parallel.DistributedDataParallel(loss_module)
@@ -228,6 +240,7 @@ class Trainer:
         c = self.config
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._rewrite_log()
         log = open(self.out_dir / "train_log.jsonl", "a") if self.out_dir else None
         bar = progress_bar(total=c.steps, initial=self.step, progress=progress if self.rank == 0 else False, desc="train")
         t0, seen = time.perf_counter(), {}
@@ -253,6 +266,15 @@ class Trainer:
             self.save_checkpoint()
         return self.history
 
+    def _rewrite_log(self) -> None:
+        """The log holds exactly the steps done so far: a resumed run drops the lines written after its
+        checkpoint (they are redone), so the log never repeats a step."""
+        log = self.out_dir / "train_log.jsonl"
+        if not self.step and not log.exists():
+            return
+        with atomic_file(log) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, out_dir: str | os.PathLike | None = None) -> Path:
@@ -272,21 +294,17 @@ class Trainer:
 
     def _write_checkpoint(self, root: Path, tensors: dict[str, dict[str, torch.Tensor]], optim_meta: dict) -> Path:
         final = root / f"step_{self.step:07d}"
-        tmp = root / f".tmp_step_{self.step:07d}_{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors["model"], str(tmp / "model.safetensors"))
-        save_file(tensors["optimizer"], str(tmp / "optimizer.safetensors"))
-        save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        if self.ema:
-            save_file(tensors["ema"], str(tmp / "ema.safetensors"))
-        meta = {"step": self.step, "config": asdict(self.config), "optimizer": optim_meta, "history": self.history}
-        (tmp / "trainer.json").write_text(json.dumps(meta))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / "latest")
+        with atomic_folder(final) as tmp:
+            save_file(tensors["model"], str(tmp / "model.safetensors"))
+            save_file(tensors["optimizer"], str(tmp / "optimizer.safetensors"))
+            save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            if self.ema:
+                save_file(tensors["ema"], str(tmp / "ema.safetensors"))
+            meta = {"step": self.step, "config": asdict(self.config), "optimizer": optim_meta,
+                    "history": self.history, **self.meta}
+            (tmp / "trainer.json").write_text(json.dumps(meta))
+        with atomic_file(root / "latest") as pointer:
+            pointer.write_text(final.name)
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -297,6 +315,10 @@ class Trainer:
         if not (path / "trainer.json").is_file():
             raise FileNotFoundError(f"no checkpoint at {path} (expected trainer.json and safetensors files)")
         meta = json.loads((path / "trainer.json").read_text())
+        differ = {k: (meta.get(k), v) for k, v in self.meta.items() if meta.get(k) != v}
+        if differ:
+            detail = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in differ.items())
+            raise ValueError(f"the checkpoint at {path} is of another run: {detail}")
         device = next(self.model.parameters()).device
         model_state = load_file(str(path / "model.safetensors"), device=str(device))
         current = self.model.state_dict()
@@ -315,19 +337,32 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------- FSDP2
 
 
-def _fully_shard(loss_module: torch.nn.Module) -> None:
-    """FSDP2: one unit per decoder layer (gathered just before it runs, freed after), then the root.
+def _fully_shard(loss_module: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
+    """FSDP2: one unit per block (gathered just before it runs, freed after), then the root.
 
     The root is the loss module, not the model: the loss calls ``training_loss`` rather than the
-    model's ``forward``, so only the root's hooks see every parameter outside the layers gathered.
+    model's ``forward``, so only the root's hooks see every parameter outside the blocks gathered.
     """
     from torch.distributed.fsdp import fully_shard
 
-    from mmfuse.models.decoder import DecoderLayer
-
-    for layer in [m for m in loss_module.modules() if isinstance(m, DecoderLayer)]:
-        fully_shard(layer)
+    for block in blocks:
+        fully_shard(block)
     fully_shard(loss_module)
+
+
+def _checkpoint_forward(block: torch.nn.Module) -> None:
+    """Make ``block`` recompute its activations in the backward (only while gradients are being taken:
+    inference runs it as it is). The state dict and parameters stay as they are."""
+    import torch.utils.checkpoint
+
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        if block.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    block.forward = checkpointed
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

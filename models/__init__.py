@@ -1,11 +1,14 @@
 """Lean model definitions that load Hugging Face safetensors checkpoints.
 
-``from_pretrained(path)`` dispatches on ``config.json``'s ``model_type``.
+``from_pretrained(path)`` dispatches on ``config.json``'s ``model_type``. Each model family
+(fusion, metamorph, metaquery) is one :class:`FamilySpec` in its module; ``get_family(name)`` and
+``families()`` look them up.
 """
 if __name__ != "mmfuse.models":  # found under a bare name via sys.path: an empty shadow, see mmfuse/__init__.py
     del __file__, __path__
 else:
     from .decoder import Decoder, DecoderConfig
+    from .family import FamilySpec, Parts, PipelineHooks, families, family_of, get_family, register_family
     from .hf_io import CheckpointError
     from .layers import (BatchContext, CosineLoss, DiffusionLoss, KVCache, LinearCrossEntropy, MixedAttention, RMSNorm,
                          RoutedLinear, RoutedMLP, RoutedRMSNorm)
@@ -24,12 +27,15 @@ else:
         "Decoder",
         "DecoderConfig",
         "DiffusionLoss",
+        "FamilySpec",
         "KVCache",
         "LinearCrossEntropy",
         "MetaQuery",
         "MetaQueryConfig",
         "MixedAttention",
+        "Parts",
         "PatchReport",
+        "PipelineHooks",
         "RMSNorm",
         "RoutedLinear",
         "RoutedMLP",
@@ -37,10 +43,14 @@ else:
         "SiglipVisionConfig",
         "SiglipVisionTower",
         "apply_mmfuse",
+        "families",
+        "family_of",
         "from_pretrained",
+        "get_family",
         "load_metaquery",
         "load_siglip",
         "pool_to_tokens",
+        "register_family",
         "save_metaquery",
         "save_pretrained",
         "save_siglip",

@@ -7,12 +7,13 @@ causal text, bidirectional image spans and packed documents.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from mmfuse.kernels import build_routing, rope_cos_sin, rope_frequencies
@@ -39,6 +40,7 @@ class DecoderConfig:
     tie_embeddings: bool = False
     num_experts: int = 1
     model_type: str = "llama"
+    max_seq_len: int | None = None  # the checkpoint's context length (max_position_embeddings), if it states one
     hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, for saving
 
     @classmethod
@@ -76,8 +78,31 @@ class DecoderConfig:
             qkv_bias=model_type == "qwen2",
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             model_type=model_type,
+            max_seq_len=cfg.get("max_position_embeddings"),
             hf_config=dict(cfg),
         )
+
+
+def left_pad(rows: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D token rows of any lengths, left-padded to one length.
+
+    Returns ``ids`` (R, P) and ``first`` int32 (R,), each row's first real position: a row's key
+    interval starts there, so padding is never attended, and its RoPE positions count from it.
+    """
+    if not rows or any(r.dim() != 1 or r.numel() == 0 for r in rows):
+        raise ValueError("rows must be a non-empty sequence of non-empty 1-D token tensors")
+    length = max(r.shape[0] for r in rows)
+    device = rows[0].device
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, length - r.shape[0]:] = r
+    first = torch.tensor([length - r.shape[0] for r in rows], dtype=torch.int32, device=device)
+    return ids, first
+
+
+def padded_positions(first: torch.Tensor, length: int) -> torch.Tensor:
+    """(R, length) RoPE positions of left-padded rows: 0 at each row's first real token (0 on padding)."""
+    return (torch.arange(length, device=first.device)[None] - first[:, None].long()).clamp(min=0)
 
 
 def _require(cfg: dict, key: str, value, default) -> None:
@@ -110,8 +135,6 @@ class Decoder(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.reset_buffers(self.embed.weight.device)
-        # Recompute each layer's activations in the backward instead of keeping them (training only).
-        self.activation_checkpointing = False
 
     def reset_buffers(self, device: torch.device | str) -> None:
         """RoPE inverse frequencies: derived from the config, never stored in checkpoints."""
@@ -126,11 +149,46 @@ class Decoder(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Give every attention layer a static KV cache for ``batch`` rows of ``max_len`` positions."""
+        """Give every attention layer a static KV cache for ``batch`` rows of ``max_len`` positions
+        (prefer :meth:`kv_cache`, which also takes it away again)."""
         c = self.config
         dtype = dtype or self.embed.weight.dtype
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, c.num_kv_heads, max_len, c.head_dim, dtype, self.embed.weight.device)
+
+    @contextlib.contextmanager
+    def kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> Iterator[None]:
+        """A static KV cache for the duration of a ``with`` block: set up on entry, and on exit every
+        layer gets back the cache it had before (None for a model at rest), so no memory stays behind."""
+        before = [layer.attn.kv_cache for layer in self.layers]
+        self.setup_cache(batch, max_len, dtype)
+        try:
+            yield
+        finally:
+            for layer, cache in zip(self.layers, before):
+                layer.attn.kv_cache = cache
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the embeddings (and an untied LM head) to ``vocab_size`` rows, e.g. for added special
+        tokens. New rows start at the mean of the existing ones (transformers' ``mean_resizing``), so a
+        new token's logit starts near the average instead of at a random extreme."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"vocab_size can only grow: the model has {old} tokens, asked for {vocab_size}")
+        if vocab_size == old:
+            return
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            extra = weight.detach().mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
+            return nn.Parameter(torch.cat([weight.detach(), extra]), requires_grad=weight.requires_grad)
+
+        self.embed.weight = grown(self.embed.weight)
+        self.embed.num_embeddings = vocab_size
+        if self.lm_head is not None:
+            self.lm_head.weight = grown(self.lm_head.weight)
+            self.lm_head.out_features = vocab_size
+        hf_config = {**self.config.hf_config, "vocab_size": vocab_size} if self.config.hf_config else {}
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size, hf_config=hf_config)
 
     def forward(
         self,
@@ -168,12 +226,8 @@ class Decoder(nn.Module):
             routing = build_routing(modality, self.config.num_experts)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, torch.float32)
         ctx = BatchContext(modality, routing, cos, sin, kv_start, kv_end, input_pos)
-        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
-            else:
-                x = layer(x, ctx)
+            x = layer(x, ctx)
         return self.norm(x, modality)
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -251,6 +305,8 @@ def _default_hf_config(c: DecoderConfig) -> dict:
         "head_dim": c.head_dim, "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
         "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
     }
+    if c.max_seq_len:
+        cfg["max_position_embeddings"] = c.max_seq_len
     if c.rope_scaling:
         cfg["rope_parameters"] = {**c.rope_scaling, "rope_theta": c.rope_theta}
     return cfg

@@ -14,21 +14,28 @@ spans (row by row).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from mmfuse.engine.packing import PackedBatch, pack, packed_size
+from mmfuse.kernels import mask_intervals
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair
-from mmfuse.kernels.objectives import Objective, transfusion_objective
+from mmfuse.kernels.objectives import Objective, lm_loss, transfusion_objective
 from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas
 
-from .decoder import Decoder, DecoderConfig
+from .decoder import Decoder, DecoderConfig, left_pad, padded_positions
+from .family import Denoiser, FamilySpec, Parts, PipelineHooks
 from .hf_io import build_from_state, load_native, save_checkpoint
+from .modality import IMAGE, TEXT
+from .vae import LatentImages
 
-TEXT, IMAGE = 0, 1
 MODEL_TYPE = "mmfuse_fusion"
 
 
@@ -37,8 +44,10 @@ class FusionConfig:
     latent_channels: int = 4
     latent_size: int = 32  # latent height = width
     patch_size: int = 2
-    boi_token_id: int = 0
+    boi_token_id: int = 0  # filled from the tokenizer when there is one (the id of ``boi_token``)
     eoi_token_id: int = 1
+    boi_token: str = "<boi>"  # the special tokens added to the base tokenizer around every image
+    eoi_token: str = "<eoi>"
     train_text: bool = False  # False: LlamaFusion (text frozen); True: Transfusion
     lambda_diffusion: float = 5.0
     num_train_timesteps: int = 1000
@@ -130,12 +139,6 @@ class UNetPatcher(nn.Module):
         for up, res, skip in zip(self.up_sample, self.up_res, reversed(skips)):
             h = res(torch.cat([up(h), skip], dim=1), temb)
         return self.conv_out(h)
-
-
-def encode_latents(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """diffusers ``AutoencoderKL``: images (N, 3, H, W) in [-1, 1] -> scaled latents (N, C, h, w)."""
-    latents = vae.encode(images).latent_dist.sample(generator)
-    return latents * getattr(vae.config, "scaling_factor", 1.0)
 
 
 class LlamaFusion(nn.Module):
@@ -259,31 +262,31 @@ class LlamaFusion(nn.Module):
 
     def training_loss(
         self,
-        input_ids: torch.Tensor,
-        modality: torch.Tensor,
-        labels: torch.Tensor,
-        latents: torch.Tensor,
-        kv_start: torch.Tensor,
-        kv_end: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        image_mask: torch.Tensor | None = None,
+        batch: PackedBatch,
         generator: torch.Generator | None = None,
+        *,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
     ) -> Objective:
-        """Transfusion's ``LM CE + lambda * DDPM MSE`` for one packed batch.
+        """Transfusion's ``LM CE + lambda * DDPM MSE`` for one packed batch (:func:`mmfuse.engine.packing.pack`).
+
+        The batch's ``labels`` (B, L) hold the token at each position (-100 where no LM loss: image
+        patches, padding, document starts; position i predicts labels[i + 1]); its ``images``
+        (N, C, size, size) are the clean VAE latents in span order; ``image_loss_mask`` (N,) marks the
+        images that get the diffusion loss -- the others are conditioning images (e.g. to caption) and
+        enter clean, at timestep 0.
 
         Args:
-            labels: int64 (B, L), the token at each position (-100 where no LM loss: image patches,
-                padding, document starts); position i predicts labels[i + 1].
-            latents: (N, C, size, size) clean VAE latents of the batch's images, in span order.
-            image_mask: bool (N,) images that get the diffusion loss (None: all); the others are
-                conditioning images (e.g. to caption) and enter clean, at timestep 0.
             noise, timesteps: (N, C, size, size) and (N,) to use instead of drawing them from
-                ``generator`` (e.g. so that data-parallel shards reproduce a single-process run).
+                ``generator`` (e.g. so that data-parallel shards reproduce a single-process run);
+                default ``batch.extra["noise"]`` / ``["timesteps"]`` when the batch carries them.
         """
         c = self.config
+        latents, image_mask, labels = batch.images, batch.image_loss_mask, batch.labels
+        noise = batch.extra.get("noise") if noise is None else noise
+        timesteps = batch.extra.get("timesteps") if timesteps is None else timesteps
+        if latents is None:  # a text-only batch: the LM term alone
+            return self._text_only_loss(batch)
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         t = timesteps if timesteps is not None else torch.randint(
@@ -292,7 +295,7 @@ class LlamaFusion(nn.Module):
         if image_mask is not None:  # images outside the mask condition the text (captioning): clean, t = 0
             t = torch.where(image_mask, t, 0)
             x_t = torch.where(image_mask.view(-1, *[1] * (latents.dim() - 1)), x_t, latents)
-        hidden, pred = self(input_ids, modality, x_t, t, kv_start, kv_end, position_ids)
+        hidden, pred = self(batch.input_ids, batch.modality, x_t, t, batch.kv_start, batch.kv_end, batch.position_ids)
         return transfusion_objective(
             pred, target,
             hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]),
@@ -301,6 +304,16 @@ class LlamaFusion(nn.Module):
             image_mask=image_mask,
             lambda_diffusion=c.lambda_diffusion,
         )
+
+    def _text_only_loss(self, batch: PackedBatch) -> Objective:
+        no_images = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
+        empty = torch.zeros(0, self.config.latent_channels, self.config.latent_size, self.config.latent_size,
+                            device=batch.input_ids.device)
+        hidden, _ = self(batch.input_ids, batch.modality, empty, no_images, batch.kv_start, batch.kv_end,
+                         batch.position_ids)
+        lm = lm_loss(hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=self.decoder.lm_head_weight,
+                     labels=batch.labels[:, 1:].reshape(-1))
+        return Objective(lm, {"lm": lm, "diffusion": torch.zeros((), device=lm.device)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,3 +337,126 @@ def load_fusion(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model = load_native(path, MODEL_TYPE, builder, dtype, device)
     model.freeze_text(not model.config.train_text)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The family spec: batches, sampling, everything the engine needs
+# ----------------------------------------------------------------------------------------------
+
+
+def build(parts: Parts, config: FusionConfig) -> LlamaFusion:
+    """LlamaFusion from a one-expert base decoder (its weights copied into the image expert)."""
+    return LlamaFusion.from_decoder(parts.decoder, config)
+
+
+def make_batch(model: LlamaFusion, documents: list, row_len: int, rows: int | None = None,
+               generator: torch.Generator | None = None) -> PackedBatch:
+    """Interleaved documents packed into ``rows`` rows of ``row_len`` (images: clean latents (C, size, size))."""
+    c = model.config
+    return pack(documents, row_len, c.patches_per_image, c.boi_token_id, c.eoi_token_id, max_rows=rows)
+
+
+def image_prompt(model: LlamaFusion, ids: list[int]) -> list[int]:
+    """A prompt asks for an image by ending in BOI."""
+    boi = model.config.boi_token_id
+    return list(ids) if ids and ids[-1] == boi else [*ids, boi]
+
+
+def default_scheduler(model: LlamaFusion):
+    """A diffusers DDIM scheduler with the betas and prediction type the model was trained with."""
+    from diffusers import DDIMScheduler
+
+    c = model.config
+    return DDIMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                         beta_start=c.beta_start, beta_end=c.beta_end, prediction_type=c.prediction_type,
+                         clip_sample=False, set_alpha_to_one=False)
+
+
+@contextlib.contextmanager
+def condition(model: LlamaFusion, prompts: list[torch.Tensor], negatives: list[torch.Tensor],
+              recompute: bool = False) -> Iterator[Denoiser]:
+    """The prompts (each ending in BOI; left-padded together) prefilled once into a KV cache owned by
+    this block; each denoising step then runs only the image chunk, whose queries see the cached
+    prefix and the whole chunk (extend attention), so a step costs the same whatever the prompt
+    length. ``recompute=True``: no cache, every step feeds prompt + image (the reference sampler)."""
+    rows = list(prompts) + list(negatives)
+    boi = model.config.boi_token_id
+    if any(r.dim() != 1 or r.numel() == 0 or int(r[-1]) != boi for r in rows):
+        raise ValueError(f"every prompt must be a non-empty 1-D id tensor ending in BOI ({boi})")
+    ids, first = left_pad(rows)
+    if recompute:
+        yield _recomputing_denoiser(model, ids, first)
+        return
+    R, P = ids.shape
+    n = model.config.patches_per_image
+    with model.decoder.kv_cache(R, P + n):
+        prefix_end = (torch.arange(P, device=ids.device) + 1).to(torch.int32).expand(R, P)
+        model.decoder(ids, modality=torch.zeros_like(ids), kv_start=first[:, None].expand(R, P).contiguous(),
+                      kv_end=prefix_end.contiguous(), position_ids=padded_positions(first, P),
+                      input_pos=torch.arange(P, device=ids.device))
+        yield _cached_denoiser(model, ids, first)
+
+
+def _cached_denoiser(model: LlamaFusion, ids: torch.Tensor, first: torch.Tensor) -> Denoiser:
+    (R, P), n, device = ids.shape, model.config.patches_per_image, ids.device
+    chunk_ids = torch.zeros(R, n, dtype=torch.long, device=device)
+    chunk_modality = torch.full((R, n), IMAGE, dtype=torch.long, device=device)
+    kv_start = first[:, None].expand(R, n).contiguous()
+    kv_end = torch.full((R, n), P + n, dtype=torch.int32, device=device)  # prefix + the whole chunk
+    positions = padded_positions(first, P + n)[:, P:]
+    slots = torch.arange(P, P + n, device=device)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(chunk_ids, chunk_modality, x, t, kv_start, kv_end, position_ids=positions, input_pos=slots)[1]
+
+    return denoise
+
+
+def _recomputing_denoiser(model: LlamaFusion, ids: torch.Tensor, first: torch.Tensor) -> Denoiser:
+    (R, P), n, device = ids.shape, model.config.patches_per_image, ids.device
+    full_ids = torch.cat([ids, torch.zeros(R, n, dtype=torch.long, device=device)], dim=1)
+    modality = torch.full_like(full_ids, TEXT)
+    modality[:, P:] = IMAGE
+    doc_ids = (torch.arange(P + n, device=device)[None] < first[:, None]).long().neg()  # -1 on left padding
+    kv_start, kv_end = mask_intervals(modality, doc_ids)
+    positions = padded_positions(first, P + n)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(full_ids, modality, x, t, kv_start, kv_end, position_ids=positions)[1]
+
+    return denoise
+
+
+def _image_input(model: LlamaFusion, codec, vision_processor=None) -> LatentImages:
+    c = model.config
+    return LatentImages(codec, (c.latent_channels, c.latent_size, c.latent_size))
+
+
+FAMILY = FamilySpec(
+    name="fusion",
+    model_type=MODEL_TYPE,
+    description=("LlamaFusion / Transfusion: text + VAE-latent image patches in one decoder; "
+                 "trains the image expert (and the text weights with train_text)"),
+    config_class=FusionConfig,
+    special_tokens={"boi_token_id": "boi_token", "eoi_token_id": "eoi_token"},
+    build=build,
+    load=load_fusion,
+    save=save_fusion,
+    set_trainable=lambda model: model.freeze_text(not model.config.train_text),
+    llm=lambda model: model.decoder,
+    blocks=lambda model: list(model.decoder.layers),
+    image_input=_image_input,
+    document_size=lambda model, row_len: functools.partial(packed_size, tokens_per_image=model.config.patches_per_image),
+    make_batch=make_batch,
+    loss=lambda model, batch, generator: model.training_loss(batch, generator),
+    count=lambda b: {"tokens": b.num_text_tokens, "images": 0 if b.images is None else int(b.images.shape[0])},
+    pipeline=PipelineHooks(
+        latent_shape=lambda model: (model.config.latent_channels, model.config.latent_size, model.config.latent_size),
+        scheduler=default_scheduler,
+        image_prompt=image_prompt,
+        condition=condition,
+        text_decoder=lambda model: model.decoder,
+        guidance_scale=lambda model: 3.0,
+        image_positions=lambda model: model.config.patches_per_image + 1,
+    ),
+)

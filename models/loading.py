@@ -6,9 +6,9 @@ import os
 import torch
 
 from .decoder import Decoder, DecoderConfig, decoder_state_from_hf, decoder_state_to_hf
+from .family import families, family_for_model_type
 from .hf_io import (CheckpointError, build_from_state, checkpoint_files, load_tensors, read_config, save_checkpoint,
                     tensor_names)
-from .metaquery import load_metaquery
 from .siglip import SiglipVisionTower, load_siglip, save_siglip
 
 VLM_MODEL_TYPES = ("llava", "llava_onevision")
@@ -20,7 +20,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> torch.nn.Module:
     """Load a Hugging Face checkpoint folder (config.json + safetensors, single or sharded).
 
-    A VLM checkpoint (``llava``, ``llava_onevision``) gives its language model as a :class:`Decoder`.
+    A VLM checkpoint (``llava``, ``llava_onevision``) gives its language model as a :class:`Decoder`;
+    an mmfuse checkpoint (``mmfuse_fusion``, ``mmfuse_metamorph``, ``mmfuse_metaquery``, or another
+    registered family's) gives that family's model.
 
     Args:
         path: folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``.
@@ -42,29 +44,33 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         return _load_vlm_language_model(path, cfg, device, dtype)
     if model_type in ("siglip", "siglip_vision_model"):
         return load_siglip(path, dtype, device)
-    if model_type == "mmfuse_fusion":
-        from .fusion import load_fusion
+    family = family_for_model_type(model_type)
+    if family is not None:
+        return family.load(path, dtype, device)
+    known = ["llama", "qwen2", *VLM_MODEL_TYPES, "siglip", "siglip_vision_model",
+             *(f.model_type for f in families().values())]
+    raise CheckpointError(f"config model_type {model_type!r} is not supported ({', '.join(known)})")
 
-        return load_fusion(path, dtype, device)
-    if model_type == "mmfuse_metaquery":
-        return load_metaquery(path, dtype, device)
-    if model_type == "mmfuse_metamorph":
-        from .metamorph import load_metamorph
 
-        return load_metamorph(path, dtype, device)
-    raise CheckpointError(f"config model_type {model_type!r} is not supported "
-                          "(llama, qwen2, llava, llava_onevision, siglip, siglip_vision_model, mmfuse_fusion, "
-                          "mmfuse_metaquery, mmfuse_metamorph)")
+def decoder_config(path: str | os.PathLike) -> DecoderConfig:
+    """The :class:`DecoderConfig` of an LLM checkpoint (or of a VLM's language model), read from its
+    ``config.json`` alone -- no weights are loaded."""
+    cfg = read_config(path)
+    return _vlm_text_config(cfg) if cfg.get("model_type") in VLM_MODEL_TYPES else DecoderConfig.from_hf(cfg)
+
+
+def _vlm_text_config(cfg: dict) -> DecoderConfig:
+    text_cfg = dict(cfg.get("text_config") or {})
+    if not text_cfg:
+        raise CheckpointError(f"config model_type {cfg.get('model_type')!r} has no text_config")
+    text_cfg.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    return DecoderConfig.from_hf(text_cfg)
 
 
 def _load_vlm_language_model(path, cfg: dict, device, dtype) -> Decoder:
     """The language model of a LLaVA / LLaVA-OneVision checkpoint as a :class:`Decoder` (the base of
     LlavaFusion and of MetaQuery's MLLM); the vision tower and projector stay in the file."""
-    text_cfg = dict(cfg.get("text_config") or {})
-    if not text_cfg:
-        raise CheckpointError(f"config model_type {cfg.get('model_type')!r} has no text_config")
-    text_cfg.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
-    config = DecoderConfig.from_hf(text_cfg)
+    config = _vlm_text_config(cfg)
     files = checkpoint_files(path)
     names = tensor_names(files)
     for body, head in _VLM_LM_PREFIXES:

@@ -1,41 +1,53 @@
 """MetaMorph (VPiT): an LLM that reads and regresses SigLIP visual tokens, decoded by Stable Diffusion 1.5.
 
 An image becomes ``BOI``, ``num_visual_tokens`` positions, ``EOI`` (the packer's layout, ``modality``
-1 on the visual positions). The frozen SigLIP tower's patch features are interpolated to 64 tokens and
-L2-normalised; the adapter (Linear-GELU-Linear) maps them into the LLM. Attention is causal everywhere:
-visual tokens are generated one after another. The vision head (Linear-GELU-Linear to the SigLIP
-width) at position i regresses the visual token at i + 1 with a cosine loss, beside the text CE.
-Generated visual tokens condition an SD1.5 ``UNet2DConditionModel`` through a linear projection to its
-cross-attention width.
+IMAGE on the visual positions). The frozen SigLIP tower's patch features are interpolated to 64 tokens
+and L2-normalised; the adapter (Linear-GELU-Linear) maps them into the LLM. Attention is causal
+everywhere: visual tokens are generated one after another. The vision head (Linear-GELU-Linear to the
+SigLIP width) at position i regresses the visual token at i + 1 with a cosine loss, beside the text CE.
+Generated visual tokens condition a frozen SD1.5 ``UNet2DConditionModel`` (``diffusion``) through a
+linear projection to its cross-attention width.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmfuse._progress import progress_bar
+from mmfuse.engine.packing import PackedBatch, pack, packed_size
 from mmfuse.kernels import mask_intervals
-from mmfuse.kernels.objectives import Objective, metamorph_objective
+from mmfuse.kernels.objectives import Objective, lm_loss, metamorph_objective
 
-from .decoder import Decoder, DecoderConfig
-from .hf_io import load_native, save_checkpoint
-from .siglip import SiglipVisionConfig, SiglipVisionTower, pool_to_tokens
+from .decoder import Decoder, DecoderConfig, left_pad, padded_positions
+from .denoisers import build_denoiser, denoiser_config, denoiser_kind
+from .family import Denoiser, FamilySpec, Parts, PipelineHooks
+from .hf_io import CheckpointError, load_native, save_checkpoint
+from .modality import IMAGE
+from .siglip import SiglipPixels, SiglipVisionConfig, SiglipVisionTower, load_siglip_processor, pool_to_tokens
 
-TEXT, VISUAL = 0, 1
+MODEL_TYPE = "mmfuse_metamorph"
+# Stable Diffusion 1.5's noise schedule (what its UNet was trained with), for the sampling scheduler.
+SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     prediction_type="epsilon")
 
 
 @dataclass
 class MetaMorphConfig:
     num_visual_tokens: int = 64
-    boi_token_id: int = 0
+    boi_token_id: int = 0  # filled from the tokenizer when there is one (the id of ``boi_token``)
     eoi_token_id: int = 1
     lambda_cosine: float = 1.0
     sd_cross_attention_dim: int = 768  # SD1.5's text-encoder width
+    boi_token: str = "<boi>"
+    eoi_token: str = "<eoi>"
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -43,7 +55,8 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 
 
 class MetaMorph(nn.Module):
-    def __init__(self, decoder: Decoder, vision: SiglipVisionTower, config: MetaMorphConfig):
+    def __init__(self, decoder: Decoder, vision: SiglipVisionTower, config: MetaMorphConfig,
+                 diffusion: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.decoder = decoder
@@ -52,6 +65,14 @@ class MetaMorph(nn.Module):
         self.adapter = _mlp(width, dim, dim)
         self.vision_head = _mlp(dim, dim, width)
         self.sd_proj = nn.Linear(width, config.sd_cross_attention_dim)
+        if diffusion is not None:
+            if denoiser_kind(diffusion) != "sd15":
+                raise ValueError(f"MetaMorph decodes with an SD1.5 UNet2DConditionModel, got {type(diffusion).__name__}")
+            if diffusion.config["cross_attention_dim"] != config.sd_cross_attention_dim:
+                raise ValueError(f"sd_cross_attention_dim={config.sd_cross_attention_dim} but the UNet's "
+                                 f"cross_attention_dim is {diffusion.config['cross_attention_dim']}")
+            diffusion.requires_grad_(False)
+        self.diffusion = diffusion  # frozen SD1.5 UNet (None: a model that does not draw)
 
     @torch.no_grad()
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -61,95 +82,104 @@ class MetaMorph(nn.Module):
     def forward(self, input_ids: torch.Tensor, modality: torch.Tensor, visual_tokens: torch.Tensor,
                 kv_start: torch.Tensor, kv_end: torch.Tensor, position_ids: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states (B, L, dim); ``visual_tokens`` (N, T, width) fill the ``modality == 1`` positions in order."""
+        """Hidden states (B, L, dim); ``visual_tokens`` (N, T, width) fill the IMAGE positions in order."""
         x = self.decoder.embed(input_ids)
         n_visual = visual_tokens.shape[0] * visual_tokens.shape[1]
-        if not torch.compiler.is_compiling() and int((modality == VISUAL).sum()) != n_visual:
-            raise ValueError(f"modality marks {int((modality == VISUAL).sum())} visual positions but "
+        if not torch.compiler.is_compiling() and int((modality == IMAGE).sum()) != n_visual:
+            raise ValueError(f"modality marks {int((modality == IMAGE).sum())} visual positions but "
                              f"visual_tokens holds {n_visual}")
         if n_visual:
             embeds = self.adapter(visual_tokens.reshape(n_visual, -1).to(x.dtype))
             # under autocast the adapter's output is bf16 while the embeddings stay in the weights' dtype
-            x = x.masked_scatter((modality == VISUAL)[..., None], embeds.to(x.dtype))
+            x = x.masked_scatter((modality == IMAGE)[..., None], embeds.to(x.dtype))
         return self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
                             input_pos=input_pos)
 
-    def training_loss(self, input_ids: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor,
-                      pixel_values: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> Objective:
-        """Text CE (labels (B, L), -100 where none; position i predicts labels[i + 1]) + cosine on visual tokens.
+    def training_loss(self, batch: PackedBatch, generator: torch.Generator | None = None) -> Objective:
+        """Text CE + cosine on the visual tokens of one packed batch (:func:`make_batch`: causal intervals).
 
-        ``kv_start``/``kv_end`` should be causal (``mask_intervals`` with no spans, documents allowed).
+        The batch's ``labels`` (B, L) are -100 where there is no LM loss (position i predicts
+        labels[i + 1]); its ``images`` (N, 3, H, W) are SigLIP pixel values in span order.
         """
-        targets = self.visual_tokens(pixel_values)
-        hidden = self(input_ids, modality, targets, kv_start, kv_end, position_ids)
-        predicts_visual = modality[:, 1:] == VISUAL  # position i regresses the visual token at i + 1
+        if batch.images is None:  # a text-only batch: the LM term alone
+            empty = torch.zeros(0, self.config.num_visual_tokens, self.vision.config.dim, device=batch.input_ids.device)
+            hidden = self(batch.input_ids, batch.modality, empty, batch.kv_start, batch.kv_end, batch.position_ids)
+            lm = lm_loss(hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=self.decoder.lm_head_weight,
+                         labels=batch.labels[:, 1:].reshape(-1))
+            return Objective(lm, {"lm": lm, "cosine": torch.zeros((), device=lm.device)})
+        targets = self.visual_tokens(batch.images)
+        hidden = self(batch.input_ids, batch.modality, targets, batch.kv_start, batch.kv_end, batch.position_ids)
+        predicts_visual = batch.modality[:, 1:] == IMAGE  # position i regresses the visual token at i + 1
         pred = self.vision_head(hidden[:, :-1][predicts_visual])
         return metamorph_objective(
             pred, targets.reshape(-1, targets.shape[-1]).to(pred.dtype),
             hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=self.decoder.lm_head_weight,
-            labels=labels[:, 1:].reshape(-1), lambda_cosine=self.config.lambda_cosine,
+            labels=batch.labels[:, 1:].reshape(-1), lambda_cosine=self.config.lambda_cosine,
         )
 
     @torch.no_grad()
-    def generate_visual_tokens(self, prompt_ids: torch.Tensor, progress: bool | None = False) -> torch.Tensor:
-        """Prompt (B, P) ending in BOI -> (B, num_visual_tokens, width) tokens, generated with the KV cache.
+    def generate_visual_tokens(self, prompts: list[torch.Tensor], *, recompute: bool = False,
+                               progress: bool | None = False) -> torch.Tensor:
+        """1-D prompts ending in BOI (any lengths; left-padded together) -> (R, num_visual_tokens, width).
 
         Each step's vision-head output is L2-normalised (the targets live on the unit sphere) and fed
-        back through the adapter as the next input.
+        back through the adapter as the next input. The KV cache lives for this call only;
+        ``recompute=True`` feeds the whole sequence every step instead (the reference).
         """
         c = self.config
-        if prompt_ids.dim() != 2 or bool((prompt_ids[:, -1] != c.boi_token_id).any()):
-            raise ValueError(f"prompt_ids must be (B, P) with every row ending in BOI ({c.boi_token_id})")
-        B, P = prompt_ids.shape
-        device = prompt_ids.device
-        self.decoder.setup_cache(B, P + c.num_visual_tokens)
-        start = torch.zeros(B, 1, dtype=torch.int32, device=device)
-        kv_start, kv_end = mask_intervals(torch.zeros_like(prompt_ids))
-        hidden = self.decoder(prompt_ids, kv_start=kv_start, kv_end=kv_end, input_pos=torch.arange(P, device=device))
+        if not prompts or any(p.dim() != 1 or p.numel() == 0 or int(p[-1]) != c.boi_token_id for p in prompts):
+            raise ValueError(f"prompts must be non-empty 1-D id tensors, each ending in BOI ({c.boi_token_id})")
+        ids, first = left_pad(prompts)
+        (R, P), T = ids.shape, c.num_visual_tokens
+        steps = progress_bar(range(T), progress, desc="visual tokens")
+        if recompute:
+            return self._visual_tokens_recomputed(ids, first, steps)
+        device = ids.device
         tokens = []
-        for i in progress_bar(range(c.num_visual_tokens), progress, desc="visual tokens"):
+        with self.decoder.kv_cache(R, P + T):
+            kv_start, kv_end = first[:, None].expand(R, P).contiguous(), (torch.arange(P, device=device) + 1).int()
+            hidden = self.decoder(ids, kv_start=kv_start, kv_end=kv_end.expand(R, P).contiguous(),
+                                  position_ids=padded_positions(first, P), input_pos=torch.arange(P, device=device))
+            for i in steps:
+                token = F.normalize(self.vision_head(hidden[:, -1]).float(), dim=-1)
+                tokens.append(token)
+                if i + 1 == T:
+                    break
+                pos = torch.tensor([P + i], device=device)
+                hidden = self.decoder(inputs_embeds=self.adapter(token.to(hidden.dtype))[:, None],
+                                      position_ids=(pos - first.long())[:, None], kv_start=first[:, None],
+                                      kv_end=(pos + 1).to(torch.int32).expand(R, 1), input_pos=pos)
+        return torch.stack(tokens, dim=1)
+
+    def _visual_tokens_recomputed(self, ids: torch.Tensor, first: torch.Tensor, steps) -> torch.Tensor:
+        R, P = ids.shape
+        embeds, tokens = self.decoder.embed(ids), []
+        for i in steps:
+            L = P + i
+            kv_end = (torch.arange(L, device=ids.device) + 1).to(torch.int32).expand(R, L).contiguous()
+            hidden = self.decoder(inputs_embeds=embeds, position_ids=padded_positions(first, L),
+                                  kv_start=first[:, None].expand(R, L).contiguous(), kv_end=kv_end)
             token = F.normalize(self.vision_head(hidden[:, -1]).float(), dim=-1)
             tokens.append(token)
-            if i + 1 == c.num_visual_tokens:
-                break
-            pos = torch.tensor([P + i], device=device)
-            hidden = self.decoder(inputs_embeds=self.adapter(token.to(hidden.dtype))[:, None],
-                                  position_ids=pos.expand(B, 1), kv_start=start,
-                                  kv_end=(pos + 1).to(torch.int32).expand(B, 1), input_pos=pos)
+            embeds = torch.cat([embeds, self.adapter(token.to(embeds.dtype))[:, None]], dim=1)
         return torch.stack(tokens, dim=1)
 
     def sd_condition(self, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, width) visual tokens -> (B, T, cross_attention_dim) prompt embeddings for an SD1.5 UNet."""
+        """(B, T, width) visual tokens -> (B, T, cross_attention_dim) prompt embeddings for the SD1.5 UNet."""
         return self.sd_proj(visual_tokens.to(self.sd_proj.weight.dtype))
-
-    @torch.no_grad()
-    def decode_images(self, unet, scheduler, visual_tokens: torch.Tensor, num_steps: int = 50,
-                      generator: torch.Generator | None = None, progress: bool | None = False) -> torch.Tensor:
-        """Run the SD1.5 denoising loop conditioned on the tokens; returns latents (B, C, h, w)."""
-        cond = self.sd_condition(visual_tokens)
-        size = unet.config.sample_size
-        latents = torch.randn(cond.shape[0], unet.config.in_channels, size, size, generator=generator,
-                              device=cond.device) * scheduler.init_noise_sigma
-        scheduler.set_timesteps(num_steps, device=cond.device)
-        for t in progress_bar(scheduler.timesteps, progress, desc="sd1.5"):
-            eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
-            latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
-        return latents
 
 
 # ----------------------------------------------------------------------------------------------
 # Native checkpoints (safetensors + config.json)
 # ----------------------------------------------------------------------------------------------
 
-MODEL_TYPE = "mmfuse_metamorph"
-
 
 def save_metamorph(model: MetaMorph, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write every tensor (the frozen SigLIP tower included; or ``state_dict``, e.g. a sharded model's
-    gathered state) and the three configs to one checkpoint folder."""
+    """Write every tensor (the frozen SigLIP tower and UNet included; or ``state_dict``, e.g. a sharded
+    model's gathered state) and the configs to one checkpoint folder."""
     cfg = {"model_type": MODEL_TYPE, "decoder": dataclasses.asdict(model.decoder.config),
-           "vision": dataclasses.asdict(model.vision.config), "metamorph": dataclasses.asdict(model.config)}
+           "vision": dataclasses.asdict(model.vision.config), "metamorph": dataclasses.asdict(model.config),
+           "diffusion": None if model.diffusion is None else denoiser_config(model.diffusion)}
     save_checkpoint(path, cfg, model.state_dict() if state_dict is None else state_dict)
 
 
@@ -159,6 +189,113 @@ def load_metamorph(path: str | os.PathLike, dtype: torch.dtype | None = None,
         dec_cfg, mm_cfg = DecoderConfig(**cfg["decoder"]), MetaMorphConfig(**cfg["metamorph"])
         # the native file holds the tower's native keys, whatever layout it was first read from
         vision_cfg = SiglipVisionConfig(**{**cfg["vision"], "with_text_tower": False})
-        return lambda: MetaMorph(Decoder(dec_cfg), SiglipVisionTower(vision_cfg), mm_cfg)
+        unet_cfg = cfg.get("diffusion")
 
-    return load_native(path, MODEL_TYPE, builder, dtype, device)
+        def make() -> MetaMorph:
+            unet = build_denoiser("sd15", unet_cfg) if unet_cfg else None
+            return MetaMorph(Decoder(dec_cfg), SiglipVisionTower(vision_cfg), mm_cfg, unet)
+
+        return make
+
+    model = load_native(path, MODEL_TYPE, builder, dtype, device)
+    set_trainable(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The family spec
+# ----------------------------------------------------------------------------------------------
+
+
+def build(parts: Parts, config: MetaMorphConfig) -> MetaMorph:
+    if not isinstance(parts.vision, SiglipVisionTower):
+        raise CheckpointError("family 'metamorph' needs 'vision': a SigLIP checkpoint folder")
+    with torch.device(parts.decoder.embed.weight.device):
+        return MetaMorph(parts.decoder, parts.vision, config, parts.diffusion)
+
+
+def set_trainable(model: MetaMorph) -> None:
+    """Everything trains but the SigLIP tower and the SD1.5 UNet."""
+    model.requires_grad_(True)
+    model.vision.requires_grad_(False)
+    if model.diffusion is not None:
+        model.diffusion.requires_grad_(False)
+
+
+def make_batch(model: MetaMorph, documents: list, row_len: int, rows: int | None = None,
+               generator: torch.Generator | None = None) -> PackedBatch:
+    """Interleaved documents packed into ``rows`` rows (images: SigLIP pixels); causal over visual tokens too."""
+    c = model.config
+    batch = pack(documents, row_len, c.num_visual_tokens, c.boi_token_id, c.eoi_token_id, max_rows=rows)
+    batch.kv_start, batch.kv_end = mask_intervals(torch.zeros_like(batch.span_ids), batch.doc_ids)
+    return batch
+
+
+def _unet(model: MetaMorph) -> nn.Module:
+    if model.diffusion is None:
+        raise ValueError("this MetaMorph has no SD1.5 UNet to draw with (train it with 'diffusion': a UNet folder)")
+    return model.diffusion
+
+
+def image_prompt(model: MetaMorph, ids: list[int]) -> list[int]:
+    boi = model.config.boi_token_id
+    return list(ids) if ids and ids[-1] == boi else [*ids, boi]
+
+
+@contextlib.contextmanager
+def condition(model: MetaMorph, prompts: list[torch.Tensor], negatives: list[torch.Tensor],
+              recompute: bool = False) -> Iterator[Denoiser]:
+    """Visual tokens generated once for every row (KV-cached), projected to the UNet's conditioning;
+    then only the UNet runs per step. ``recompute=True``: tokens by full recomputation, projection per step."""
+    unet = _unet(model)
+    tokens = model.generate_visual_tokens(list(prompts) + list(negatives), recompute=recompute)
+    cond = model.sd_condition(tokens)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        states = model.sd_condition(tokens) if recompute else cond
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=states.to(unet.dtype)).sample
+
+    yield denoise
+
+
+def default_scheduler(model: MetaMorph):
+    """DDIM with Stable Diffusion 1.5's schedule (the UNet's)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD15_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def _latent_shape(model: MetaMorph) -> tuple[int, int, int]:
+    c = _unet(model).config
+    return c["in_channels"], c["sample_size"], c["sample_size"]
+
+
+FAMILY = FamilySpec(
+    name="metamorph",
+    model_type=MODEL_TYPE,
+    description=("MetaMorph (VPiT): LLM + frozen SigLIP tower, regresses visual tokens, draws through a frozen SD1.5 UNet; "
+                 "trains all but the tower and the UNet"),
+    config_class=MetaMorphConfig,
+    parts=("vision", "diffusion"),
+    special_tokens={"boi_token_id": "boi_token", "eoi_token_id": "eoi_token"},
+    denoiser_kind=lambda config: "sd15",
+    build=build,
+    load=load_metamorph,
+    save=save_metamorph,
+    set_trainable=set_trainable,
+    llm=lambda model: model.decoder,
+    blocks=lambda model: list(model.decoder.layers),
+    image_input=lambda model, codec, processor: SiglipPixels(processor or load_siglip_processor(None, model.vision.config)),
+    document_size=lambda model, row_len: functools.partial(packed_size, tokens_per_image=model.config.num_visual_tokens),
+    make_batch=make_batch,
+    loss=lambda model, batch, generator: model.training_loss(batch, generator),
+    count=lambda b: {"tokens": b.num_text_tokens, "images": 0 if b.images is None else int(b.images.shape[0])},
+    pipeline=PipelineHooks(
+        latent_shape=_latent_shape,
+        scheduler=default_scheduler,
+        image_prompt=image_prompt,
+        condition=condition,
+        text_decoder=lambda model: model.decoder,
+        image_positions=lambda model: model.config.num_visual_tokens + 1,
+    ),
+)

@@ -9,25 +9,31 @@ queries go through the LLM and the connector once; only the diffusion decoder ru
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from mmfuse.engine.packing import Image
 from mmfuse.kernels import mask_intervals, rope_cos_sin, rope_frequencies
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair, flow_matching_pair
 from mmfuse.kernels.objectives import Objective, metaquery_objective
 from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, sample_sigmas, sample_timesteps
 
 from .decoder import Decoder, DecoderConfig, DecoderLayer
-from .hf_io import load_native, save_checkpoint
+from .denoisers import DENOISER_CLASSES, build_denoiser, denoiser_config
+from .family import Denoiser, FamilySpec, Parts, PipelineHooks
+from .hf_io import CheckpointError, load_native, save_checkpoint
 from .layers import BatchContext, RoutedRMSNorm
+from .vae import LatentImages
 
 MODEL_TYPE = "mmfuse_metaquery"
-DECODER_KINDS = ("sana", "sd15")
+DECODER_KINDS = tuple(DENOISER_CLASSES)
 
 
 @dataclass
@@ -97,13 +103,28 @@ class Connector(nn.Module):
         return self.out_norm(self.proj_out(self.norm(x)))
 
 
-def build_diffusion_decoder(kind: str, config: dict) -> nn.Module:
-    """A diffusers ``SanaTransformer2DModel`` ("sana") or ``UNet2DConditionModel`` ("sd15") from its config dict."""
-    from diffusers import SanaTransformer2DModel, UNet2DConditionModel  # heavy import, only when needed
+@dataclass
+class PromptImageBatch:
+    """MetaQuery's batch: left-padded prompts (B, P) and their bool mask, one clean latent (B, C, H, W) each."""
 
-    if kind not in DECODER_KINDS:
-        raise ValueError(f"decoder must be one of {DECODER_KINDS}, got {kind!r}")
-    return (SanaTransformer2DModel if kind == "sana" else UNet2DConditionModel).from_config(dict(config))
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    images: torch.Tensor
+
+    def to(self, device) -> "PromptImageBatch":
+        return PromptImageBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.images.to(device))
+
+
+def prompt_batch(prompts: list[torch.Tensor], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D prompts of any lengths (empty ones too: the unconditional prompt) -> left-padded ids (B, P)
+    and their mask (B, P), P >= 1."""
+    width = max([1] + [p.numel() for p in prompts])
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        if prompt.numel():
+            ids[row, width - prompt.numel():], mask[row, width - prompt.numel():] = prompt, True
+    return ids, mask
 
 
 class MetaQuery(nn.Module):
@@ -116,7 +137,7 @@ class MetaQuery(nn.Module):
         self.config = config
         self.llm = llm
         if isinstance(diffusion, dict):
-            diffusion = build_diffusion_decoder(config.decoder, diffusion)
+            diffusion = build_denoiser(config.decoder, diffusion)
         self.diffusion = diffusion
         self._check_diffusion_decoder()
         embed = llm.embed.weight
@@ -197,12 +218,10 @@ class MetaQuery(nn.Module):
 
     def training_loss(
         self,
-        prompt_ids: torch.Tensor,
-        latents: torch.Tensor,
-        prompt_mask: torch.Tensor | None = None,
+        batch: PromptImageBatch,
+        generator: torch.Generator | None = None,
         *,
         image_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
     ) -> Objective:
         """Diffusion loss of the decoder conditioned on the prompts.
 
@@ -211,12 +230,13 @@ class MetaQuery(nn.Module):
         target ``eps`` (or v).
 
         Args:
-            prompt_ids, prompt_mask: (B, P), see :meth:`query_states`.
-            latents: (B, C, H, W) clean VAE latents (scaled as the diffusion decoder expects).
+            batch: ``prompt_ids``, ``prompt_mask`` (B, P) (see :meth:`query_states`) and ``images``
+                (B, C, H, W), the clean VAE latents (scaled as the diffusion decoder expects).
             image_mask: bool (B,) samples that count, or None.
         """
         c = self.config
-        prompt_mask = self._prompt_mask(prompt_ids, prompt_mask)
+        prompt_ids, latents = batch.prompt_ids, batch.images
+        prompt_mask = self._prompt_mask(prompt_ids, batch.prompt_mask)
         B = prompt_ids.shape[0]
         self._check_latents(latents, B)
         if self.training and c.prompt_dropout > 0:
@@ -239,7 +259,7 @@ class MetaQuery(nn.Module):
             raise ValueError(f"latents must have shape ({batch}, {channels}, H, W), got {getattr(latents, 'shape', latents)}")
 
     def make_scheduler(self):
-        """The sampling scheduler: flow-matching Euler (sana) or DDIM with SD1.5's schedule (sd15)."""
+        """The sampling scheduler: flow-matching Euler (sana) or DDIM with the training schedule (sd15)."""
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
         c = self.config
@@ -248,52 +268,6 @@ class MetaQuery(nn.Module):
         return DDIMScheduler(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
                              beta_schedule=c.beta_schedule, prediction_type=c.prediction_type, clip_sample=False,
                              set_alpha_to_one=False, steps_offset=1)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor | None = None,
-        *,
-        num_steps: int = 20,
-        guidance_scale: float = 1.0,
-        size: tuple[int, int] | None = None,
-        generator: torch.Generator | None = None,
-        disable_progress: bool | None = None,
-    ) -> torch.Tensor:
-        """Latents (B, C, H, W) in float32 for the prompts (decode them with the VAE).
-
-        The LLM and the connector run once (prompt and queries together), then only the diffusion
-        decoder runs, ``num_steps`` times. With ``guidance_scale != 1`` the unconditional half is the
-        queries without a prompt, in the same single LLM pass.
-
-        Args:
-            size: latent (H, W); default the decoder's ``sample_size``.
-            disable_progress: tqdm's ``disable`` (None: no bar unless attached to a terminal).
-        """
-        mask, B = self._prompt_mask(prompt_ids, prompt_mask), prompt_ids.shape[0]
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        guided = guidance_scale != 1.0
-        if guided:
-            prompt_ids, mask = torch.cat([prompt_ids, prompt_ids]), torch.cat([torch.zeros_like(mask), mask])
-        cond = self.condition(prompt_ids, mask)
-        scheduler = self.make_scheduler()
-        scheduler.set_timesteps(num_steps, device=cond.device)
-        dc = self.diffusion.config
-        h, w = size or (dc["sample_size"], dc["sample_size"])
-        # FlowMatchEuler starts from unit noise (it has no init_noise_sigma); DDIM's is 1 as well.
-        x = torch.randn(B, dc["in_channels"], h, w, generator=generator, device=cond.device)
-        x = x * getattr(scheduler, "init_noise_sigma", 1.0)
-        # Neither scheduler scales the model input (DDIM's scale_model_input is the identity).
-        for t in tqdm(scheduler.timesteps, disable=disable_progress, desc="MetaQuery sampling"):
-            inp = torch.cat([x, x]) if guided else x
-            pred = self.denoise(inp, t.expand(inp.shape[0]), cond).float()
-            if guided:
-                uncond, text = pred.chunk(2)
-                pred = uncond + guidance_scale * (text - uncond)
-            x = scheduler.step(pred, t, x, generator=generator, return_dict=False)[0]
-        return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,9 +278,8 @@ class MetaQuery(nn.Module):
 def save_metaquery(model: MetaQuery, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write every tensor (frozen LLM included; or ``state_dict``, e.g. a sharded model's gathered
     state) and the three configs to one checkpoint folder."""
-    diffusion = {k: v for k, v in model.diffusion.config.items() if not k.startswith("_")}
     cfg = {"model_type": MODEL_TYPE, "llm": dataclasses.asdict(model.llm.config),
-           "metaquery": dataclasses.asdict(model.config), "diffusion": diffusion}
+           "metaquery": dataclasses.asdict(model.config), "diffusion": denoiser_config(model.diffusion)}
     save_checkpoint(path, cfg, model.state_dict() if state_dict is None else state_dict)
 
 
@@ -319,3 +292,96 @@ def load_metaquery(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model = load_native(path, MODEL_TYPE, builder, dtype, device)
     model.freeze_llm()
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The family spec
+# ----------------------------------------------------------------------------------------------
+
+
+def build(parts: Parts, config: MetaQueryConfig) -> MetaQuery:
+    if parts.diffusion is None:
+        raise CheckpointError("family 'metaquery' needs 'diffusion': a diffusers SANA transformer / SD1.5 UNet "
+                              "folder, or its config")
+    model = MetaQuery(parts.decoder, parts.diffusion, config)
+    return model.to(parts.decoder.embed.weight.device)
+
+
+def make_batch(model: MetaQuery, documents: list, row_len: int, rows: int | None = None,
+               generator: torch.Generator | None = None) -> PromptImageBatch:
+    """Each document is a prompt (its text) and one image: ``rows`` of them, prompts left-padded, latents stacked."""
+    documents = documents[:rows]
+    prompts = [torch.cat([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in doc[:-1]] or
+                         [torch.zeros(0, dtype=torch.long)]) for doc in documents]
+    ids, mask = prompt_batch(prompts)
+    return PromptImageBatch(ids, mask, torch.stack([doc[-1].tensor for doc in documents]))
+
+
+def _whole_row(row_len: int, document: list) -> int:
+    return row_len
+
+
+def check_document(document: list, row_len: int) -> str | None:
+    if not document or not isinstance(document[-1], Image) or any(isinstance(s, Image) for s in document[:-1]):
+        return "a metaquery document is a prompt followed by exactly one image"
+    if sum(len(s) for s in document[:-1]) > row_len:
+        return f"its prompt is longer than data.row_len ({row_len})"
+    return None
+
+
+@contextlib.contextmanager
+def condition(model: MetaQuery, prompts: list[torch.Tensor], negatives: list[torch.Tensor],
+              recompute: bool = False) -> Iterator[Denoiser]:
+    """The prompts and the queries run through the LLM and the connector once (an empty prompt: the
+    queries alone, as prompt dropout trains them); then only the diffusion decoder runs per step.
+    ``recompute=True`` runs the LLM and the connector again at every step (the reference)."""
+    device = model.queries.device
+    ids, mask = prompt_batch(list(prompts) + list(negatives), device)
+    cond = None if recompute else model.condition(ids, mask)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model.denoise(x, t, model.condition(ids, mask) if recompute else cond).float()
+
+    yield denoise
+
+
+def _latent_shape(model: MetaQuery) -> tuple[int, int, int]:
+    c = model.diffusion.config
+    return c["in_channels"], c["sample_size"], c["sample_size"]
+
+
+def _image_input(model: MetaQuery, codec, vision_processor=None) -> LatentImages:
+    return LatentImages(codec, _latent_shape(model))
+
+
+FAMILY = FamilySpec(
+    name="metaquery",
+    model_type=MODEL_TYPE,
+    description=("MetaQuery: frozen LLM + learnable queries + connector conditioning a SANA / SD1.5 decoder; "
+                 "trains the queries, the connector and the decoder"),
+    config_class=MetaQueryConfig,
+    parts=("diffusion",),
+    denoiser_kind=lambda config: config.decoder,
+    build=build,
+    load=load_metaquery,
+    save=save_metaquery,
+    set_trainable=lambda model: (model.requires_grad_(True), model.freeze_llm()),
+    llm=lambda model: model.llm,
+    blocks=lambda model: list(model.llm.layers) + list(model.connector.layers),
+    image_input=_image_input,
+    document_size=lambda model, row_len: functools.partial(_whole_row, row_len),  # one document per row
+    check_document=check_document,
+    make_batch=make_batch,
+    loss=lambda model, batch, generator: model.training_loss(batch, generator),
+    count=lambda b: {"tokens": int(b.prompt_mask.sum()), "images": int(b.images.shape[0])},
+    pipeline=PipelineHooks(
+        latent_shape=_latent_shape,
+        scheduler=lambda model: model.make_scheduler(),
+        image_prompt=lambda model, ids: list(ids),
+        condition=condition,
+        text_decoder=lambda model: model.llm,
+        image_positions=lambda model: model.config.num_queries,
+        guidance_scale=lambda model: 4.5 if model.config.prompt_dropout > 0 else 1.0,
+        num_inference_steps=20,
+    ),
+)

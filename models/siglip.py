@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -257,3 +258,59 @@ def save_siglip(model: SiglipVisionTower, path: str | os.PathLike, max_shard_byt
     """Write a checkpoint that ``transformers.SiglipVisionModel.from_pretrained`` (and :func:`load_siglip`) loads."""
     cfg, tensors = siglip_state_to_hf(model)
     save_checkpoint(path, cfg, tensors, max_shard_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image input: the checkpoint's own preprocessing
+# ----------------------------------------------------------------------------------------------
+
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def load_siglip_processor(path: str | os.PathLike | None, config: SiglipVisionConfig):
+    """transformers' SigLIP image processor of a checkpoint folder (its ``preprocessor_config.json``:
+    size, mean, std, resampling), or SigLIP's defaults at the tower's resolution when it has none."""
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    if path is not None and (Path(path) / PROCESSOR_FILE).is_file():
+        processor = SiglipImageProcessorPil.from_pretrained(str(path))
+    else:
+        processor = SiglipImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
+    size = processor.size
+    if (size.get("height"), size.get("width")) != (config.image_size, config.image_size):
+        raise CheckpointError(f"{PROCESSOR_FILE} of {path} resizes to {size.get('height')}x{size.get('width')} but the "
+                              f"vision tower takes {config.image_size}x{config.image_size} images")
+    return processor
+
+
+class SiglipPreprocess:
+    """PIL image -> (3, S, S) SigLIP pixel values, by the checkpoint's processor (picklable, for workers)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0].float()
+
+    def describe(self) -> dict:
+        return {k: v for k, v in self.processor.to_dict().items() if not k.startswith("_")}
+
+
+class SiglipPixels:
+    """MetaMorph's image input: preprocessed pixels; the frozen tower inside the model encodes them."""
+
+    tensor_name = "pixels"  # the fast path: a .safetensors image file holding ready pixel values
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.preprocess = SiglipPreprocess(processor)
+        self.ready_shape = (3, processor.size["height"], processor.size["width"])
+
+    def moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return pixels, None
+
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return pixels
+
+    def fingerprint(self) -> dict:
+        return {"preprocess": self.preprocess.describe()}

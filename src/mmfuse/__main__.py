@@ -1,3 +1,3 @@
-from mmfuse.engine.cli import main
+from mmfuse.cli import main
 
 raise SystemExit(main())

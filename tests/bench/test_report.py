@@ -9,7 +9,7 @@ import pytest
 
 from mmfuse.bench import plot, report
 from mmfuse.bench.common import RESULTS_DIR
-from mmfuse.engine.cli import main
+from mmfuse.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = "cpu (x86_64, 2 cores)"

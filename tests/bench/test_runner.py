@@ -13,7 +13,7 @@ import torch
 from mmfuse.bench import report
 from mmfuse.bench import run as bench_run
 from mmfuse.bench.common import append_results
-from mmfuse.engine.cli import main
+from mmfuse.cli import main
 
 RUN_KEYS = {"date", "device", "device_type", "torch", "triton", "git_sha", "config", "rows"}
 # Baselines that record why they have no time on a CPU machine: FlexAttention has no CPU backward,
@@ -36,7 +36,7 @@ def _positive(v) -> bool:
 
 
 def check_run(run: dict, name: str) -> None:
-    """One appended run of module ``name`` follows the agreed schema (bench_schema in DESIGN terms)."""
+    """One appended run of module ``name`` follows the results schema (see bench/common.py's append_results)."""
     assert RUN_KEYS <= set(run), name
     assert run["device_type"] == "cpu" and run["device"].startswith("cpu")
     assert datetime.datetime.fromisoformat(run["date"]).tzinfo is not None

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mmfuse.engine.cli import build_parser, main
+from mmfuse.cli import SUBCOMMANDS, build_parser, main
 
 
 def test_every_subcommand_exists():
@@ -12,7 +12,24 @@ def test_every_subcommand_exists():
     assert parser.parse_args(["demo"]).command == "demo"
     assert parser.parse_args(["bench"]).command == "bench"
     assert parser.parse_args(["train", "--config", "c.json"]).command == "train"
+    assert parser.parse_args(["train", "--config", "c.json", "--resume"]).resume is True
+    assert parser.parse_args(["train", "--config", "c.json", "--resume", "run/step_0000002"]).resume == "run/step_0000002"
+    assert parser.parse_args(["prepare", "--config", "c.json"]).command == "prepare"
     assert parser.parse_args(["generate", "--checkpoint", "m", "--prompt-ids", "1"]).command == "generate"
+    assert parser.parse_args(["generate", "--checkpoint", "m", "--prompt", "a cat", "--out", "x.png"]).out == "x.png"
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+def test_every_subcommand_documents_itself(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) > 8
+    if command == "train":  # the config schema, every family's section, data and train fields
+        for word in ("fusion", "metamorph", "metaquery", "caption_dropout", "checkpoint_every", "--resume",
+                     '{"text": "...", "image": "a.png"}'):
+            assert word in text, word
 
 
 def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
@@ -27,6 +44,12 @@ def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
     assert Image.open(tmp_path / "samples.png").size == (1 * 33 + 1, 10 * 33 + 1)  # 10 classes x 1, 32 px each
     assert Image.open(tmp_path / "loss.png").size == (640, 360)
     assert (tmp_path / "run" / "latest").is_file()
+    # the user's path: the exported data folder (PNGs, captions, tokenizer, config) and the model folder
+    assert (tmp_path / "data" / "img" / "00000.png").is_file() and (tmp_path / "data" / "run.json").is_file()
+    assert (tmp_path / "data" / "cache" / "index.json").is_file()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run" / "model"), "--prompt", "draw 7", "--steps", "2",
+                 "--out", str(tmp_path / "7.png")]) == 0
+    assert Image.open(tmp_path / "7.png").size == (8, 8)
 
 
 def test_demo_rejects_bad_arguments():

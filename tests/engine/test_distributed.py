@@ -46,14 +46,13 @@ def make_trainer(rank: int, world: int, data_parallel: str, out_dir: str | None 
     model = build_model()
 
     def loss_fn(batch, generator):
-        return model.training_loss(batch.input_ids, batch.modality, batch.labels, batch.images, batch.kv_start,
-                                   batch.kv_end, position_ids=batch.position_ids, noise=batch.extra["noise"],
-                                   timesteps=batch.extra["timesteps"])
+        return model.training_loss(batch, generator)  # the batch carries its noise and timesteps
 
     # Two micro-batches per step: the first must skip the gradient sync, the second run it.
     config = TrainConfig(steps=STEPS, lr=3e-3, warmup_steps=1, grad_clip=1.0, grad_accum=2, ema_decay=0.5,
                          data_parallel=data_parallel, out_dir=out_dir, checkpoint_every=2 if out_dir else 0)
-    return Trainer(model, loss_fn, lambda step, micro: shard(global_batch(2 * step + micro), rank, world), config)
+    return Trainer(model, loss_fn, lambda step, micro: shard(global_batch(2 * step + micro), rank, world), config,
+                   blocks=list(model.decoder.layers))
 
 
 def run_training(rank: int, world: int, data_parallel: str = "ddp") -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -115,3 +115,29 @@ def test_eager_decode_step_makes_no_host_sync(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert next_tok.shape == (B,)
+
+
+def test_the_cache_lives_for_the_call_and_the_compiled_step_is_built_once(pair):
+    from torch._dynamo.utils import counters
+
+    from mmfuse.engine.generate import compiled_decode_step
+
+    _, ours = pair
+    ids = torch.randint(5, 90, (1, 5))
+    first = generate(ours, ids, 4, compile=True)
+    assert all(layer.attn.kv_cache is None for layer in ours.layers)  # released: the model is left as it was
+    graphs = counters["stats"]["unique_graphs"]
+    step = compiled_decode_step(ours)
+    again = generate(ours, torch.randint(5, 90, (1, 5)), 4, compile=True)  # a new call, a new cache: same step
+    assert compiled_decode_step(ours) is step and counters["stats"]["unique_graphs"] == graphs
+    assert first.shape == again.shape
+
+
+def test_prompts_beyond_the_context_or_vocabulary_are_refused(pair):
+    _, ours = pair
+    limit = ours.config.max_seq_len  # the checkpoint's max_position_embeddings
+    assert limit
+    with pytest.raises(ValueError, match=f"exceed the model's context of {limit} positions"):
+        generate(ours, torch.zeros(1, limit, dtype=torch.long), 1)  # refused before any forward
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, "):
+        generate(ours, torch.tensor([[5, ours.config.vocab_size]]), 2)

@@ -68,3 +68,15 @@ def test_rejects_what_cannot_be_packed():
         pack([[img(0.0)]], row_len=4, tokens_per_image=3, boi_token_id=BOI, eoi_token_id=EOI)
     with pytest.raises(ValueError, match="row_len"):
         pack([[[1]]], row_len=0, tokens_per_image=3, boi_token_id=BOI, eoi_token_id=EOI)
+
+
+def test_max_rows_gives_a_fixed_batch_shape():
+    docs = [[[10, 11, 12, 13]], [[20, 21], img(1.0)], [[30, 31, 32]]]  # 4 + 7 + 3 positions
+    batch = pack(docs, row_len=8, tokens_per_image=3, boi_token_id=BOI, eoi_token_id=EOI, max_rows=2)
+    # rows fill in order: doc 1 (7) starts row 1, doc 2 (3) would need a third row, so it is left out
+    assert batch.input_ids.tolist() == [[10, 11, 12, 13] + [PAD] * 4, [20, 21, BOI, 0, 0, 0, EOI, PAD]]
+    one = pack(docs, row_len=8, tokens_per_image=3, boi_token_id=BOI, eoi_token_id=EOI, max_rows=1)
+    # one row: doc 1 does not fit and is left out, doc 2 still fills the row's free tail
+    assert one.input_ids.tolist() == [[10, 11, 12, 13, 30, 31, 32, PAD]] and one.images is None
+    padded = pack(docs[:1], row_len=8, tokens_per_image=3, boi_token_id=BOI, eoi_token_id=EOI, max_rows=3)
+    assert padded.input_ids.shape == (3, 8) and (padded.doc_ids[1:] == -1).all()

@@ -19,10 +19,11 @@ def make_trainer(base_model, tmp_path, steps, **overrides):  # noqa: F811
         return data[(step * 2 + micro) % len(data)]
 
     def loss_fn(batch, generator):
-        return fusion.training_loss(*batch, generator=generator)
+        return fusion.training_loss(batch, generator)
 
     config = TrainConfig(steps=steps, lr=1e-3, warmup_steps=2, grad_accum=2, out_dir=str(tmp_path), **overrides)
-    return Trainer(fusion, loss_fn, get_batch, config, count=lambda b: {"tokens": int((b[1] == 0).sum()), "images": 1})
+    return Trainer(fusion, loss_fn, get_batch, config, count=lambda b: {"tokens": int((b.modality == 0).sum()), "images": 1},
+                   blocks=list(fusion.decoder.layers))
 
 
 
@@ -54,7 +55,7 @@ def test_checkpoint_layout_is_safetensors_and_latest_is_atomic(base, tmp_path): 
     assert (tmp_path / "latest").read_text() == "step_0000002"
     names = sorted(p.name for p in (tmp_path / "step_0000002").iterdir())
     assert names == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json"]
-    assert not list(tmp_path.glob(".tmp_*"))
+    assert not list(tmp_path.glob(".tmp*"))
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and log[-1]["tokens"] > 0 and "tokens_per_s" in log[-1]
 
@@ -109,7 +110,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(base, tmp_pa
         objective.total.backward()
         grad = trainer.model.decoder.layers[0].mlp.gate_up.weights[1].grad.clone()
         results.append((objective.total.detach(), grad))
-        assert trainer.model.decoder.activation_checkpointing is checkpointing
+        wrapped = trainer.model.decoder.layers[0].forward.__name__ == "checkpointed"
+        assert wrapped is checkpointing
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-7)
 
@@ -142,6 +144,29 @@ def test_bad_ema_and_checkpointing_options(base, tmp_path):  # noqa: F811
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="activation_checkpointing"):
         Trainer(model, lambda b, g: None, lambda s, m: None, TrainConfig(activation_checkpointing=True))
+    for bad, message in ((dict(steps=0), "steps must be >= 1"), (dict(grad_clip=-1.0), "grad_clip must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+
+
+def test_a_checkpoint_of_another_run_is_refused(base, tmp_path):  # noqa: F811
+    first = make_trainer(base, tmp_path / "a", steps=1)
+    first.meta = {"family": "fusion"}
+    first.train(progress=False)
+    other = make_trainer(base, tmp_path / "b", steps=2)
+    other.meta = {"family": "metaquery"}
+    with pytest.raises(ValueError, match="another run: family 'fusion'"):
+        other.load_checkpoint(tmp_path / "a")
+
+
+def test_a_resumed_run_logs_each_step_once(base, tmp_path):  # noqa: F811
+    first = make_trainer(base, tmp_path, steps=3, checkpoint_every=2)
+    first.train(progress=False)  # checkpoints at 2 and 3; the log has steps 1..3
+    resumed = make_trainer(base, tmp_path, steps=3)
+    resumed.load_checkpoint(tmp_path / "step_0000002")  # as if the run had died after step 2's checkpoint
+    resumed.train(progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
 def test_bf16_autocast_trains_and_runs_the_routed_gemms_in_bf16(base, tmp_path):  # noqa: F811

@@ -6,7 +6,7 @@ import torch
 from diffusers import SanaTransformer2DModel
 from safetensors.torch import save_file
 
-from mmfuse.engine.cli import main
+from mmfuse.cli import main
 from mmfuse.models import MetaQuery, from_pretrained
 from mmfuse.models.metamorph import MetaMorph
 from tests.models.test_decoder import tiny_llama, tiny_qwen2
@@ -29,6 +29,7 @@ def write_documents(folder, name: str, shape: tuple[int, ...], prompts: list[lis
 
 def write_config(folder, **cfg) -> str:
     cfg.setdefault("train", {"steps": 2, "lr": 1e-3, "warmup_steps": 1})
+    cfg["data"] = {"num_workers": 0, **cfg["data"]}
     (folder / "config.json").write_text(json.dumps(cfg))
     return str(folder / "config.json")
 
@@ -79,12 +80,16 @@ def test_train_metaquery_keeps_the_llm_frozen(tmp_path, diffusion_from):
 @pytest.mark.parametrize(
     "segments,message",
     [
-        ([{"image": "img0.safetensors"}, {"text": [5]}], "a prompt followed by exactly one image"),
-        ([{"text": list(range(9))}, {"image": "img0.safetensors"}], "longer than data.row_len"),
+        ([{"image": "img0.safetensors"}, {"text": [5]}], "docs.jsonl:2: a metaquery document is a prompt followed by "
+                                                          "exactly one image"),
+        ([{"text": list(range(9))}, {"image": "img0.safetensors"}], "docs.jsonl:1: its prompt is longer than "
+                                                                    r"data.row_len \(8\)"),
     ],
 )
 def test_train_metaquery_reports_bad_documents(tmp_path, segments, message):
     write_documents(tmp_path, "latent", (4, 8, 8), [[10]], suffix=())
+    if "longer" in message:  # found when a worker reads it: the only document, so the first batch has it
+        (tmp_path / "docs.jsonl").write_text("")
     with open(tmp_path / "docs.jsonl", "a") as f:
         f.write(json.dumps({"segments": segments}) + "\n")
     cfg = write_config(tmp_path, family="metaquery", decoder={"vocab_size": 20, "dim": 32, "hidden_dim": 64,
@@ -99,5 +104,5 @@ def test_train_metaquery_reports_a_missing_diffusion_decoder(tmp_path):
     cfg = write_config(tmp_path, family="metaquery", decoder={"vocab_size": 20, "dim": 32, "hidden_dim": 64,
                        "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16},
                        metaquery=METAQUERY, diffusion=str(tmp_path / "nope"), data={"path": "docs.jsonl"})
-    with pytest.raises(SystemExit, match="no diffusers model folder"):
+    with pytest.raises(SystemExit, match="diffusion: no diffusers model folder"):
         main(["train", "--config", cfg])

@@ -6,7 +6,7 @@ from tests.helpers import random_layout
 
 
 def naive_intervals(span_ids: torch.Tensor, doc_ids: torch.Tensor | None):
-    """Scan each row by hand: the definition in DESIGN.md, one token at a time."""
+    """Scan each row by hand: the interval definition (README, "The mixed mask, as intervals"), one token at a time."""
     B, L = span_ids.shape
     docs = torch.zeros_like(span_ids) if doc_ids is None else doc_ids
     start = torch.zeros(B, L, dtype=torch.int32)

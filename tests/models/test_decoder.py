@@ -211,3 +211,30 @@ def test_forward_rejects_bad_input(tmp_path):
 def _saved(model, path):
     model.save_pretrained(path)
     return path
+
+
+def test_a_kv_cache_block_leaves_the_model_as_it_was(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    with model.kv_cache(batch=2, max_len=8):
+        assert all(layer.attn.kv_cache.k.shape == (2, 2, 8, 32) for layer in model.layers)
+    assert all(layer.attn.kv_cache is None for layer in model.layers)
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.kv_cache(batch=1, max_len=4):
+            raise RuntimeError("boom")
+    assert all(layer.attn.kv_cache is None for layer in model.layers)  # released on errors too
+
+
+def test_resize_vocab_keeps_the_old_rows_and_the_logits(tmp_path):
+    hf = tiny_llama(tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    ids = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        before = model.logits(model(ids))
+        model.resize_vocab(104)
+        after = model.logits(model(ids))
+    assert after.shape[-1] == 104 and torch.equal(after[..., :101], before)
+    assert model.config.vocab_size == 104 and model.lm_head.weight.shape == (104, 64)
+    with pytest.raises(ValueError, match="can only grow"):
+        model.resize_vocab(50)

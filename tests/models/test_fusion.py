@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from mmfuse.engine.packing import PackedBatch
 from mmfuse.kernels import default_backend, mask_intervals
 from mmfuse.models import from_pretrained
 from mmfuse.models.fusion import FusionConfig, LlamaFusion, load_fusion, patchify, save_fusion, unpatchify
@@ -17,8 +18,8 @@ def base(tmp_path):
     return from_pretrained(tmp_path)
 
 
-def interleaved_batch(fusion: FusionConfig, vocab: int, gen: torch.Generator):
-    """Two rows: text BOI [image] EOI text | text only, with labels and mask intervals."""
+def interleaved_batch(fusion: FusionConfig, vocab: int, gen: torch.Generator, image_mask=None) -> PackedBatch:
+    """Two rows: text BOI [image] EOI text | text only, with labels and mask intervals (built by hand)."""
     n = fusion.patches_per_image
     row0 = [5, 6, 7, fusion.boi_token_id] + [0] * n + [fusion.eoi_token_id, 8, 9]
     L = len(row0)
@@ -28,7 +29,10 @@ def interleaved_batch(fusion: FusionConfig, vocab: int, gen: torch.Generator):
     kv_start, kv_end = mask_intervals(modality)  # one image span, id 1
     labels = input_ids.masked_fill(modality == 1, -100)
     latents = torch.randn(1, fusion.latent_channels, fusion.latent_size, fusion.latent_size, generator=gen)
-    return input_ids, modality, labels, latents, kv_start, kv_end
+    mask = torch.tensor([True]) if image_mask is None else image_mask
+    return PackedBatch(input_ids=input_ids, modality=modality, span_ids=modality, doc_ids=torch.zeros_like(modality),
+                       position_ids=torch.arange(L).expand(2, L), labels=labels, kv_start=kv_start, kv_end=kv_end,
+                       images=latents, image_loss_mask=mask)
 
 
 def test_patchify_round_trip_and_layout():
@@ -54,7 +58,7 @@ def test_text_only_logits_equal_the_base_decoder(base):
 def test_frozen_text_gets_no_gradient_and_image_path_trains(base):
     fusion = LlamaFusion.from_decoder(base, FUSION)
     batch = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
-    objective = fusion.training_loss(*batch, generator=torch.Generator().manual_seed(1))
+    objective = fusion.training_loss(batch, torch.Generator().manual_seed(1))
     assert torch.isfinite(objective.total) and set(objective.components) == {"lm", "diffusion"}
     objective.total.backward()
     for name, p in fusion.named_parameters():
@@ -70,7 +74,7 @@ def test_frozen_text_gets_no_gradient_and_image_path_trains(base):
 
 def test_transfusion_trains_text_too(base):
     fusion = LlamaFusion.from_decoder(base, FusionConfig(**{**FUSION.__dict__, "train_text": True}))
-    fusion.training_loss(*interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))).total.backward()
+    fusion.training_loss(interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))).total.backward()
     assert fusion.decoder.layers[0].attn.qkv.weights[0].grad.abs().sum() > 0
 
 
@@ -82,7 +86,7 @@ def test_triton_backend_matches_torch_backend(base):
     for backend in ("torch", "triton"):
         fusion.zero_grad()
         with default_backend(backend):
-            objective = fusion.training_loss(*batch, generator=torch.Generator().manual_seed(1))
+            objective = fusion.training_loss(batch, torch.Generator().manual_seed(1))
             objective.total.backward()
         losses.append(objective.total.detach())
         grads.append(fusion.decoder.layers[1].mlp.gate_up.weights[1].grad.clone())
@@ -96,15 +100,16 @@ def test_native_checkpoint_round_trip(base, tmp_path):
     back = load_fusion(tmp_path / "fusion")
     batch = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = fusion.training_loss(*batch, generator=torch.Generator().manual_seed(2)).total
-        b = back.training_loss(*batch, generator=torch.Generator().manual_seed(2)).total
+        a = fusion.training_loss(batch, torch.Generator().manual_seed(2)).total
+        b = back.training_loss(batch, torch.Generator().manual_seed(2)).total
     assert torch.equal(a, b)
     assert not back.decoder.layers[0].attn.o.weights[0].requires_grad
 
 
 def test_rejects_mismatched_images(base):
     fusion = LlamaFusion.from_decoder(base, FUSION)
-    ids, modality, labels, latents, s, e = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
+    b = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
+    ids, modality, s, e = b.input_ids, b.modality, b.kv_start, b.kv_end
     with pytest.raises(ValueError, match="image positions"):
         fusion(ids, modality, torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), s, e)
     with pytest.raises(ValueError, match="noisy_latents"):
@@ -113,7 +118,7 @@ def test_rejects_mismatched_images(base):
 
 def test_conditioning_images_enter_clean(base):
     fusion = LlamaFusion.from_decoder(base, FUSION)
-    ids, modality, labels, latents, s, e = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0))
+    batch = interleaved_batch(FUSION, 101, torch.Generator().manual_seed(0), image_mask=torch.tensor([False]))
     seen = {}
     real_forward = fusion.forward
 
@@ -122,8 +127,8 @@ def test_conditioning_images_enter_clean(base):
         return real_forward(input_ids, modality, noisy_latents, timesteps, *args, **kwargs)
 
     fusion.forward = spy
-    objective = fusion.training_loss(ids, modality, labels, latents, s, e, image_mask=torch.tensor([False]))
-    assert torch.equal(seen["latents"], latents) and seen["timesteps"].tolist() == [0]
+    objective = fusion.training_loss(batch)
+    assert torch.equal(seen["latents"], batch.images) and seen["timesteps"].tolist() == [0]
     assert objective.components["diffusion"] == 0  # the only image is excluded from the diffusion loss
 
 
@@ -141,7 +146,7 @@ def test_unet_patchifier_trains_and_keeps_text_exact(base):
                            *mask_intervals(torch.zeros_like(ids)))
         assert torch.equal(fusion.decoder.logits(hidden), base.logits(base(ids)))
     batch = interleaved_batch(UNET, 101, torch.Generator().manual_seed(0))
-    objective = fusion.training_loss(*batch, generator=torch.Generator().manual_seed(1))
+    objective = fusion.training_loss(batch, torch.Generator().manual_seed(1))
     assert torch.isfinite(objective.total)
     objective.total.backward()
     assert fusion.unet.down_res[0].conv1.weight.grad.abs().sum() > 0  # the down path feeds the transformer
@@ -167,19 +172,13 @@ def test_config_rejects_bad_patchify():
         FusionConfig(latent_size=12, patch_size=3, patchify="unet")
 
 
-def test_encode_latents_with_a_tiny_vae():
-    from diffusers import AutoencoderKL
+def test_a_text_only_batch_trains_the_lm_alone(base):
+    from mmfuse.engine.packing import pack
 
-    from mmfuse.engine.sampling import decode_latents
-    from mmfuse.models.fusion import encode_latents
-
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, scaling_factor=0.5).eval()
-    images = torch.rand(2, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
-        latents = encode_latents(vae, images, generator=torch.Generator().manual_seed(0))
-        want = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(0)) * 0.5
-        back = decode_latents(vae, latents)
-    assert latents.shape == (2, 4, 8, 8) and torch.equal(latents, want)
-    assert back.shape == (2, 3, 16, 16) and back.min() >= 0 and back.max() <= 1
+    fusion = LlamaFusion.from_decoder(base, FUSION)
+    batch = pack([[list(range(5, 20))], [list(range(30, 40))]], 16, FUSION.patches_per_image, 3, 4)
+    objective = fusion.training_loss(batch)
+    want = torch.nn.functional.cross_entropy(base.logits(base(batch.input_ids, position_ids=batch.position_ids,
+                                                                kv_start=batch.kv_start, kv_end=batch.kv_end))[:, :-1]
+                                             .reshape(-1, base.config.vocab_size), batch.labels[:, 1:].reshape(-1))
+    assert rel_err(objective.components["lm"], want) <= 1e-5 and float(objective.components["diffusion"]) == 0

@@ -8,8 +8,9 @@ from diffusers import DDPMScheduler, SanaTransformer2DModel, UNet2DConditionMode
 
 from mmfuse.kernels import default_backend
 from mmfuse.models import from_pretrained
-from mmfuse.models.metaquery import (Connector, MetaQuery, MetaQueryConfig, connector_layer_config, load_metaquery,
-                                     save_metaquery)
+from mmfuse.engine.pipeline import MMFusePipeline
+from mmfuse.models.metaquery import (Connector, MetaQuery, MetaQueryConfig, PromptImageBatch, connector_layer_config,
+                                     load_metaquery, save_metaquery)
 from tests.helpers import rel_err, triton_devices
 from tests.models.test_decoder import tiny_qwen2
 
@@ -62,9 +63,9 @@ def padded_prompts(gen: torch.Generator):
     return ids, mask
 
 
-def batch(gen: torch.Generator):
+def batch(gen: torch.Generator) -> PromptImageBatch:
     ids, mask = padded_prompts(gen)
-    return ids[:3], torch.randn(3, 4, 8, 8, generator=gen), mask[:3]
+    return PromptImageBatch(ids[:3], mask[:3], torch.randn(3, 4, 8, 8, generator=gen))
 
 
 def test_query_states_match_transformers_with_padding(qwen):
@@ -82,7 +83,8 @@ def test_query_states_match_transformers_with_padding(qwen):
 
 def test_llm_pass_is_causal(qwen):
     model = make_model("sana", qwen[1])
-    ids, _, mask = batch(torch.Generator().manual_seed(0))
+    data = batch(torch.Generator().manual_seed(0))
+    ids, mask = data.prompt_ids, data.prompt_mask
     outputs = []
     model.llm.register_forward_hook(lambda module, args, out: outputs.append(out))
     with torch.no_grad():
@@ -148,7 +150,7 @@ def test_connector_widths(qwen):
 @pytest.mark.parametrize("kind", KINDS)
 def test_frozen_llm_gets_no_gradient_and_the_rest_trains(qwen, kind):
     model = make_model(kind, qwen[1])
-    objective = model.training_loss(*batch(torch.Generator().manual_seed(0)), generator=torch.Generator().manual_seed(1))
+    objective = model.training_loss(batch(torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
     assert torch.isfinite(objective.total) and set(objective.components) == {"diffusion"}
     objective.total.backward()
     for name, p in model.llm.named_parameters():
@@ -165,7 +167,8 @@ def test_frozen_llm_gets_no_gradient_and_the_rest_trains(qwen, kind):
 def test_loss_is_the_flow_matching_or_ddpm_objective(qwen, kind):
     """Recover eps from the decoder's actual input (x_t, timestep) and check the loss against the formula."""
     model = make_model(kind, qwen[1])
-    ids, latents, mask = batch(torch.Generator().manual_seed(0))
+    data = batch(torch.Generator().manual_seed(0))
+    latents = data.images
     seen = {}
 
     def capture(module, args, kwargs, out):
@@ -173,7 +176,7 @@ def test_loss_is_the_flow_matching_or_ddpm_objective(qwen, kind):
 
     model.diffusion.register_forward_hook(capture, with_kwargs=True)
     with torch.no_grad():
-        loss = model.training_loss(ids, latents, mask, generator=torch.Generator().manual_seed(1)).total
+        loss = model.training_loss(data, torch.Generator().manual_seed(1)).total
     x0, x_t, t = latents.double(), seen["x_t"].double(), seen["t"].double()
     if kind == "sana":  # x_t = (1 - s) x0 + s eps, timestep = 1000 s, target eps - x0
         s = (t / 1000)[:, None, None, None]
@@ -193,7 +196,7 @@ def test_triton_backend_matches_torch_backend(qwen_one_layer, kind):
     for backend in ("torch", "triton"):
         model.zero_grad()
         with default_backend(backend):
-            objective = model.training_loss(*data, generator=torch.Generator().manual_seed(1))
+            objective = model.training_loss(data, torch.Generator().manual_seed(1))
             objective.total.backward()
         losses.append(objective.total.detach())
         grads.append((model.queries.grad.clone(), model.connector.layers[0].mlp.down.weights[0].grad.clone()))
@@ -203,16 +206,17 @@ def test_triton_backend_matches_torch_backend(qwen_one_layer, kind):
 
 
 @pytest.mark.parametrize("kind,guidance", [("sana", 1.0), ("sana", 4.0), ("sd15", 1.0), ("sd15", 7.5)])
-def test_sample_runs_the_llm_and_connector_once(qwen, kind, guidance):
+def test_the_pipeline_runs_the_llm_and_connector_once(qwen, kind, guidance):
     model = make_model(kind, qwen[1]).eval()
-    ids, _, mask = batch(torch.Generator().manual_seed(0))
     calls = {"llm": 0, "connector": 0, "diffusion": 0}
     for name in calls:
         getattr(model, name).register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
-    latents = model.sample(ids, mask, num_steps=3, guidance_scale=guidance, generator=torch.Generator().manual_seed(2))
-    assert calls == {"llm": 1, "connector": 1, "diffusion": 3}
+    pipe = MMFusePipeline(model)
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    latents = pipe(prompt_ids=prompts, num_inference_steps=3, guidance_scale=guidance, seed=2, output_type="latent").images
+    assert calls == {"llm": 1, "connector": 1, "diffusion": 3}  # guidance: both halves in the same calls
     assert latents.shape == (3, 4, 8, 8) and torch.isfinite(latents).all()
-    again = model.sample(ids, mask, num_steps=3, guidance_scale=guidance, generator=torch.Generator().manual_seed(2))
+    again = pipe(prompt_ids=prompts, num_inference_steps=3, guidance_scale=guidance, seed=2, output_type="latent").images
     assert torch.equal(latents, again)
 
 
@@ -223,21 +227,22 @@ def test_native_checkpoint_round_trip(qwen, kind, tmp_path):
     back = load_metaquery(tmp_path / "mq")
     data = batch(torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = model.training_loss(*data, generator=torch.Generator().manual_seed(2)).total
-        b = back.training_loss(*data, generator=torch.Generator().manual_seed(2)).total
+        a = model.training_loss(data, torch.Generator().manual_seed(2)).total
+        b = back.training_loss(data, torch.Generator().manual_seed(2)).total
     assert torch.equal(a, b)
     assert not any(p.requires_grad for p in back.llm.parameters()) and back.queries.requires_grad
 
 
 def test_prompt_dropout_hides_prompts_only_in_training(qwen):
     model = make_model("sana", qwen[1], prompt_dropout=1.0)
-    ids, latents, mask = batch(torch.Generator().manual_seed(0))
+    data = batch(torch.Generator().manual_seed(0))
+    ids, mask = data.prompt_ids, data.prompt_mask
     conds = []
     model.connector.register_forward_hook(lambda module, args, out: conds.append(out))
     with torch.no_grad():
-        model.training_loss(ids, latents, mask)
+        model.training_loss(data)
         model.eval()
-        model.training_loss(ids, latents, mask)
+        model.training_loss(data)
         no_prompt, with_prompt = model.condition(ids, torch.zeros_like(mask)), model.condition(ids, mask)
     assert torch.equal(conds[0], no_prompt) and torch.equal(conds[1], with_prompt)
     assert not torch.allclose(no_prompt, with_prompt)
@@ -246,7 +251,7 @@ def test_prompt_dropout_hides_prompts_only_in_training(qwen):
 def test_bf16_llm_with_fp32_trainable_parts(qwen):
     model = make_model("sd15", qwen[1])
     model.llm.to(torch.bfloat16)
-    objective = model.training_loss(*batch(torch.Generator().manual_seed(0)), generator=torch.Generator().manual_seed(1))
+    objective = model.training_loss(batch(torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
     objective.total.backward()
     assert objective.total.dtype == torch.float32 and torch.isfinite(objective.total)
     assert model.queries.grad.dtype == torch.float32 and model.queries.grad.abs().sum() > 0
@@ -255,8 +260,8 @@ def test_bf16_llm_with_fp32_trainable_parts(qwen):
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_autocast_runs_and_stays_close_to_fp32(qwen, kind):
     model = make_model(kind, qwen[1])
-    loss = lambda: model.training_loss(*batch(torch.Generator().manual_seed(0)),  # noqa: E731
-                                       generator=torch.Generator().manual_seed(1)).total
+    loss = lambda: model.training_loss(batch(torch.Generator().manual_seed(0)),  # noqa: E731
+                                       torch.Generator().manual_seed(1)).total
     fp32 = loss()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = loss()
@@ -268,7 +273,8 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(qwen, kind):
 
 def test_rejects_bad_inputs(qwen):
     model = make_model("sana", qwen[1])
-    ids, latents, mask = batch(torch.Generator().manual_seed(0))
+    data = batch(torch.Generator().manual_seed(0))
+    ids, latents, mask = data.prompt_ids, data.images, data.prompt_mask
     with pytest.raises(ValueError, match="prompt_mask"):
         model.condition(ids, mask[:, :-1])
     with pytest.raises(ValueError, match="prompt_mask"):
@@ -276,9 +282,9 @@ def test_rejects_bad_inputs(qwen):
     with pytest.raises(ValueError, match="prompt_ids"):
         model.condition(ids.float())
     with pytest.raises(ValueError, match="latents"):
-        model.training_loss(ids, latents[:, :3], mask)
+        model.training_loss(PromptImageBatch(ids, mask, latents[:, :3]))
     with pytest.raises(ValueError, match="latents"):
-        model.training_loss(ids, latents[:2], mask)
+        model.training_loss(PromptImageBatch(ids, mask, latents[:2]))
     with pytest.raises(ValueError, match="cond_dim"):
         MetaQuery(qwen[1], SanaTransformer2DModel(**{**SANA, "caption_channels": 32}), MetaQueryConfig(cond_dim=COND))
     with pytest.raises(ValueError, match="config.decoder"):

@@ -1,28 +1,14 @@
-"""The ``mmfuse`` command line: ``demo``, ``train``, ``generate``, ``bench``."""
+"""The ``mmfuse bench`` subcommand: its options and actions (what runs is :mod:`mmfuse.bench.run`)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from mmfuse.bench import run as bench_run
-from mmfuse.engine import commands, demo
+from mmfuse.bench import run as run_module
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmfuse", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(sub.add_parser("demo", help="a tiny Transfusion model learns captions <-> digits on CPU",
-                                      description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    commands.add_train_arguments(sub.add_parser("train", help="train LlamaFusion / Transfusion, MetaMorph or MetaQuery "
-                                                "from a JSON config",
-                                                description=commands.__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
-    commands.add_generate_arguments(sub.add_parser("generate", help="generate text or an image from a checkpoint"))
-    add_bench_arguments(sub.add_parser("bench", help="benchmarks vs the baselines users would otherwise run; plots, report",
-                                       description=bench_run.__doc__,
-                                       formatter_class=argparse.RawDescriptionHelpFormatter))
-    return parser
+HELP = "benchmarks vs the baselines users would otherwise run; plots, report"
+DESCRIPTION = run_module.__doc__
 
 
 def _arg_type(convert):
@@ -48,14 +34,14 @@ _BENCH_OPTION_ACTIONS = {"quick": ("run",), "only": ("run",), "device": ("run",)
                          "readme": ("report",)}
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=("run", "plot", "report"), default="run",
                         help="run the benchmarks (default), draw the plots, or write the markdown report")
     parser.add_argument("--quick", action="store_true",
                         help="run: the small sizes the README quotes (all modules in about 3 minutes on 2 CPU cores)")
-    parser.add_argument("--only", metavar="NAMES", type=_arg_type(bench_run.parse_only),
-                        help=f"run: comma-separated modules out of: {', '.join(bench_run.REGISTRY)}")
-    parser.add_argument("--device", type=_arg_type(bench_run.resolve_device),
+    parser.add_argument("--only", metavar="NAMES", type=_arg_type(run_module.parse_only),
+                        help=f"run: comma-separated modules out of: {', '.join(run_module.REGISTRY)}")
+    parser.add_argument("--device", type=_arg_type(run_module.resolve_device),
                         help="run: cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--threads", metavar="N", type=_arg_type(_positive_int),
                         help="run: CPU threads (default torch's; 1 steadies timings on a shared machine)")
@@ -69,14 +55,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(bench_parser=parser)
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     for option, actions in _BENCH_OPTION_ACTIONS.items():
         if getattr(args, option) not in (None, False) and args.action not in actions:
             args.bench_parser.error(f"--{option} applies to `mmfuse bench {'|'.join(actions)}`, not {args.action}")
     if args.action == "run":
-        return bench_run.run_benchmarks(quick=args.quick, only=args.only, device=args.device, out_dir=args.out,
+        return run_module.run_benchmarks(quick=args.quick, only=args.only, device=args.device, out_dir=args.out,
                                         tiny=args.tiny, threads=args.threads)
-    results = args.results or bench_run.RESULTS_DIR
+    results = args.results or run_module.RESULTS_DIR
     if not results.is_dir():
         print(f"mmfuse bench {args.action}: error: no results folder {results}", file=sys.stderr)
         return 1
@@ -112,14 +98,3 @@ def _report(results: Path, readme: Path | None) -> int:
         changed = report.update_readme(readme, results)
         print(f"{readme}: performance section {'rewritten' if changed else 'already up to date'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        return demo.main(args)
-    if args.command == "train":
-        return commands.run_train(args)
-    if args.command == "generate":
-        return commands.run_generate(args)
-    return run_bench(args)

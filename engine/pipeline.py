@@ -1,0 +1,383 @@
+"""One pipeline for every family: prompt strings in, PIL images (or text) out, as diffusers pipelines read.
+
+    pipe = MMFusePipeline.from_pretrained("run/model")        # a model folder mmfuse wrote
+    image = pipe("a red square", num_inference_steps=30, guidance_scale=3.0, seed=0).images[0]
+    text = pipe.generate_text("a red", max_new_tokens=8)[0]
+
+A call runs the same numbered steps whatever the family; the family supplies only its hooks
+(:class:`mmfuse.models.family.PipelineHooks`): how a prompt asks for an image, how the prompt is run
+once (prefill into a KV cache that this call owns and releases, or the LLM + connector pass), what the
+denoiser is. Classifier-free guidance batches the conditional and unconditional rows in one forward
+per step. Schedulers are diffusers', chosen by name.
+
+A model folder holds everything generation needs: ``config.json`` + ``model.safetensors`` (the model),
+``tokenizer/``, ``vae/`` (the codec, with ``model_index.json`` recording the channels and scaling the
+model was trained with), ``scheduler/`` and, for MetaMorph, ``image_processor/``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mmfuse import __version__
+from mmfuse._progress import progress_bar
+from mmfuse.engine.atomic import atomic_file, atomic_folder
+from mmfuse.engine.generate import generate
+from mmfuse.engine.text import TOKENIZER_DIR, has_tokenizer, load_tokenizer, prompt_ids
+from mmfuse.models import from_pretrained as load_model
+from mmfuse.models.decoder import Decoder, left_pad
+from mmfuse.models.family import FamilySpec, family_of
+from mmfuse.models.hf_io import CheckpointError, read_config
+from mmfuse.models.vae import ImageCodec, check_codec, load_codec
+
+INDEX_FILE = "model_index.json"
+VAE_DIR, SCHEDULER_DIR, PROCESSOR_DIR = "vae", "scheduler", "image_processor"
+# Short names for diffusers schedulers (any diffusers scheduler class name works too).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "flow_heun": "FlowMatchHeunDiscreteScheduler",
+}
+_FLOW = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+@dataclass
+class PipelineOutput:
+    """``images``: PIL images (``output_type="pil"``), or a (N, 3, H, W) tensor in [0, 1] ("pt"), or
+    the latents ("latent"); ``latents``: (N, C, h, w), what the VAE decoded."""
+
+    images: Any
+    latents: torch.Tensor
+
+
+def resolve_scheduler(name: str | None, default):
+    """The scheduler named ``name`` (a short name from :data:`SCHEDULERS` or a diffusers class name),
+    configured from ``default`` (the model's training schedule); a fresh copy of ``default`` for None
+    (a call's scheduler state never leaks into the next)."""
+    import diffusers
+
+    if name is None:
+        return type(default).from_config(default.config)
+
+    class_name = SCHEDULERS.get(name, name)
+    allowed = {c.__name__ for c in default.compatibles} | ({*_FLOW} if type(default).__name__ in _FLOW else set())
+    if class_name not in allowed or not hasattr(diffusers, class_name):
+        short = sorted(k for k, v in SCHEDULERS.items() if v in allowed)
+        raise ValueError(f"scheduler {name!r} does not fit this model's {type(default).__name__} training schedule; "
+                         f"choose from {short} or {sorted(allowed)}")
+    return getattr(diffusers, class_name).from_config(default.config)
+
+
+class MMFusePipeline:
+    """Text-to-image (and text-to-text) generation with a model of any registered family.
+
+    Args:
+        model: a family's model (LlamaFusion, MetaMorph, MetaQuery, ...) or a plain :class:`Decoder`
+            (text only).
+        tokenizer: a transformers tokenizer (needed for string prompts; ids work without).
+        vae: the :class:`ImageCodec` that decodes the model's latents (needed for pictures).
+        scheduler: the default diffusers scheduler (default: the family's, from the model's config).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, vae: ImageCodec | None = None, scheduler=None,
+                 image_processor=None):
+        self.model, self.tokenizer, self.vae, self.image_processor = model.eval(), tokenizer, vae, image_processor
+        self.family: FamilySpec | None = family_of(model)
+        self.scheduler = scheduler if scheduler is not None or self.family is None else self.family.pipeline.scheduler(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> "MMFusePipeline":
+        """A model folder mmfuse wrote (or a plain HF Llama / Qwen2 folder, for text).
+
+        Raises:
+            CheckpointError: not a checkpoint folder, a corrupt one, or a VAE that does not match the model.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"no checkpoint folder at {path}")
+        index = json.loads((path / INDEX_FILE).read_text()) if (path / INDEX_FILE).is_file() else {}
+        read_config(path)  # a missing / broken config.json is reported before any weights load
+        model = load_model(path, dtype=dtype, device=device)
+        family = family_of(model)
+        tokenizer = load_tokenizer(path) if has_tokenizer(path / TOKENIZER_DIR) or has_tokenizer(path) else None
+        vae = None
+        if (path / VAE_DIR).is_dir() and family is not None:
+            vae = load_codec(path / VAE_DIR, device or "cpu")
+            check_codec(vae, family.pipeline.latent_shape(model)[0], index.get("vae"), where=f"{path / VAE_DIR}")
+        scheduler = _load_scheduler(path / SCHEDULER_DIR) if (path / SCHEDULER_DIR).is_dir() else None
+        return cls(model, tokenizer, vae, scheduler, _load_processor(path / PROCESSOR_DIR))
+
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the model folder atomically: into a temporary folder beside ``path``, then renamed into
+        place (an existing folder is replaced only once the new one is complete). ``state_dict``: the
+        model's tensors to write instead of its own (e.g. gathered from FSDP shards)."""
+        if self.family is None:
+            raise TypeError(f"save_pretrained writes a family's model folder; this pipeline holds a "
+                            f"{type(self.model).__name__} (save it with mmfuse.models.save_pretrained)")
+        with atomic_folder(path) as tmp:
+            self.family.save(self.model, tmp, state_dict)
+            index = {"_class_name": type(self).__name__, "_mmfuse_version": __version__, "family": self.family.name,
+                     "model_type": self.family.model_type, "tokenizer": None, "vae": None,
+                     "scheduler": type(self.scheduler).__name__}
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+                index["tokenizer"] = TOKENIZER_DIR
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / VAE_DIR)
+                index["vae"] = {"folder": VAE_DIR, **self.vae.describe()}
+            self.scheduler.save_pretrained(str(tmp / SCHEDULER_DIR))
+            if self.image_processor is not None:
+                self.image_processor.save_pretrained(str(tmp / PROCESSOR_DIR))
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return Path(path)
+
+    # ------------------------------------------------------------------ text -> image
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        prompt_ids: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        negative_prompt: str | Sequence[str] = "",
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        recompute: bool = False,
+        progress: bool | None = None,
+        timings: dict | None = None,
+    ) -> PipelineOutput:
+        """Generate images for ``prompt`` (strings; or ``prompt_ids``, token ids without the image marker).
+
+        Args:
+            negative_prompt: the unconditional prompt of classifier-free guidance ("" = none, as
+                caption dropout trains it).
+            num_inference_steps, guidance_scale: default the family's (guidance 1.0 = off).
+            scheduler: a scheduler name (``"ddim"``, ``"euler"``, ``"dpm++"``, ``"flow_euler"`` ...) or
+                diffusers class name; default the model's training schedule.
+            generator, seed: where the starting noise (and stochastic scheduler steps) come from.
+            latents: (N, C, h, w) starting noise instead of drawing it (N = prompts x num_images_per_prompt).
+            output_type: "pil", "pt" ((N, 3, H, W) in [0, 1]) or "latent" (no VAE decode).
+            recompute: the reference path, with nothing cached (every step runs the prompt again).
+            progress: a progress bar over the steps (None: when stderr is a terminal).
+            timings: a dict to fill with the wall time of each stage: ``prefill_ms`` (tokenize and
+                run the prompt), ``denoise_ms``, ``decode_ms`` (the device synchronised at each boundary).
+        """
+        clock = _StageClock(self.device, timings)
+        # 1. check inputs
+        hooks, model = self._image_hooks(), self.model
+        steps = hooks.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = hooks.guidance_scale(model) if guidance_scale is None else guidance_scale
+        _check_call(steps, guidance, num_images_per_prompt, output_type, self.vae is not None)
+        # 2. tokenize
+        rows = [torch.tensor(hooks.image_prompt(model, ids), dtype=torch.long, device=self.device)
+                for ids in self._prompt_rows(prompt, prompt_ids) for _ in range(num_images_per_prompt)]
+        negatives = []
+        if guidance != 1.0:
+            negative = self._prompt_rows(_broadcast(negative_prompt, len(rows) // num_images_per_prompt), None)
+            negatives = [torch.tensor(hooks.image_prompt(model, ids), dtype=torch.long, device=self.device)
+                         for ids in negative for _ in range(num_images_per_prompt)]
+        self._check_context(rows + negatives)
+        scheduler_ = resolve_scheduler(scheduler, self.scheduler)
+        scheduler_.set_timesteps(steps, device=self.device)
+        generator = generator if generator is not None or seed is None else \
+            torch.Generator(self.device).manual_seed(seed)
+        x = self._initial_latents(len(rows), latents, generator, scheduler_)
+        # stochastic schedulers draw from the generator; deterministic ones take no such argument
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler_.step).parameters else {}
+        # 3. prefill once: the family runs the prompts; this block owns what it caches
+        with hooks.condition(model, rows, negatives, recompute) as denoise:
+            clock.lap("prefill_ms")
+            # 4. denoising loop, classifier-free guidance batched in one forward
+            for t in progress_bar(scheduler_.timesteps, progress, desc="denoise"):
+                x_in = scheduler_.scale_model_input(x, t) if hasattr(scheduler_, "scale_model_input") else x
+                x_rows = torch.cat([x_in, x_in]) if negatives else x_in
+                pred = denoise(x_rows, t.expand(x_rows.shape[0]).to(self.device)).float()
+                if negatives:
+                    cond, uncond = pred.chunk(2)
+                    pred = uncond + guidance * (cond - uncond)
+                x = scheduler_.step(pred, t, x, **step_kwargs, return_dict=False)[0]
+        clock.lap("denoise_ms")
+        if output_type == "latent":
+            return PipelineOutput(x, x)
+        # 5. decode with the VAE
+        pixels = self.vae.decode(x)
+        clock.lap("decode_ms")
+        # 6. postprocess: [-1, 1] -> [0, 1] -> PIL
+        images = (pixels / 2 + 0.5).clamp(0, 1)
+        return PipelineOutput(to_pil(images) if output_type == "pil" else images, x)
+
+    def _image_hooks(self):
+        if self.family is None:
+            raise TypeError(f"this checkpoint holds a {type(self.model).__name__}, which does not generate images")
+        return self.family.pipeline
+
+    def _prompt_rows(self, prompt, ids) -> list[list[int]]:
+        if (prompt is None) == (ids is None):
+            raise ValueError("give exactly one of prompt (strings) and prompt_ids (token ids)")
+        if ids is not None:
+            rows = [list(map(int, r)) for r in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+            if not rows or any(not isinstance(r, list) for r in rows):
+                raise ValueError("prompt_ids must be a list of token-id lists (or a (B, P) tensor)")
+            return rows
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+        if self.tokenizer is None and any(prompts):  # "" (the unconditional prompt) needs no tokenizer
+            raise ValueError("this pipeline has no tokenizer: give prompt_ids instead of prompt")
+        return [prompt_ids(self.tokenizer, p) for p in prompts]
+
+    def _check_context(self, rows: list[torch.Tensor]) -> None:
+        llm = self.family.llm(self.model)
+        vocab, limit = llm.config.vocab_size, llm.config.max_seq_len
+        extra = self.family.pipeline.image_positions(self.model)
+        for r in rows:
+            if r.numel() and not 0 <= int(r.min()) <= int(r.max()) < vocab:
+                raise ValueError(f"prompt token ids must lie in [0, {vocab}) (the vocabulary), got {r.tolist()}")
+            if limit and r.numel() + extra > limit:
+                raise ValueError(f"prompt: {r.numel()} tokens + {extra} image positions exceed the model's context "
+                                 f"of {limit} positions")
+
+    def _initial_latents(self, n: int, latents, generator, scheduler) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (n, *self.family.pipeline.latent_shape(self.model))
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            x = latents.to(self.device, torch.float32)
+        else:
+            x = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        return x * getattr(scheduler, "init_noise_sigma", 1.0)
+
+    # ------------------------------------------------------------------ text -> text
+
+    @torch.no_grad()
+    def generate_text(self, prompt: str | Sequence[str] | None = None, *,
+                      prompt_ids: Sequence[Sequence[int]] | torch.Tensor | None = None, max_new_tokens: int = 64,
+                      temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                      generator: torch.Generator | None = None, seed: int | None = None, compile: bool = False,
+                      progress: bool | None = False) -> list[str] | list[list[int]]:
+        """Continue each prompt; returns the new text (strings for ``prompt``, token ids for ``prompt_ids``),
+        stopping at the tokenizer's EOS. Prompts of different lengths are left-padded into one batch."""
+        decoder = self.model if isinstance(self.model, Decoder) else self.family.pipeline.text_decoder(self.model)
+        if decoder is None:
+            raise TypeError(f"a {type(self.model).__name__} does not generate text")
+        as_ids = prompt_ids is not None
+        rows = [torch.tensor(r, dtype=torch.long, device=self.device) for r in self._prompt_rows(prompt, prompt_ids)]
+        if any(r.numel() == 0 for r in rows):
+            raise ValueError("prompt: an empty prompt has nothing to continue")
+        ids, first = left_pad(rows)
+        mask = torch.arange(ids.shape[1], device=self.device)[None] >= first[:, None]
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        if generator is None and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        out = generate(decoder, ids, max_new_tokens, temperature, top_k, top_p, eos, attention_mask=mask.long(),
+                       generator=generator, compile=compile, progress=progress)[:, ids.shape[1]:].tolist()
+        new = [row[:row.index(eos)] if eos is not None and eos in row else row for row in out]
+        if as_ids or self.tokenizer is None:
+            return new
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+
+class _StageClock:
+    """Wall time per pipeline stage into ``timings`` (nothing at all when it is None)."""
+
+    def __init__(self, device: torch.device, timings: dict | None):
+        self.device, self.timings = device, timings
+        self.last = time.perf_counter() if timings is not None else 0.0
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = (now - self.last) * 1e3
+        self.last = now
+
+
+def _broadcast(value: str | Sequence[str], n: int) -> list[str]:
+    values = [value] * n if isinstance(value, str) else list(value)
+    if len(values) != n:
+        raise ValueError(f"negative_prompt: give one string or one per prompt ({n}), got {len(values)}")
+    return values
+
+
+def _check_call(steps: int, guidance: float, num_images: int, output_type: str, has_vae: bool) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    if not guidance >= 1.0:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance!r}")
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images!r}")
+    if output_type not in ("pil", "pt", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    if output_type != "latent" and not has_vae:
+        raise ValueError("this pipeline has no VAE to decode latents with: use output_type='latent', or train with 'vae'")
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(N, C, H, W) in [0, 1] (C = 1 or 3) -> N RGB PIL images."""
+    from PIL import Image as PILImage
+
+    arrays = (images.float().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    return [PILImage.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in arrays]
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8):
+    """(B, C, H, W) images in [0, 1] (C = 1 or 3) -> one PIL grid, ``nrow`` per row, 1-pixel white frames."""
+    B, C, H, W = images.shape
+    cols = min(nrow, B)
+    rows = (B + cols - 1) // cols
+    grid = torch.ones(1, C, rows * (H + 1) + 1, cols * (W + 1) + 1)
+    for i in range(B):
+        r, col = divmod(i, cols)
+        grid[0, :, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + col * (W + 1):1 + col * (W + 1) + W] = images[i].float().cpu()
+    return to_pil(grid)[0]
+
+
+def write_image(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image as PNG atomically (a temporary file in the same folder, then renamed)."""
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def _load_scheduler(path: Path):
+    import diffusers
+
+    config = json.loads((path / "scheduler_config.json").read_text())
+    name = config.get("_class_name")
+    if not hasattr(diffusers, str(name)):
+        raise CheckpointError(f"{path}: unknown scheduler class {name!r}")
+    return getattr(diffusers, name).from_config(config)
+
+
+def _load_processor(path: Path):
+    if not (path / "preprocessor_config.json").is_file():
+        return None
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil.from_pretrained(str(path))

@@ -1,0 +1,235 @@
+"""A run config made concrete: its parts loaded, its family's model built, its data ready to stream.
+
+:func:`set_up` is shared by ``mmfuse train`` (:func:`train_from_config`) and ``mmfuse prepare``.
+Nothing here knows a family: the spec says which parts to load, how to build, batch and save.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mmfuse.engine.config import ConfigError, RunConfig, load_run_config, parse_section
+from mmfuse.engine.data import (BatchStream, DocumentReader, MicroBatches, Source, check_structure, encode_images,
+                                read_sources)
+from mmfuse.engine.pipeline import MMFusePipeline
+from mmfuse.engine.text import add_family_tokens, fit_vocabulary, has_tokenizer, load_tokenizer
+from mmfuse.engine.train import Trainer, init_distributed, rank_and_world
+from mmfuse.models import Decoder, DecoderConfig, from_pretrained
+from mmfuse.models.denoisers import build_denoiser, load_denoiser
+from mmfuse.models.family import FamilySpec, Parts
+from mmfuse.models.hf_io import CheckpointError
+from mmfuse.models.loading import decoder_config
+from mmfuse.models.siglip import SiglipVisionTower, load_siglip_processor
+from mmfuse.models.vae import PIXEL_SPACE, ImageCodec, load_codec
+
+
+@dataclass
+class Run:
+    """Everything a run needs, loaded: the model (on its device), tokenizer, codec, data."""
+
+    config: RunConfig
+    spec: FamilySpec
+    model: nn.Module
+    tokenizer: Any
+    codec: ImageCodec | None
+    vision_processor: Any
+    image_input: Any
+    sources: list[Source]  # the data: one source, or a weighted mixture
+    device: torch.device
+
+    def pipeline(self) -> MMFusePipeline:
+        return MMFusePipeline(self.model, self.tokenizer, self.codec, image_processor=self.vision_processor)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; CUDA without a GPU is a ConfigError, not a crash later."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"--device: {device!r} is not a device (cpu, cuda, cuda:N)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available on this machine")
+        return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    if dev.type != "cpu":
+        raise ConfigError(f"--device: {device!r} is not supported (cpu, cuda, cuda:N)")
+    return dev
+
+
+def _tokenizer(cfg: RunConfig):
+    source = cfg.tokenizer or cfg.base
+    if source is None:
+        return None
+    if cfg.tokenizer is None and not has_tokenizer(source):
+        return None  # a base without a tokenizer: fine while the data are token ids (checked with the data)
+    return load_tokenizer(source, where="tokenizer" if cfg.tokenizer else "base")
+
+
+def _decoder(cfg: RunConfig, device: torch.device) -> Decoder:
+    if cfg.base:
+        decoder = from_pretrained(cfg.base, device=device)
+        if not isinstance(decoder, Decoder):
+            raise ConfigError(f"base: {cfg.base} holds a {type(decoder).__name__}, not an LLM (llama / qwen2 / llava)")
+        return decoder
+    config = parse_section(DecoderConfig, cfg.decoder, "decoder")
+    with torch.device(device):
+        decoder = Decoder(config)
+    nn.init.normal_(decoder.embed.weight, std=0.02)  # as transformers initialises embeddings
+    return decoder
+
+
+def load_parts(cfg: RunConfig, spec: FamilySpec, device: torch.device) -> tuple[Parts, Any]:
+    """The decoder and the optional parts the family names (``vision``, ``diffusion``), and the vision
+    tower's image processor."""
+    parts, processor = Parts(_decoder(cfg, device)), None
+    if "vision" in spec.parts and cfg.vision:
+        vision = from_pretrained(cfg.vision, device=device)
+        if not isinstance(vision, SiglipVisionTower):
+            raise ConfigError(f"vision: {cfg.vision} holds a {type(vision).__name__}, not a SigLIP vision tower")
+        parts.vision, processor = vision, load_siglip_processor(cfg.vision, vision.config)
+    if "diffusion" in spec.parts and cfg.diffusion is not None:
+        kind = spec.denoiser_kind(cfg.family_config)
+        if isinstance(cfg.diffusion, str):
+            parts.diffusion = load_denoiser(cfg.diffusion, kind)
+        else:
+            try:
+                parts.diffusion = build_denoiser(kind, cfg.diffusion)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"diffusion: not a {kind} config: {exc}") from exc
+        parts.diffusion.to(device)
+    return parts, processor
+
+
+def _declared_vocab(cfg: RunConfig) -> int:
+    """The LLM's vocabulary as its config states it (read before any weights load)."""
+    if cfg.base:
+        return decoder_config(cfg.base).vocab_size
+    return parse_section(DecoderConfig, cfg.decoder, "decoder").vocab_size
+
+
+def set_up(cfg: RunConfig, device: torch.device) -> Run:
+    """Read and check the records and the VAE, then load the parts and build the family's model
+    (seeded by ``train.seed``): bad data or a bad VAE is reported before any LLM weights load."""
+    spec = cfg.spec
+    tokenizer = _tokenizer(cfg)
+    vocab = max(_declared_vocab(cfg), len(tokenizer) if tokenizer is not None else 0)
+    sources = read_sources(cfg.data, vocab_size=vocab, root=cfg.path.parent if cfg.path else None)
+    check_structure(sources, spec.check_document)
+    if tokenizer is None and any(isinstance(s, str) for src in sources for r in _sample(src.records) for s in r.segments):
+        raise ConfigError("the data hold text but the run has no tokenizer: give 'tokenizer', or a 'base' that has one")
+    codec = None if cfg.vae in (None, PIXEL_SPACE) else load_codec(cfg.vae, device)
+    torch.manual_seed(cfg.train.seed)  # a fresh decoder and the family's new layers: a function of the seed
+    parts, processor = load_parts(cfg, spec, device)
+    family_config = cfg.family_config
+    if tokenizer is not None:
+        family_config = add_family_tokens(tokenizer, spec, family_config, explicit=cfg.family_keys)
+        fit_vocabulary(parts.decoder, tokenizer)
+    try:
+        model = spec.build(parts, family_config)
+    except ValueError as exc:  # e.g. a conditioning width that does not match the diffusion decoder
+        raise ConfigError(f"{spec.name}: {exc}") from exc
+    model.to(device)
+    spec.set_trainable(model)
+    llm = spec.llm(model)
+    if llm.config.max_seq_len and cfg.data.row_len > llm.config.max_seq_len:
+        raise ConfigError(f"data.row_len={cfg.data.row_len} exceeds the LLM's context of {llm.config.max_seq_len}")
+    if cfg.vae == PIXEL_SPACE:
+        codec = load_codec(PIXEL_SPACE, pixel_channels=_latent_channels(spec, model))
+    image_input = spec.image_input(model, codec, processor)
+    return Run(cfg, spec, model, tokenizer, codec, processor, image_input, sources, device)
+
+
+def _latent_channels(spec: FamilySpec, model: nn.Module) -> int | None:
+    try:
+        return spec.pipeline.latent_shape(model)[0]
+    except ValueError:  # a model that does not draw (e.g. MetaMorph without a UNet)
+        return None
+
+
+def _sample(records: Sequence, n: int = 64) -> list:
+    return [records[i] for i in range(min(n, len(records)))]
+
+
+def batch_stream(run: Run, cache=None) -> BatchStream:
+    """The training batches of a run: documents drawn and read by workers, encoded and packed here."""
+    cfg, spec, model, device = run.config, run.spec, run.model, run.device
+    rank, world = rank_and_world()
+    data = cfg.data
+    reader = DocumentReader(run.tokenizer, run.image_input, cache)
+    batches = MicroBatches(run.sources, reader, spec.document_size(model, data.row_len), spec.check_document,
+                           data.row_len, data.rows_per_batch, seed=cfg.train.seed, rank=rank, world=world,
+                           caption_dropout=data.caption_dropout, length=cfg.train.steps * cfg.train.grad_accum)
+
+    def finish(documents: list, index: int):
+        seed = batches.generator(index).initial_seed()
+        gen = torch.Generator(device=device).manual_seed(seed + 1)  # image posterior draws, on the device
+        documents = encode_images(documents, run.image_input, device, gen)
+        return spec.make_batch(model, documents, data.row_len, data.rows_per_batch, gen).to(device)
+
+    return BatchStream(batches, finish, cfg.train.grad_accum, data.num_workers)
+
+
+def _resume_point(out: Path, resume: bool | str | None) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; an existing run without ``--resume`` is refused."""
+    started = (out / "latest").is_file() or (out / "train_log.jsonl").is_file()
+    if not resume:
+        if started:
+            raise ConfigError(f"{out} already holds a run; continue it with --resume, or set train.out_dir to a new "
+                              "folder (nothing was overwritten)")
+        return None
+    path = out if resume is True else Path(resume)
+    if (path / "latest").is_file() or (path / "trainer.json").is_file():
+        return path
+    if resume is True:
+        return None  # --resume on a run that never reached a checkpoint: it starts again from step 0
+    raise ConfigError(f"--resume: no checkpoint at {path} (a run folder with 'latest', or a step_* folder)")
+
+
+def train_from_config(config_path: str | Path, device: str = "cpu", progress: bool | None = None,
+                      resume: bool | str | None = None) -> Path:
+    """Run a training config; returns the run folder: checkpoints, ``train_log.jsonl`` and ``model/``
+    (the trained model folder: ``MMFusePipeline.from_pretrained`` and ``mmfuse generate`` read it).
+
+    Args:
+        resume: True: continue from the run folder's latest checkpoint; a path: from that checkpoint.
+    """
+    cfg = load_run_config(config_path)
+    rank, world = init_distributed()
+    dev = resolve_device(device)
+    out = Path(cfg.train.out_dir)
+    checkpoint = _resume_point(out, resume)
+    run = set_up(cfg, dev)
+    from mmfuse.engine.prepare import open_cache
+
+    stream = batch_stream(run, open_cache(cfg.data, run.image_input))
+    spec, model = run.spec, run.model
+    trainer = Trainer(model, lambda batch, gen: spec.loss(model, batch, gen), stream, cfg.train, count=spec.count,
+                      blocks=spec.blocks(model), meta={"family": spec.name, "model_type": spec.model_type})
+    if checkpoint is not None:
+        try:
+            trainer.load_checkpoint(checkpoint)
+        except (ValueError, RuntimeError, FileNotFoundError) as exc:
+            raise CheckpointError(f"--resume: {exc}") from exc
+    if rank == 0:
+        for tmp in out.glob(".tmp-step_*"):  # a checkpoint a killed run was writing
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        trainer.train(progress=progress)
+    finally:
+        stream.close()
+    # The model folder gets the EMA weights when the run keeps them (what diffusion models sample with).
+    # Under FSDP a collective: every rank gathers, rank 0 writes.
+    state = trainer.ema_state_dict() if cfg.train.ema_decay > 0 else trainer.full_state_dict()
+    if rank == 0:
+        run.pipeline().save_pretrained(out / "model", state)
+    if world > 1:
+        torch.distributed.barrier()  # every rank returns (and may exit) only once the model is written
+    return out
+
+
+__all__ = ["Run", "batch_stream", "load_parts", "resolve_device", "set_up", "train_from_config"]
