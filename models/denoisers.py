@@ -25,10 +25,21 @@ def _check_kind(kind: str) -> str:
 
 
 def build_denoiser(kind: str, config: dict) -> nn.Module:
-    """A fresh (randomly initialised) denoiser of ``kind`` from its diffusers config dict."""
+    """A fresh (randomly initialised) denoiser of ``kind`` from its diffusers config dict.
+
+    Raises:
+        ValueError: a key the class does not take (diffusers would only warn, then build the default size).
+    """
+    import inspect
+
     import diffusers  # heavy import, only when needed
 
-    return getattr(diffusers, _check_kind(kind)).from_config(dict(config))
+    cls = getattr(diffusers, _check_kind(kind))
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"{cls.__name__} takes no key(s) {unknown}")
+    return cls.from_config(dict(config))
 
 
 def load_denoiser(path: str | os.PathLike, kind: str, where: str = "diffusion") -> nn.Module:

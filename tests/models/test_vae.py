@@ -69,3 +69,4 @@ def test_a_vae_is_checked_against_the_model_and_its_training_codec():
         check_codec(codec, 16)
     with pytest.raises(CheckpointError, match="scaling_factor 0.18215 vs 0.5"):
         check_codec(codec, 4, {**codec.describe(), "scaling_factor": 0.18215})
+
