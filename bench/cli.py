@@ -7,7 +7,6 @@ from pathlib import Path
 
 from mmfuse.bench import run as run_module
 
-HELP = "benchmarks vs the baselines users would otherwise run; plots, report"
 DESCRIPTION = run_module.__doc__
 
 

@@ -37,6 +37,7 @@ COLUMNS: dict[str, tuple[list[str], list[str]]] = {
                  ["tokens_per_s", "ms_per_image", "prefill_ms", "denoise_ms", "decode_ms", "gbps", "mbu",
                   "tokens_match", "max_diff", "error"]),
     "patch": (["what", "op", "shape", "mode", "impl"], ["tokens_per_s", "error"]),
+    "startup": (["what", "impl"], ["budget_ms", "within_budget", "error"]),
 }
 
 
@@ -339,6 +340,21 @@ def patch_headlines(rows: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+def startup_headlines(rows: list[dict]) -> list[tuple[str, str]]:
+    timed = {r.get("what"): r for r in _timed(rows)}
+    help_row, torch_row = timed.get("mmfuse --help"), timed.get("python -c 'import torch'")
+    commands = [r for w, r in timed.items() if r.get("impl") == "mmfuse_command"]
+    if help_row is None:
+        return []
+    text = f"{help_row['ms']:.0f} ms"
+    if commands:
+        slowest = max(commands, key=lambda r: r["ms"])
+        text += f"; `{slowest['what']}` {slowest['ms'] / 1e3:.1f} s (budget {slowest['budget_ms'] / 1e3:.0f} s)"
+    if torch_row is not None:
+        text += f"; `import torch` alone {torch_row['ms'] / 1e3:.1f} s"
+    return [("command-line start-up: `mmfuse --help`", text)]
+
+
 HEADLINES: dict[str, Callable[[list[dict]], list[tuple[str, str]]]] = {
     "attention": attention_headlines,
     "routed": routed_headlines,
@@ -348,6 +364,7 @@ HEADLINES: dict[str, Callable[[list[dict]], list[tuple[str, str]]]] = {
     "training": training_headlines,
     "sampling": sampling_headlines,
     "patch": patch_headlines,
+    "startup": startup_headlines,
 }
 
 

@@ -6,8 +6,9 @@
 
 run (the default) runs the modules in this order: attention, routed, norms, losses,
 linear_cross_entropy (kernels: fwd, bwd, fwd+bwd), training (three families vs plain PyTorch),
-sampling (decode vs transformers generate; image sampling with a cached vs recomputed prefix), patch
-(patched vs unpatched transformers Llama). Each appends one run (device, versions, git sha, config,
+sampling (decode vs transformers generate; image sampling with a cached vs recomputed prefix; prompt
+-> pixels per family), patch (patched vs unpatched transformers Llama), startup (the command line's
+start-up time against a 3 s budget). Each appends one run (device, versions, git sha, config,
 median / min / max per row) to DIR/<name>.json (default bench/results); then SUMMARY.md and the plots
 are redrawn from DIR and, for bench/results itself, the README's performance section is rewritten.
 A module that is not installed is skipped; one that fails is reported, the others still run, and the
@@ -43,6 +44,7 @@ REGISTRY: dict[str, str] = {
     "training": "bench_training",
     "sampling": "bench_sampling",
     "patch": "bench_patch",
+    "startup": "bench_startup",
 }
 KERNEL_MODULES = ("attention", "routed", "norms", "losses", "linear_cross_entropy")
 README = Path(__file__).resolve().parents[1] / "README.md"  # present in a source checkout only

@@ -8,7 +8,7 @@ config file's folder. The schema (``mmfuse train --help`` prints it)::
      "decoder": {...},               # ... or a decoder from scratch (DecoderConfig fields) with "tokenizer"
      "tokenizer": "tok/",            # a tokenizer folder (default: the base's)
      "vae": "vae/" | "pixels",       # a diffusers AutoencoderKL / AutoencoderDC folder, or pixel space
-     "vision": "siglip/",            # metamorph: its SigLIP tower (HF folder)
+     "vision": "siglip/" | {...},    # metamorph: its SigLIP tower (HF folder, or SiglipVisionConfig fields)
      "diffusion": "sana/" | {...},   # metamorph: the SD1.5 UNet; metaquery: SANA or SD1.5 (folder or config)
      "<family>": {...},              # the family's own config (FusionConfig, MetaMorphConfig, MetaQueryConfig)
      "data": {...DataConfig...},
@@ -99,7 +99,7 @@ class RunConfig:
     decoder: dict | None = None
     tokenizer: str | None = None
     vae: str | None = None
-    vision: str | None = None
+    vision: str | dict | None = None
     diffusion: str | dict | None = None
     path: Path | None = None
 
@@ -188,17 +188,18 @@ def load_run_config(path: str | Path) -> RunConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown} for family {name!r}; known: {sorted(allowed)}")
     root = path.parent
-    for key in ("base", "tokenizer", "vae", "vision"):
+    for key in ("base", "tokenizer", "vae"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ConfigError(f"{path}: {key} must be a folder path (a string), got {json.dumps(raw[key])}")
+    for key in ("vision", "diffusion"):
+        if raw.get(key) is not None and not isinstance(raw[key], (str, dict)):
+            raise ConfigError(f"{path}: {key} must be a folder path or a config object, got {json.dumps(raw[key])}")
     if raw.get("decoder") is not None and not isinstance(raw["decoder"], dict):
         raise ConfigError(f"{path}: decoder must be an object of DecoderConfig fields, got {json.dumps(raw['decoder'])}")
-    if raw.get("diffusion") is not None and not isinstance(raw["diffusion"], (str, dict)):
-        raise ConfigError(f"{path}: diffusion must be a folder path or a config object")
-    if not raw.get("base") and not raw.get("decoder"):
+    if not raw.get("base") and raw.get("decoder") is None:
         raise ConfigError(f"{path}: give 'base' (an HF checkpoint folder) or 'decoder' (DecoderConfig fields for an "
                           "LLM from scratch)")
-    if raw.get("base") and raw.get("decoder"):
+    if raw.get("base") and raw.get("decoder") is not None:
         raise ConfigError(f"{path}: give 'base' or 'decoder', not both")
     if "data" not in raw:
         raise ConfigError(f"{path}: missing 'data' (at least {{\"path\": \"docs.jsonl\"}})")
@@ -211,14 +212,13 @@ def load_run_config(path: str | Path) -> RunConfig:
     train.out_dir = _resolve(root, train.out_dir)
     section = raw.get(spec.name) or {}
     family_config = parse_section(spec.config_class, section, spec.name)
-    vae = raw.get("vae")
-    diffusion = raw.get("diffusion")
+    vae, vision, diffusion = raw.get("vae"), raw.get("vision"), raw.get("diffusion")
     return RunConfig(
         family=name, data=data, train=train, family_config=family_config, family_keys=set(section),
         base=_resolve(root, raw.get("base")), decoder=raw.get("decoder"),
         tokenizer=_resolve(root, raw.get("tokenizer")),
         vae=vae if vae in (None, "pixels") else _resolve(root, vae),
-        vision=_resolve(root, raw.get("vision")),
+        vision=_resolve(root, vision) if isinstance(vision, str) else vision,
         diffusion=_resolve(root, diffusion) if isinstance(diffusion, str) else diffusion,
         path=path.resolve(),
     )

@@ -32,10 +32,9 @@ from mmfuse.engine.packing import Image
 from mmfuse.engine.pipeline import MMFusePipeline, image_grid, write_image
 from mmfuse.engine.prepare import prepare_from_config
 from mmfuse.engine.run import resolve_device, train_from_config
-from mmfuse.engine.text import prompt_ids
+from mmfuse.engine.text import prompt_ids, word_tokenizer
 from mmfuse.models.family import get_family
 
-HELP = "a tiny Transfusion model learns captions <-> digits on CPU (PNGs + captions -> train -> PNGs)"
 WORDS = ["<pad>", "<boi>", "<eoi>", "caption", "draw", *"0123456789", "<unk>"]
 ROW_LEN = 80  # four 20-position documents per row
 FAMILY = "fusion"
@@ -54,17 +53,6 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
     n_test = int(len(labels) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return images[train], labels[train], images[test], labels[test]
-
-
-def digits_tokenizer():
-    """A word-level tokenizer over the demo's words (``<boi>`` / ``<eoi>`` included, as special tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<pad>", "<boi>", "<eoi>", "<unk>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
 def run_config(steps: int, seed: int, workers: int) -> dict:
@@ -102,7 +90,7 @@ def export_data(folder: Path, images: torch.Tensor, labels: torch.Tensor, config
         draw.append(json.dumps({"text": f"draw {label}", "image": name}))
     (folder / "understand.jsonl").write_text("\n".join(understand) + "\n")
     (folder / "draw.jsonl").write_text("\n".join(draw) + "\n")
-    digits_tokenizer().save_pretrained(str(folder / "tokenizer"))
+    word_tokenizer(WORDS[3:-1]).save_pretrained(str(folder / "tokenizer"))  # ids as WORDS: the decoder's vocabulary
     (folder / "run.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder / "run.json"
 

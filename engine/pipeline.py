@@ -188,7 +188,7 @@ class MMFusePipeline:
         # 1. check inputs
         hooks, model = self._image_hooks(), self.model
         steps = hooks.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = hooks.guidance_scale(model) if guidance_scale is None else guidance_scale
+        guidance = hooks.guidance_scale if guidance_scale is None else guidance_scale
         _check_call(steps, guidance, num_images_per_prompt, output_type, self.vae is not None)
         # 2. tokenize
         rows = [torch.tensor(hooks.image_prompt(model, ids), dtype=torch.long, device=self.device)

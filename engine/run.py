@@ -22,9 +22,9 @@ from mmfuse.engine.train import Trainer, init_distributed, rank_and_world
 from mmfuse.models import Decoder, DecoderConfig, from_pretrained
 from mmfuse.models.denoisers import build_denoiser, load_denoiser
 from mmfuse.models.family import FamilySpec, Parts
-from mmfuse.models.hf_io import CheckpointError
+from mmfuse.models.hf_io import CheckpointError, read_config
 from mmfuse.models.loading import decoder_config
-from mmfuse.models.siglip import SiglipVisionTower, load_siglip_processor
+from mmfuse.models.siglip import SiglipVisionConfig, SiglipVisionTower, load_siglip_processor
 from mmfuse.models.vae import PIXEL_SPACE, ImageCodec, load_codec
 
 
@@ -87,7 +87,12 @@ def load_parts(cfg: RunConfig, spec: FamilySpec, device: torch.device) -> tuple[
     """The decoder and the optional parts the family names (``vision``, ``diffusion``), and the vision
     tower's image processor."""
     parts, processor = Parts(_decoder(cfg, device)), None
-    if "vision" in spec.parts and cfg.vision:
+    if "vision" in spec.parts and isinstance(cfg.vision, dict):  # a fresh tower (random init), e.g. a tiny run
+        config = parse_section(SiglipVisionConfig, cfg.vision, "vision")
+        with torch.device(device):
+            parts.vision = SiglipVisionTower(config)
+        processor = load_siglip_processor(None, config)
+    elif "vision" in spec.parts and cfg.vision:
         vision = from_pretrained(cfg.vision, device=device)
         if not isinstance(vision, SiglipVisionTower):
             raise ConfigError(f"vision: {cfg.vision} holds a {type(vision).__name__}, not a SigLIP vision tower")
@@ -103,6 +108,18 @@ def load_parts(cfg: RunConfig, spec: FamilySpec, device: torch.device) -> tuple[
                 raise ConfigError(f"diffusion: not a {kind} config: {exc}") from exc
         parts.diffusion.to(device)
     return parts, processor
+
+
+def _part_configs(cfg: RunConfig, spec: FamilySpec) -> dict[str, dict]:
+    """The configs of the parts the family names, as given or as their folders' config.json states them."""
+    configs = {}
+    for name in spec.parts:
+        value = getattr(cfg, name)
+        if isinstance(value, dict):
+            configs[name] = value
+        elif isinstance(value, str) and (Path(value) / "config.json").is_file():
+            configs[name] = read_config(value)
+    return configs
 
 
 def _declared_vocab(cfg: RunConfig) -> int:
@@ -123,6 +140,9 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
     if tokenizer is None and any(isinstance(s, str) for src in sources for r in _sample(src.records) for s in r.segments):
         raise ConfigError("the data hold text but the run has no tokenizer: give 'tokenizer', or a 'base' that has one")
     codec = None if cfg.vae in (None, PIXEL_SPACE) else load_codec(cfg.vae, device)
+    problem = spec.check_parts(cfg.family_config, _part_configs(cfg, spec))
+    if problem:
+        raise ConfigError(f"{spec.name}: {problem}")
     torch.manual_seed(cfg.train.seed)  # a fresh decoder and the family's new layers: a function of the seed
     parts, processor = load_parts(cfg, spec, device)
     family_config = cfg.family_config

@@ -20,6 +20,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 TOKENIZER_DIR = "tokenizer"  # where mmfuse's model folders keep theirs
 
 
+def word_tokenizer(words: list[str], specials: tuple[str, ...] = ("<pad>", "<boi>", "<eoi>"), *,
+                   bos: str | None = None, eos: str | None = None):
+    """A word-level transformers tokenizer (whitespace-split): ids ``specials``, then ``words``, then
+    ``<unk>``. The tokenizer of a tiny run from scratch (the demo, the example configs); ``bos`` /
+    ``eos``: special tokens (among ``specials``) that documents begin and end with."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *words, "<unk>"]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([*specials, "<unk>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token=bos,
+                                   eos_token=eos)
+
+
 def has_tokenizer(path: str | os.PathLike) -> bool:
     return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 

@@ -99,6 +99,14 @@ class _LossModule(torch.nn.Module):
         return objective.total, objective.components
 
 
+def _report_line(record: dict, steps: int) -> str:
+    """One line of a run's progress: step, losses, run-average throughput."""
+    losses = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "lr", "grad_norm", "tokens",
+                                                                            "images") and not k.endswith("_per_s"))
+    rates = "  ".join(f"{k.removesuffix('_per_s')}/s {v:.0f}" for k, v in record.items() if k.endswith("_per_s"))
+    return f"step {record['step']}/{steps}  {losses}  {rates}"
+
+
 def lr_at(step: int, c: TrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
     if step < c.warmup_steps:
@@ -237,12 +245,15 @@ class Trainer:
         return values
 
     def train(self, progress: bool | None = None) -> list[dict[str, float]]:
+        """Run to ``config.steps``. ``progress``: a progress bar (None: when stderr is a terminal; when
+        it is not, a line of losses and throughput every tenth of the run instead)."""
         c = self.config
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._rewrite_log()
         log = open(self.out_dir / "train_log.jsonl", "a") if self.out_dir else None
         bar = progress_bar(total=c.steps, initial=self.step, progress=progress if self.rank == 0 else False, desc="train")
+        report_every = max(1, c.steps // 10) if progress is None and bar.disable and self.rank == 0 else 0
         t0, seen = time.perf_counter(), {}
         try:
             while self.step < c.steps:
@@ -256,6 +267,8 @@ class Trainer:
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "tokens", "images")})
                 bar.update(1)
+                if report_every and (self.step % report_every == 0 or self.step == c.steps):
+                    print(_report_line(record, c.steps), flush=True)
                 if c.out_dir and c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:

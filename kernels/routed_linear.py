@@ -551,6 +551,13 @@ def _check_inputs(x, modality, weights, biases, routing, backend, *, weights_nam
                              f"{MAX_TRITON_EXPERTS} (use backend='torch')")
 
 
+def _unstacked(experts, stacked_dim: int):
+    """A stacked (E, ...) tensor as the list of its E experts; a list (or None) as it is."""
+    if isinstance(experts, torch.Tensor) and experts.dim() == stacked_dim:
+        return list(experts.unbind(0))
+    return experts
+
+
 def routed_linear(
     x: torch.Tensor,
     modality: torch.Tensor,
@@ -565,10 +572,11 @@ def routed_linear(
     Args:
         x: (..., Din) fp16 / bf16 / fp32 (fp64 on the torch backend); may be non-contiguous.
         modality: integer tensor of shape ``x.shape[:-1]``, values in ``[0, E)``.
-        weights: E >= 2 tensors (Dout, Din), x's dtype and device; each its own Parameter so that
-            an expert can be frozen: no dW is computed for a weight that does not require grad.
+        weights: a list of E >= 2 tensors (Dout, Din), x's dtype and device; each its own Parameter
+            so that an expert can be frozen: no dW is computed for a weight that does not require
+            grad. One stacked (E, Dout, Din) tensor is taken too (its experts then train together).
         biases: None, or E tensors (Dout,) (all experts have a bias or none does; freeze a
-            bias by turning its requires_grad off).
+            bias by turning its requires_grad off); or one stacked (E, Dout) tensor.
         routing: :func:`build_routing` of this batch's modality ids, shared by every layer; built
             here when None. It must describe ``modality`` (only its sizes are checked).
         backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
@@ -577,6 +585,8 @@ def routed_linear(
         (..., Dout) in x's dtype.
     """
     backend = resolve_backend(backend, x)
+    weights = _unstacked(weights, 3)
+    biases = _unstacked(biases, 2)
     _check_inputs(x, modality, weights, biases, routing, backend)
     if routing is None:
         routing = build_routing(modality, len(weights), backend=backend)

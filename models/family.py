@@ -61,7 +61,8 @@ class PipelineHooks:
         text_decoder: model -> the :class:`Decoder` that writes text, or None.
         image_positions: model -> the sequence positions an image takes after its prompt (checked
             against the LLM's context length).
-        guidance_scale: model -> the default classifier-free guidance (1.0 = off).
+        guidance_scale: the default classifier-free guidance (1.0 = off; what the unconditional branch
+            needs, caption dropout, is on by default in training).
         num_inference_steps: default denoising steps.
     """
 
@@ -71,7 +72,7 @@ class PipelineHooks:
     condition: Callable[[nn.Module, list[torch.Tensor], list[torch.Tensor], bool], ContextManager[Denoiser]]
     text_decoder: Callable[[nn.Module], Decoder | None]
     image_positions: Callable[[nn.Module], int]
-    guidance_scale: Callable[[nn.Module], float] = lambda model: 1.0
+    guidance_scale: float = 1.0
     num_inference_steps: int = 50
 
 
@@ -93,6 +94,8 @@ class FamilySpec:
         special_tokens: id field -> text field of its config, for the tokens it adds to the tokenizer
             (BOI / EOI); the engine adds the texts and fills the id fields.
         denoiser_kind: config -> "sana" / "sd15", the diffusers class a "diffusion" config dict builds.
+        check_parts: (config, {part name: its config dict}) -> why the parts do not fit the family's
+            config (e.g. a conditioning width), or None; run before anything is built or loaded.
         build: (parts, config) -> a fresh model, parameters frozen as the family prescribes.
         load, save: its native checkpoint folder (``load(path, dtype, device)``,
             ``save(model, path, state_dict=None)``).
@@ -131,6 +134,7 @@ class FamilySpec:
     description: str = ""
     special_tokens: Mapping[str, str] = field(default_factory=dict)
     denoiser_kind: Callable[[Any], str] | None = None
+    check_parts: Callable[[Any, dict[str, dict]], str | None] = lambda config, parts: None
     check_document: Callable[[list, int], str | None] = accept_any_document
 
 

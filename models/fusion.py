@@ -456,7 +456,7 @@ FAMILY = FamilySpec(
         image_prompt=image_prompt,
         condition=condition,
         text_decoder=lambda model: model.decoder,
-        guidance_scale=lambda model: 3.0,
+        guidance_scale=3.0,
         image_positions=lambda model: model.config.patches_per_image + 1,
     ),
 )

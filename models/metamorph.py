@@ -68,9 +68,9 @@ class MetaMorph(nn.Module):
         if diffusion is not None:
             if denoiser_kind(diffusion) != "sd15":
                 raise ValueError(f"MetaMorph decodes with an SD1.5 UNet2DConditionModel, got {type(diffusion).__name__}")
-            if diffusion.config["cross_attention_dim"] != config.sd_cross_attention_dim:
-                raise ValueError(f"sd_cross_attention_dim={config.sd_cross_attention_dim} but the UNet's "
-                                 f"cross_attention_dim is {diffusion.config['cross_attention_dim']}")
+            problem = check_parts(config, {"diffusion": dict(diffusion.config)})
+            if problem:
+                raise ValueError(problem)
             diffusion.requires_grad_(False)
         self.diffusion = diffusion  # frozen SD1.5 UNet (None: a model that does not draw)
 
@@ -207,6 +207,15 @@ def load_metamorph(path: str | os.PathLike, dtype: torch.dtype | None = None,
 # ----------------------------------------------------------------------------------------------
 
 
+def check_parts(config: MetaMorphConfig, parts: dict[str, dict]) -> str | None:
+    """Whether the UNet's config fits: its cross-attention width is ``sd_cross_attention_dim``."""
+    unet = parts.get("diffusion")
+    if unet is not None and unet.get("cross_attention_dim") != config.sd_cross_attention_dim:
+        return (f"sd_cross_attention_dim={config.sd_cross_attention_dim} but the UNet's cross_attention_dim is "
+                f"{unet.get('cross_attention_dim')}")
+    return None
+
+
 def build(parts: Parts, config: MetaMorphConfig) -> MetaMorph:
     if not isinstance(parts.vision, SiglipVisionTower):
         raise CheckpointError("family 'metamorph' needs 'vision': a SigLIP checkpoint folder")
@@ -279,6 +288,7 @@ FAMILY = FamilySpec(
     parts=("vision", "diffusion"),
     special_tokens={"boi_token_id": "boi_token", "eoi_token_id": "eoi_token"},
     denoiser_kind=lambda config: "sd15",
+    check_parts=check_parts,
     build=build,
     load=load_metamorph,
     save=save_metamorph,

@@ -151,12 +151,9 @@ class MetaQuery(nn.Module):
         self.freeze_llm()
 
     def _check_diffusion_decoder(self) -> None:
-        c, dc = self.config, self.diffusion.config
-        width = dc.get("caption_channels") if c.decoder == "sana" else dc.get("cross_attention_dim")
-        if width != c.cond_dim:
-            raise ValueError(f"cond_dim={c.cond_dim} but the {c.decoder} decoder's conditioning width is {width}")
-        if dc.get("out_channels", dc["in_channels"]) != dc["in_channels"]:
-            raise ValueError("a diffusion decoder with out_channels != in_channels (learned sigma) is not supported")
+        problem = check_parts(self.config, {"diffusion": dict(self.diffusion.config)})
+        if problem:
+            raise ValueError(problem)
 
     def reset_buffers(self, device: torch.device | str) -> None:
         c = self.config
@@ -299,6 +296,20 @@ def load_metaquery(path: str | os.PathLike, dtype: torch.dtype | None = None,
 # ----------------------------------------------------------------------------------------------
 
 
+def check_parts(config: MetaQueryConfig, parts: dict[str, dict]) -> str | None:
+    """Whether the diffusion decoder's config fits: its conditioning width is ``cond_dim``, and it
+    predicts as many channels as it takes (no learned sigma)."""
+    dc = parts.get("diffusion")
+    if dc is None:
+        return None
+    width = dc.get("caption_channels") if config.decoder == "sana" else dc.get("cross_attention_dim")
+    if width != config.cond_dim:
+        return f"cond_dim={config.cond_dim} but the {config.decoder} decoder's conditioning width is {width}"
+    if dc.get("out_channels", dc.get("in_channels")) != dc.get("in_channels"):
+        return "a diffusion decoder with out_channels != in_channels (learned sigma) is not supported"
+    return None
+
+
 def build(parts: Parts, config: MetaQueryConfig) -> MetaQuery:
     if parts.diffusion is None:
         raise CheckpointError("family 'metaquery' needs 'diffusion': a diffusers SANA transformer / SD1.5 UNet "
@@ -362,6 +373,7 @@ FAMILY = FamilySpec(
     config_class=MetaQueryConfig,
     parts=("diffusion",),
     denoiser_kind=lambda config: config.decoder,
+    check_parts=check_parts,
     build=build,
     load=load_metaquery,
     save=save_metaquery,
@@ -381,7 +393,7 @@ FAMILY = FamilySpec(
         condition=condition,
         text_decoder=lambda model: model.llm,
         image_positions=lambda model: model.config.num_queries,
-        guidance_scale=lambda model: 4.5 if model.config.prompt_dropout > 0 else 1.0,
+        guidance_scale=4.5,  # as SANA's pipeline
         num_inference_steps=20,
     ),
 )

@@ -11,18 +11,27 @@ else:
         return SystemExit(f"mmfuse {command}: {exc}")
 
     def describe_fields(cls: type, indent: str = "    ") -> str:
-        """``name=default`` of every field of a config dataclass, wrapped for ``--help``."""
+        """``name: type = default`` of every field of a config dataclass (read from the class itself,
+        so the help cannot drift from the schema), wrapped for ``--help``."""
+        import json
+        import typing
+
+        hints = typing.get_type_hints(cls)
         items = []
         for f in dataclasses.fields(cls):
             if not f.init or f.name == "hf_config":
                 continue
-            default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
-                else repr(f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            items.append(f"{f.name}={default}")
+            kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            kind = kind.replace("NoneType", "null")
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                items.append(f"{f.name}: {kind} (required)")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                items.append(f"{f.name}: {kind} = {json.dumps(default)}")
         lines, line = [], indent
         for item in items:
-            if len(line) + len(item) > 100:
-                lines.append(line.rstrip())
+            if len(line) + len(item) > 104:
+                lines.append(line.rstrip(", "))
                 line = indent
             line += item + ", "
         lines.append(line.rstrip(", "))

@@ -14,8 +14,8 @@ import argparse
 from pathlib import Path
 
 from mmfuse.engine.commands import CheckpointError, fail
+from mmfuse.models.family import families
 
-HELP = "generate images (PNG) or text from a trained model folder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,10 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt", help='the prompt text, e.g. "a red square"')
     prompt.add_argument("--prompt-ids", help="the prompt as comma-separated token ids, e.g. 3,5,1")
     parser.add_argument("--out", help="write images to this PNG path (without it: generate text)")
+    hooks = {name: spec.pipeline for name, spec in families().items()}
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the family's, e.g. 50)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 1 (1 = off; default: "
-                        "the family's)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the family's: " +
+                        ", ".join(f"{n} {h.num_inference_steps}" for n, h in hooks.items()) + ")")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 1 (1 = off; default: the "
+                        "family's: " + ", ".join(f"{n} {h.guidance_scale}" for n, h in hooks.items()) + ")")
     parser.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance (default none)")
     parser.add_argument("--scheduler", help="a diffusers scheduler: ddim, ddpm, euler, euler_a, heun, dpm++, unipc, "
                         "pndm, lms, flow_euler, flow_heun, or a class name (default: the model's)")

@@ -12,7 +12,6 @@ import argparse
 from mmfuse.engine.commands import CheckpointError, fail
 from mmfuse.engine.config import ConfigError
 
-HELP = "encode a run's images once into a cache of latents (safetensors) that training reads"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

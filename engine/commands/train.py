@@ -20,6 +20,7 @@ with captions.jsonl holding lines like {"text": "a red square", "image": "img/0.
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from mmfuse.engine import config as config_module
 from mmfuse.engine.commands import CheckpointError, describe_fields, fail
@@ -28,7 +29,6 @@ from mmfuse.engine.train import TrainConfig, rank_and_world
 from mmfuse.models import DecoderConfig
 from mmfuse.models.family import families
 
-HELP = "train LlamaFusion / Transfusion, MetaMorph or MetaQuery from captioned images and a base checkpoint"
 
 
 def _description() -> str:
@@ -39,7 +39,7 @@ def _description() -> str:
         sections.append(f'\nfamily "{spec.name}" ({spec.description}); keys "{spec.name}"{parts}:\n'
                         + describe_fields(spec.config_class))
     sections += ["\ndata:\n" + describe_fields(DataConfig),
-                 "\n    " + (DataConfig.__doc__ or "").split("Attributes:", 1)[1].strip(),
+                 "\n" + textwrap.indent(textwrap.dedent((DataConfig.__doc__ or "").split("Attributes:", 1)[1]).strip(), "    "),
                  "\ntrain:\n" + describe_fields(TrainConfig),
                  "\ndecoder (an LLM from scratch):\n" + describe_fields(DecoderConfig)]
     return "\n".join(sections)

@@ -72,3 +72,16 @@ def test_unknown_subcommand_is_an_error():
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "mmfuse", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+def test_the_command_line_starts_without_torch():
+    """`mmfuse --help` and `import mmfuse` load no torch or transformers (the start-up benchmark times them);
+    transformers still finds attn_implementation="mmfuse" once its models load."""
+    code = ("import sys, mmfuse; assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+            "from mmfuse.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'the top-level help imported torch'\n"
+            "from transformers import AttentionInterface; assert 'mmfuse' in AttentionInterface._global_mapping\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -75,6 +75,9 @@ def test_train_from_a_base_checkpoint(tmp_path):
         ({"base": "/nonexistent/checkpoint", "decoder": None}, "config.json"),
         ({"vae": {"pixels": 1}}, "vae must be a folder path"),
         ({"vae": "nope"}, "no VAE folder"),
+        ({"train": {"steps": -5}}, r"train: bad training config: steps must be >= 1, got -5$"),
+        ({"vision": 3}, "unknown key"),  # fusion takes no vision tower
+        ({"decoder": {}}, r"decoder: missing required key\(s\) \['vocab_size', 'dim'"),
     ],
 )
 def test_train_reports_bad_configs(tmp_path, change, message):
@@ -140,6 +143,8 @@ def test_fusion_text_generation_equals_its_base_decoder(tmp_path):
         (["--out", "/nonexistent/x.png"], "no folder"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--guidance", "0.5"], r"--guidance must be >= 1 \(1 = no guidance\), got 0.5"),
+        (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 0, got -2"),
+        (["--num-images", "0"], "--num-images must be >= 1, got 0"),
         (["--prompt-ids", "5,500"], r"must lie in \[0, 101\)"),
         (["--prompt", "hello"], "no tokenizer"),
         (["--device", "cuda:7"], "no CUDA device" if not torch.cuda.is_available() else "invalid device"),
@@ -154,3 +159,10 @@ def test_generate_reports_bad_arguments(tmp_path, args, message):
             del base[i:i + 2]
     with pytest.raises(SystemExit, match=message):
         main(base + args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_train_on_cuda_without_a_gpu_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^mmfuse train: --device cuda: no CUDA device is available") as exc:
+        main(["train", "--config", write_run(tmp_path), "--device", "cuda"])
+    assert "\n" not in str(exc.value)

@@ -87,3 +87,17 @@ def test_a_checkpoint_of_another_family_is_refused(tmp_path):
     (tmp_path / "run" / "step_0000001" / "trainer.json").write_text(json.dumps(trainer))
     with pytest.raises(SystemExit, match="another run: family 'metaquery'"):
         main(["train", "--config", str(config), "--resume"])
+
+
+def test_the_same_config_and_seed_give_bit_identical_runs(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        config = run_config(tmp_path / name, steps=3)
+        assert main(["train", "--config", str(config)]) == 0
+        runs.append(losses(tmp_path / name / "run"))
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+    cfg = json.loads(config.read_text())
+    cfg["train"].update(seed=8, out_dir="other")
+    config.write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(config)]) == 0
+    assert losses(tmp_path / "b" / "other") != runs[0]  # the seed is what makes them equal

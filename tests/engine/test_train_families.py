@@ -106,3 +106,16 @@ def test_train_metaquery_reports_a_missing_diffusion_decoder(tmp_path):
                        metaquery=METAQUERY, diffusion=str(tmp_path / "nope"), data={"path": "docs.jsonl"})
     with pytest.raises(SystemExit, match="diffusion: no diffusers model folder"):
         main(["train", "--config", cfg])
+
+
+def test_a_conditioning_width_mismatch_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    import mmfuse.engine.run as run_module
+
+    write_documents(tmp_path, "latent", (4, 8, 8), [[10]], suffix=())
+    cfg = write_config(tmp_path, family="metaquery", decoder={"vocab_size": 20, "dim": 32, "hidden_dim": 64,
+                       "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16},
+                       metaquery={**METAQUERY, "cond_dim": COND + 8}, diffusion=SANA, data={"path": "docs.jsonl"})
+    monkeypatch.setattr(run_module, "load_parts", lambda *a: pytest.fail("parts were loaded"))
+    with pytest.raises(SystemExit, match=f"metaquery: cond_dim={COND + 8} but the sana decoder's conditioning width "
+                                         f"is {COND}"):
+        main(["train", "--config", cfg])

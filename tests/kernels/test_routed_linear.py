@@ -271,7 +271,7 @@ def _good_args():
     (lambda a: a.update(weights=[torch.randn(8, 15), torch.randn(8, 15)]), ValueError, r"weights\[e\]"),
     (lambda a: a.update(weights=[torch.randn(8, 16), torch.randn(8, 16).double()]), TypeError, r"weights\[1\]"),
     (lambda a: a.update(weights=[torch.randn(8, 16)]), ValueError, "at least 2"),
-    (lambda a: a.update(weights=torch.randn(2, 8, 16)), TypeError, "weights must be a list"),
+    (lambda a: a.update(weights=torch.randn(8, 16)), TypeError, "weights must be a list"),  # not (E, Dout, Din)
     (lambda a: a.update(weights=[torch.randn(8, 16), torch.randn(8, 16, device="meta")]), ValueError, r"weights\[1\]"),
     (lambda a: a.update(biases=[torch.randn(8)]), ValueError, "biases must hold 2"),
     (lambda a: a.update(biases=[torch.randn(7), torch.randn(7)]), ValueError, r"biases\[e\]"),
@@ -304,3 +304,15 @@ def test_routing_is_a_dataclass_with_the_documented_fields():
     r = build_routing(torch.tensor([1, 0, 1]), 2)
     assert isinstance(r, Routing) and r.num_experts == 2 and r.num_tokens == 3
     assert r.order.dtype == torch.int64 and r.offsets.dtype == torch.int32 and r.tiles.dtype == torch.int32
+
+
+def test_a_stacked_weight_tensor_is_taken_as_its_experts():
+    x = torch.randn(7, 12, dtype=torch.float64)
+    modality = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    stacked = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 5, dtype=torch.float64)
+    y = routed_linear(x, modality, stacked, bias, backend="torch")
+    want = torch.where(modality[:, None] == 1, x @ stacked[1].T + bias[1], x @ stacked[0].T + bias[0])
+    assert rel_err(y, want) <= 1e-12
+    y.sum().backward()
+    assert stacked.grad.shape == (2, 5, 12) and stacked.grad.abs().sum() > 0
