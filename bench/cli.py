@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=("run", "plot", "report"), default="run",
                         help="run the benchmarks (default), draw the plots, or write the markdown report")
     parser.add_argument("--quick", action="store_true",
-                        help="run: the small sizes the README quotes (all modules in about 3 minutes on 2 CPU cores)")
+                        help="run: the small sizes the README quotes (all modules in about 1.5 minutes on 2 CPU cores)")
     parser.add_argument("--only", metavar="NAMES", type=_arg_type(run_module.parse_only),
                         help=f"run: comma-separated modules out of: {', '.join(run_module.REGISTRY)}")
     parser.add_argument("--device", type=_arg_type(run_module.resolve_device),

@@ -12,7 +12,7 @@ start-up time against a 3 s budget). Each appends one run (device, versions, git
 median / min / max per row) to DIR/<name>.json (default bench/results); then SUMMARY.md and the plots
 are redrawn from DIR and, for bench/results itself, the README's performance section is rewritten.
 A module that is not installed is skipped; one that fails is reported, the others still run, and the
-command exits non-zero. --quick is the README's size (about 3 minutes on 2 CPU cores).
+command exits non-zero. --quick is the README's size (about 1.5 minutes on 2 CPU cores).
 
 plot draws throughput vs sequence length, latency vs prompt length and peak memory per device into
 DIR (default RESULTS/plots); report writes RESULTS/SUMMARY.md and, with --readme, the text between
