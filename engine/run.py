@@ -196,7 +196,8 @@ def batch_stream(run: Run, cache=None) -> BatchStream:
 
 def _resume_point(out: Path, resume: bool | str | None) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run; an existing run without ``--resume`` is refused."""
-    started = (out / "latest").is_file() or (out / "train_log.jsonl").is_file()
+    log = out / "train_log.jsonl"
+    started = (out / "latest").is_file() or (log.is_file() and log.stat().st_size > 0)  # a step was taken
     if not resume:
         if started:
             raise ConfigError(f"{out} already holds a run; continue it with --resume, or set train.out_dir to a new "

@@ -101,3 +101,17 @@ def test_the_same_config_and_seed_give_bit_identical_runs(tmp_path):
     config.write_text(json.dumps(cfg))
     assert main(["train", "--config", str(config)]) == 0
     assert losses(tmp_path / "b" / "other") != runs[0]  # the seed is what makes them equal
+
+
+def test_a_run_that_failed_before_its_first_step_can_simply_be_run_again(tmp_path):
+    config = run_config(tmp_path, steps=1)
+    good = (tmp_path / "img" / "0.png").read_bytes()
+    (tmp_path / "img" / "0.png").write_bytes(good[: len(good) // 2])
+    cfg = json.loads(config.read_text())
+    cfg["data"]["path"] = "one.jsonl"
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "a red square", "image": "img/0.png"}) + "\n")
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="one.jsonl:1: cannot read image img/0.png"):
+        main(["train", "--config", str(config)])
+    (tmp_path / "img" / "0.png").write_bytes(good)  # fixed: no step was taken, so no --resume is needed
+    assert main(["train", "--config", str(config)]) == 0
