@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfuse.engine.train import TrainConfig
+from mmfuse.models.decoder import DecoderConfig
 from mmfuse.models.family import FamilySpec, families, get_family
 
 
@@ -96,7 +97,7 @@ class RunConfig:
     family_config: Any  # the family's config dataclass
     family_keys: set[str] = field(default_factory=set)  # the keys the config's family section set
     base: str | None = None
-    decoder: dict | None = None
+    decoder: DecoderConfig | None = None  # an LLM from scratch
     tokenizer: str | None = None
     vae: str | None = None
     vision: str | dict | None = None
@@ -215,7 +216,8 @@ def load_run_config(path: str | Path) -> RunConfig:
     vae, vision, diffusion = raw.get("vae"), raw.get("vision"), raw.get("diffusion")
     return RunConfig(
         family=name, data=data, train=train, family_config=family_config, family_keys=set(section),
-        base=_resolve(root, raw.get("base")), decoder=raw.get("decoder"),
+        base=_resolve(root, raw.get("base")),
+        decoder=None if raw.get("decoder") is None else parse_section(DecoderConfig, raw["decoder"], "decoder"),
         tokenizer=_resolve(root, raw.get("tokenizer")),
         vae=vae if vae in (None, "pixels") else _resolve(root, vae),
         vision=_resolve(root, vision) if isinstance(vision, str) else vision,

@@ -314,7 +314,7 @@ def weighted_turns(shares: Sequence[float]) -> Iterator[int]:
         yield s
 
 
-class _Failure:
+class WorkerFailure:
     """A worker's DataError, carried back as a value so the training process raises it as one line."""
 
     def __init__(self, message: str):
@@ -340,11 +340,11 @@ class MicroBatches(torch.utils.data.Dataset):
         """The generator of micro-batch ``index`` on this rank (documents, caption dropout)."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + index * self.world + self.rank)
 
-    def __getitem__(self, index: int) -> list | _Failure:
+    def __getitem__(self, index: int) -> list | WorkerFailure:
         try:
             return self.documents(index)
         except DataError as exc:
-            return _Failure(str(exc))
+            return WorkerFailure(str(exc))
 
     def documents(self, index: int) -> list[list]:
         gen = self.generator(index)
@@ -366,6 +366,12 @@ class MicroBatches(torch.utils.data.Dataset):
 
 def _identity(x):
     return x
+
+
+def worker_options(num_workers: int) -> dict:
+    """DataLoader options beside ``num_workers``: forked workers reading ahead (none in the main process)."""
+    return dict(num_workers=num_workers, **(dict(prefetch_factor=2, multiprocessing_context="fork") if num_workers
+                                              else {}))
 
 
 def encode_images(documents: list[list], image_input, device: torch.device,
@@ -401,10 +407,8 @@ class BatchStream:
         self._next = -1
 
     def _loader(self, start: int) -> Iterator:
-        workers = self.num_workers
-        kwargs = dict(prefetch_factor=2, multiprocessing_context="fork") if workers else {}
         loader = torch.utils.data.DataLoader(self.batches, batch_size=None, sampler=range(start, len(self.batches)),
-                                             num_workers=workers, collate_fn=_identity, **kwargs)
+                                             collate_fn=_identity, **worker_options(self.num_workers))
         return iter(loader)
 
     def __call__(self, step: int, micro: int):
@@ -414,7 +418,7 @@ class BatchStream:
             self._iterator = self._loader(index)
         documents = next(self._iterator)
         self._next = index + 1
-        if isinstance(documents, _Failure):
+        if isinstance(documents, WorkerFailure):
             self.close()
             raise DataError(documents.message)
         return self.finish(documents, index)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from mmfuse._progress import progress_bar
+from mmfuse.kernels._common import check_values_in_range
 from mmfuse.models.decoder import Decoder
 
 # model -> its compiled decode step, built on the first compile=True call and reused by every later one
@@ -92,10 +93,7 @@ def _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, t
         raise ValueError(f"input_ids ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
                          f"model's context of {limit} positions")
     vocab = model.config.vocab_size
-    in_vocab = input_ids.numel() == 0 or 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab
-    if not torch.compiler.is_compiling() and not in_vocab:
-        raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in "
-                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    check_values_in_range("input_ids", input_ids, 0, vocab - 1, f"[0, {vocab}) (the vocabulary)")
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from mmfuse._progress import progress_bar
 from mmfuse.engine.atomic import atomic_file, atomic_folder
 from mmfuse.engine.generate import generate
 from mmfuse.engine.text import TOKENIZER_DIR, has_tokenizer, load_tokenizer, prompt_ids
+from mmfuse.kernels._common import check_values_in_range
 from mmfuse.models import from_pretrained as load_model
 from mmfuse.models.decoder import Decoder, left_pad
 from mmfuse.models.family import FamilySpec, family_of
@@ -190,14 +191,15 @@ class MMFusePipeline:
         steps = hooks.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = hooks.guidance_scale if guidance_scale is None else guidance_scale
         _check_call(steps, guidance, num_images_per_prompt, output_type, self.vae is not None)
-        # 2. tokenize
-        rows = [torch.tensor(hooks.image_prompt(model, ids), dtype=torch.long, device=self.device)
-                for ids in self._prompt_rows(prompt, prompt_ids) for _ in range(num_images_per_prompt)]
-        negatives = []
-        if guidance != 1.0:
-            negative = self._prompt_rows(_broadcast(negative_prompt, len(rows) // num_images_per_prompt), None)
-            negatives = [torch.tensor(hooks.image_prompt(model, ids), dtype=torch.long, device=self.device)
-                         for ids in negative for _ in range(num_images_per_prompt)]
+        # 2. tokenize: every prompt asks for an image, once per image wanted
+        def image_rows(prompts: list[list[int]]) -> list[torch.Tensor]:
+            return [torch.tensor(hooks.image_prompt(model, ids), dtype=torch.long, device=self.device)
+                    for ids in prompts for _ in range(num_images_per_prompt)]
+
+        prompts = self._prompt_rows(prompt, prompt_ids)
+        rows = image_rows(prompts)
+        negatives = image_rows(self._prompt_rows(_broadcast(negative_prompt, len(prompts)), None)) \
+            if guidance != 1.0 else []
         self._check_context(rows + negatives)
         scheduler_ = resolve_scheduler(scheduler, self.scheduler)
         scheduler_.set_timesteps(steps, device=self.device)
@@ -253,8 +255,7 @@ class MMFusePipeline:
         vocab, limit = llm.config.vocab_size, llm.config.max_seq_len
         extra = self.family.pipeline.image_positions(self.model)
         for r in rows:
-            if r.numel() and not 0 <= int(r.min()) <= int(r.max()) < vocab:
-                raise ValueError(f"prompt token ids must lie in [0, {vocab}) (the vocabulary), got {r.tolist()}")
+            check_values_in_range("prompt_ids", r, 0, vocab - 1, f"[0, {vocab}) (the vocabulary)")
             if limit and r.numel() + extra > limit:
                 raise ValueError(f"prompt: {r.numel()} tokens + {extra} image positions exceed the model's context "
                                  f"of {limit} positions")

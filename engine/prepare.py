@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from mmfuse._progress import progress_bar
 from mmfuse.engine.atomic import atomic_folder
 from mmfuse.engine.config import ConfigError, DataConfig, load_run_config
-from mmfuse.engine.data import TENSOR_SUFFIX, DataError, ImageRef, _Failure, image_refs, open_image
+from mmfuse.engine.data import TENSOR_SUFFIX, DataError, ImageRef, WorkerFailure, image_refs, open_image, worker_options
 
 CACHE_INDEX = "index.json"
 SHARD_BYTES = 1 << 30
@@ -86,11 +86,11 @@ class _Pictures(torch.utils.data.Dataset):
         try:
             return self.preprocess(open_image(self.refs[i], "data"))
         except DataError as exc:
-            return _Failure(str(exc))
+            return WorkerFailure(str(exc))
 
 
 def _stack(items: list):
-    failure = next((x for x in items if isinstance(x, _Failure)), None)
+    failure = next((x for x in items if isinstance(x, WorkerFailure)), None)
     return failure or torch.stack(items)
 
 
@@ -110,14 +110,12 @@ def prepare_from_config(config_path: str | os.PathLike, device: str = "cpu", bat
         raise ConfigError("nothing to prepare: the run has no 'vae' to encode pictures with")
     refs = [r for r in image_refs(run.sources) if not (r.path or "").endswith(TENSOR_SUFFIX)]
     final = Path(cfg.data.cache)
-    workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(_Pictures(refs, run.image_input.preprocess), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_stack,
-                                         **(dict(multiprocessing_context="fork") if workers else {}))
+                                         collate_fn=_stack, **worker_options(cfg.data.num_workers))
     with atomic_folder(final) as tmp:
         entries, shard, size, shards, done = {}, {}, 0, 0, 0
         for pixels in progress_bar(loader, progress, desc="prepare", total=len(loader)):
-            if isinstance(pixels, _Failure):
+            if isinstance(pixels, WorkerFailure):
                 raise DataError(pixels.message)
             mean, std = run.image_input.moments(pixels.to(dev))
             for j in range(pixels.shape[0]):

@@ -76,9 +76,8 @@ def _decoder(cfg: RunConfig, device: torch.device) -> Decoder:
         if not isinstance(decoder, Decoder):
             raise ConfigError(f"base: {cfg.base} holds a {type(decoder).__name__}, not an LLM (llama / qwen2 / llava)")
         return decoder
-    config = parse_section(DecoderConfig, cfg.decoder, "decoder")
     with torch.device(device):
-        decoder = Decoder(config)
+        decoder = Decoder(cfg.decoder)
     nn.init.normal_(decoder.embed.weight, std=0.02)  # as transformers initialises embeddings
     return decoder
 
@@ -122,11 +121,9 @@ def _part_configs(cfg: RunConfig, spec: FamilySpec) -> dict[str, dict]:
     return configs
 
 
-def _declared_vocab(cfg: RunConfig) -> int:
-    """The LLM's vocabulary as its config states it (read before any weights load)."""
-    if cfg.base:
-        return decoder_config(cfg.base).vocab_size
-    return parse_section(DecoderConfig, cfg.decoder, "decoder").vocab_size
+def _declared_llm(cfg: RunConfig) -> DecoderConfig:
+    """The LLM's config as the run states it: the base's config.json, or ``decoder`` (no weights read)."""
+    return decoder_config(cfg.base) if cfg.base else cfg.decoder
 
 
 def set_up(cfg: RunConfig, device: torch.device) -> Run:
@@ -134,7 +131,10 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
     (seeded by ``train.seed``): bad data or a bad VAE is reported before any LLM weights load."""
     spec = cfg.spec
     tokenizer = _tokenizer(cfg)
-    vocab = max(_declared_vocab(cfg), len(tokenizer) if tokenizer is not None else 0)
+    llm = _declared_llm(cfg)
+    if llm.max_seq_len and cfg.data.row_len > llm.max_seq_len:
+        raise ConfigError(f"data.row_len={cfg.data.row_len} exceeds the LLM's context of {llm.max_seq_len}")
+    vocab = max(llm.vocab_size, len(tokenizer) if tokenizer is not None else 0)
     sources = read_sources(cfg.data, vocab_size=vocab, root=cfg.path.parent if cfg.path else None)
     check_structure(sources, spec.check_document)
     if tokenizer is None and any(isinstance(s, str) for src in sources for r in _sample(src.records) for s in r.segments):
@@ -155,9 +155,6 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
         raise ConfigError(f"{spec.name}: {exc}") from exc
     model.to(device)
     spec.set_trainable(model)
-    llm = spec.llm(model)
-    if llm.config.max_seq_len and cfg.data.row_len > llm.config.max_seq_len:
-        raise ConfigError(f"data.row_len={cfg.data.row_len} exceeds the LLM's context of {llm.config.max_seq_len}")
     if cfg.vae == PIXEL_SPACE:
         codec = load_codec(PIXEL_SPACE, pixel_channels=_latent_channels(spec, model))
     image_input = spec.image_input(model, codec, processor)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfuse.kernels import build_routing, rope_cos_sin, rope_frequencies
+from mmfuse.kernels.objectives import lm_loss
 
 from .hf_io import CheckpointError, KeyRule, fuse, hf_to_native, native_to_hf, rename
 from .layers import BatchContext, KVCache, MixedAttention, RoutedMLP, RoutedRMSNorm
@@ -240,6 +241,12 @@ class Decoder(nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor (B, L), got {input_ids.dtype} {tuple(input_ids.shape)}")
         return self.embed(input_ids)
+
+    def next_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """LM cross-entropy of final hidden states (B, L, dim) against ``labels`` (B, L): position i
+        predicts ``labels[:, i + 1]`` (-100: no loss). The fused linear cross-entropy: no (B, L, V) logits."""
+        return lm_loss(hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=self.lm_head_weight,
+                       labels=labels[:, 1:].reshape(-1))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, dim) -> (…, V) in float32."""

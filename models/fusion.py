@@ -27,7 +27,7 @@ from torch import nn
 from mmfuse.engine.packing import PackedBatch, pack, packed_size
 from mmfuse.kernels import mask_intervals
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair
-from mmfuse.kernels.objectives import Objective, lm_loss, transfusion_objective
+from mmfuse.kernels.objectives import Objective, transfusion_objective
 from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas
 
 from .decoder import Decoder, DecoderConfig, left_pad, padded_positions
@@ -296,14 +296,8 @@ class LlamaFusion(nn.Module):
             t = torch.where(image_mask, t, 0)
             x_t = torch.where(image_mask.view(-1, *[1] * (latents.dim() - 1)), x_t, latents)
         hidden, pred = self(batch.input_ids, batch.modality, x_t, t, batch.kv_start, batch.kv_end, batch.position_ids)
-        return transfusion_objective(
-            pred, target,
-            hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]),
-            lm_weight=self.decoder.lm_head_weight,
-            labels=labels[:, 1:].reshape(-1),
-            image_mask=image_mask,
-            lambda_diffusion=c.lambda_diffusion,
-        )
+        return transfusion_objective(pred, target, ce=self.decoder.next_token_loss(hidden, labels),
+                                     image_mask=image_mask, lambda_diffusion=c.lambda_diffusion)
 
     def _text_only_loss(self, batch: PackedBatch) -> Objective:
         no_images = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
@@ -311,8 +305,7 @@ class LlamaFusion(nn.Module):
                             device=batch.input_ids.device)
         hidden, _ = self(batch.input_ids, batch.modality, empty, no_images, batch.kv_start, batch.kv_end,
                          batch.position_ids)
-        lm = lm_loss(hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=self.decoder.lm_head_weight,
-                     labels=batch.labels[:, 1:].reshape(-1))
+        lm = self.decoder.next_token_loss(hidden, batch.labels)
         return Objective(lm, {"lm": lm, "diffusion": torch.zeros((), device=lm.device)})
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from mmfuse._progress import progress_bar
 from mmfuse.engine.packing import PackedBatch, pack, packed_size
 from mmfuse.kernels import mask_intervals
-from mmfuse.kernels.objectives import Objective, lm_loss, metamorph_objective
+from mmfuse.kernels.objectives import Objective, metamorph_objective
 
 from .decoder import Decoder, DecoderConfig, left_pad, padded_positions
 from .denoisers import build_denoiser, denoiser_config, denoiser_kind
@@ -104,18 +104,15 @@ class MetaMorph(nn.Module):
         if batch.images is None:  # a text-only batch: the LM term alone
             empty = torch.zeros(0, self.config.num_visual_tokens, self.vision.config.dim, device=batch.input_ids.device)
             hidden = self(batch.input_ids, batch.modality, empty, batch.kv_start, batch.kv_end, batch.position_ids)
-            lm = lm_loss(hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=self.decoder.lm_head_weight,
-                         labels=batch.labels[:, 1:].reshape(-1))
+            lm = self.decoder.next_token_loss(hidden, batch.labels)
             return Objective(lm, {"lm": lm, "cosine": torch.zeros((), device=lm.device)})
         targets = self.visual_tokens(batch.images)
         hidden = self(batch.input_ids, batch.modality, targets, batch.kv_start, batch.kv_end, batch.position_ids)
         predicts_visual = batch.modality[:, 1:] == IMAGE  # position i regresses the visual token at i + 1
         pred = self.vision_head(hidden[:, :-1][predicts_visual])
-        return metamorph_objective(
-            pred, targets.reshape(-1, targets.shape[-1]).to(pred.dtype),
-            hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=self.decoder.lm_head_weight,
-            labels=batch.labels[:, 1:].reshape(-1), lambda_cosine=self.config.lambda_cosine,
-        )
+        return metamorph_objective(pred, targets.reshape(-1, targets.shape[-1]).to(pred.dtype),
+                                   ce=self.decoder.next_token_loss(hidden, batch.labels),
+                                   lambda_cosine=self.config.lambda_cosine)
 
     @torch.no_grad()
     def generate_visual_tokens(self, prompts: list[torch.Tensor], *, recompute: bool = False,

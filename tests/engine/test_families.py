@@ -13,7 +13,7 @@ from torch import nn
 
 from mmfuse.cli import main
 from mmfuse.engine.packing import pack, packed_size
-from mmfuse.kernels.objectives import Objective, lm_loss
+from mmfuse.kernels.objectives import Objective
 from mmfuse.models import Decoder, DecoderConfig, from_pretrained
 from mmfuse.models.family import (FamilySpec, PipelineHooks, families, family_for_model_type, get_family,
                                   register_family, unregister_family)
@@ -54,8 +54,7 @@ class Toy(nn.Module):
 def toy_loss(model: Toy, batch, generator=None) -> Objective:
     hidden = model.decoder(batch.input_ids, position_ids=batch.position_ids, kv_start=batch.kv_start,
                            kv_end=batch.kv_end)
-    lm = lm_loss(hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=model.decoder.lm_head_weight,
-                 labels=batch.labels[:, 1:].reshape(-1))
+    lm = model.decoder.next_token_loss(hidden, batch.labels)
     at_image = hidden[batch.modality == IMAGE]  # the state at each image's single position
     mse = ((model.draw(at_image) - batch.images) ** 2).mean()
     return Objective(lm + mse, {"lm": lm, "mse": mse})

@@ -139,5 +139,5 @@ def test_prompts_beyond_the_context_or_vocabulary_are_refused(pair):
     assert limit
     with pytest.raises(ValueError, match=f"exceed the model's context of {limit} positions"):
         generate(ours, torch.zeros(1, limit, dtype=torch.long), 1)  # refused before any forward
-    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, "):
+    with pytest.raises(ValueError, match=r"input_ids values must lie in \[0, "):
         generate(ours, torch.tensor([[5, ours.config.vocab_size]]), 2)
