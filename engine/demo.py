@@ -13,11 +13,13 @@ together with LM cross-entropy + 5 x DDPM noise-prediction MSE:
 * generation     ``draw <digit> BOI [noised image] EOI``    (the caption is dropped 10% of the time,
   which trains the unconditional branch of classifier-free guidance)
 
-Afterwards, on held-out digits: caption accuracy (the digit the model writes after a real image), and
+Afterwards, on held-out digits: caption accuracy (the answer ``generate_text`` gives for the prompt
+``caption <image>`` with the held-out picture in it -- the path ``mmfuse generate --image`` takes), and
 generation accuracy (the share of digits that the pipeline draws for "draw 0" ... "draw 9" which an
 independent classifier, trained on the real digits, reads as the requested class). Writes
 ``samples.png``, ``loss.png`` and ``metrics.json`` to ``--out``; the trained model folder is
-``OUT/run/model`` (try ``mmfuse generate --checkpoint OUT/run/model --prompt "draw 7" --out 7.png``).
+``OUT/run/model`` (try ``mmfuse generate --checkpoint OUT/run/model --prompt "draw 7" --out 7.png``, and
+``mmfuse generate --checkpoint OUT/run/model --image OUT/data/img/00000.png --prompt "caption <image>"``).
 """
 from __future__ import annotations
 
@@ -28,12 +30,10 @@ from pathlib import Path
 
 import torch
 
-from mmfuse.engine.packing import Image
 from mmfuse.engine.pipeline import MMFusePipeline, image_grid, write_image
 from mmfuse.engine.prepare import prepare_from_config
 from mmfuse.engine.run import resolve_device, train_from_config
-from mmfuse.engine.text import prompt_ids, word_tokenizer
-from mmfuse.models.family import get_family
+from mmfuse.engine.text import word_tokenizer
 
 WORDS = ["<pad>", "<boi>", "<eoi>", "caption", "draw", *"0123456789", "<unk>"]
 ROW_LEN = 80  # four 20-position documents per row
@@ -77,14 +77,11 @@ def run_config(steps: int, seed: int, workers: int) -> dict:
 
 def export_data(folder: Path, images: torch.Tensor, labels: torch.Tensor, config: dict) -> Path:
     """Write the digits as a user's data folder: PNGs, captions (JSONL), tokenizer, run config."""
-    from PIL import Image as PILImage
-
     (folder / "img").mkdir(parents=True, exist_ok=True)
     understand, draw = [], []
-    pixels = ((images[:, 0] + 1) / 2 * 255).round().to(torch.uint8).numpy()
-    for i, (array, label) in enumerate(zip(pixels, labels.tolist())):
+    for i, (picture, label) in enumerate(zip(digit_pictures(images), labels.tolist())):
         name = f"img/{i:05d}.png"
-        PILImage.fromarray(array, mode="L").save(folder / name)
+        picture.save(folder / name)
         understand.append(json.dumps({"segments": [{"text": "caption"}, {"image": name, "diffuse": False},
                                                    {"text": str(label)}]}))
         draw.append(json.dumps({"text": f"draw {label}", "image": name}))
@@ -95,20 +92,19 @@ def export_data(folder: Path, images: torch.Tensor, labels: torch.Tensor, config
     return folder / "run.json"
 
 
-@torch.no_grad()
+def digit_pictures(images: torch.Tensor) -> list:
+    """(N, 1, 8, 8) digits in [-1, 1] -> grayscale 8x8 PIL pictures (what the PNG files hold)."""
+    from PIL import Image as PILImage
+
+    pixels = ((images[:, 0] + 1) / 2 * 255).round().to(torch.uint8).numpy()
+    return [PILImage.fromarray(array, mode="L") for array in pixels]
+
+
 def caption_accuracy(pipe: MMFusePipeline, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """The share of held-out images after which the model's most likely digit is the right one."""
-    model, tok = pipe.model, pipe.tokenizer
-    caption = torch.tensor(prompt_ids(tok, "caption"))
-    docs = [[caption, Image(img.to(pipe.device), diffuse=False)] for img in images]
-    row = caption.numel() + model.config.patches_per_image + 2
-    batch = get_family(FAMILY).make_batch(model, docs, row, len(docs), None).to(pipe.device)
-    clean = torch.zeros(len(docs), dtype=torch.long, device=pipe.device)  # conditioning images: t = 0
-    hidden, _ = model(batch.input_ids, batch.modality, batch.images, clean, batch.kv_start, batch.kv_end,
-                      batch.position_ids)
-    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
-    predicted = model.decoder.logits(hidden[:, -1])[:, digits].argmax(-1).cpu()
-    return float((predicted == labels).float().mean())
+    """The share of held-out pictures the model captions with the right digit: the prompt
+    ``caption <image>`` with the picture in it, through ``generate_text`` (one greedy token)."""
+    answers = pipe.generate_text(["caption <image>"] * len(labels), images=digit_pictures(images), max_new_tokens=1)
+    return sum(a.strip() == str(int(y)) for a, y in zip(answers, labels)) / len(labels)
 
 
 def digit_classifier(images, labels):
@@ -218,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"generation accuracy (independent reader): {m['generation_accuracy']:.1%} "
           f"(the reader scores {m['classifier_accuracy_on_real_test_digits']:.1%} on real held-out digits)")
     print(f"wrote {Path(args.out) / 'samples.png'}, {Path(args.out) / 'loss.png'}, {Path(args.out) / 'metrics.json'}")
-    print(f"the model folder: {m['model_folder']} (mmfuse generate --checkpoint {m['model_folder']} "
-          '--prompt "draw 7" --out 7.png)')
+    print(f"the model folder: {m['model_folder']}; try")
+    print(f'  mmfuse generate --checkpoint {m["model_folder"]} --prompt "draw 7" --out 7.png')
+    print(f'  mmfuse generate --checkpoint {m["model_folder"]} --image {Path(args.out) / "data/img/00000.png"} '
+          '--prompt "caption <image>"')
     return 0

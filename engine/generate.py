@@ -5,17 +5,21 @@ compiled once per model (``compile=True``: ``torch.compile``, with CUDA graphs o
 for every position of every later call. Left-padded prompts of different lengths share a batch: each
 row's key interval starts at its first real token, so padding is never attended. The KV cache lives
 for the call only: the model is left as it was.
+
+A prompt with images in it is prefilled from a :class:`PromptLayout` (embeddings with the images'
+positions filled in by the family, and the mask intervals that make each image span bidirectional);
+the decode steps after it are the same text steps.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from mmfuse._progress import progress_bar
 from mmfuse.kernels._common import check_values_in_range
-from mmfuse.models.decoder import Decoder
+from mmfuse.models.decoder import Decoder, PromptLayout
 
 # model -> its compiled decode step, built on the first compile=True call and reused by every later one
 _COMPILED_STEPS: "weakref.WeakKeyDictionary[Decoder, Callable]" = weakref.WeakKeyDictionary()
@@ -64,6 +68,16 @@ def decode_step(model: Decoder, tokens: torch.Tensor, pos: torch.Tensor, positio
     return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
 
 
+def prefill_layout(model: Decoder, layout: PromptLayout, noise: torch.Tensor | None, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Run a laid-out prompt into cache slots ``0..P-1`` -> the first new token (B,)."""
+    P = layout.input_ids.shape[1]
+    modality = layout.modality if model.config.num_experts > 1 else None
+    hidden = model(inputs_embeds=layout.inputs_embeds, position_ids=layout.position_ids, kv_start=layout.kv_start,
+                   kv_end=layout.kv_end, modality=modality, input_pos=torch.arange(P, device=layout.first.device))
+    return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
+
+
 def compiled_decode_step(model: Decoder) -> Callable:
     """The model's :func:`decode_step` under ``torch.compile(fullgraph=True)``, built once per model
     (fullgraph: a graph break would mean a host round trip inside the step)."""
@@ -73,6 +87,21 @@ def compiled_decode_step(model: Decoder) -> Callable:
         step = torch.compile(decode_step, mode="reduce-overhead" if cuda else None, dynamic=False, fullgraph=True)
         _COMPILED_STEPS[model] = step
     return step
+
+
+def _check_layout(model: Decoder, layout: PromptLayout) -> None:
+    B, P = layout.input_ids.shape
+    want = {"modality": (B, P), "kv_start": (B, P), "kv_end": (B, P), "position_ids": (B, P), "first": (B,),
+            "inputs_embeds": (B, P, model.config.dim)}
+    for name, shape in want.items():
+        if tuple(getattr(layout, name).shape) != shape:
+            raise ValueError(f"layout.{name} must have shape {shape}, got {tuple(getattr(layout, name).shape)}")
+
+
+def _stop_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
 
 
 def _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p) -> None:
@@ -99,14 +128,15 @@ def _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, t
 @torch.no_grad()
 def generate(
     model: Decoder,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     *,
     attention_mask: torch.Tensor | None = None,
+    layout: PromptLayout | None = None,
     generator: torch.Generator | None = None,
     compile: bool = False,
     progress: bool | None = False,
@@ -116,13 +146,23 @@ def generate(
     Args:
         temperature: 0 = greedy; otherwise sample from softmax(logits / temperature) after the
             ``top_k`` / ``top_p`` filters.
-        eos_token_id: a row that emits it keeps emitting it (the padding transformers uses when the
-            pad token is the EOS token); generation stops early once every row has.
+        eos_token_id: a stop token, or several; a row that emits one keeps emitting the first of them
+            (the padding transformers uses when the pad token is the EOS token); generation stops
+            early once every row has.
         attention_mask: (B, L) 1 for real tokens, 0 for left padding (prompts of different lengths).
+        layout: a prompt with images in it, laid out by the family (``input_ids`` None and no
+            ``attention_mask``: both come from it).
         compile: compile the decode step (CUDA graphs on GPU); built once per model.
         progress: show a progress bar (None: only when stderr is a terminal).
     """
+    if layout is not None:
+        if input_ids is not None or attention_mask is not None:
+            raise ValueError("give layout alone: its input_ids and left padding are the prompt's")
+        input_ids, attention_mask = layout.input_ids, layout.attention_mask
     _check_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p)
+    if layout is not None:
+        _check_layout(model, layout)
+    stops = _stop_ids(eos_token_id)
     B, L = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -131,7 +171,7 @@ def generate(
     else:
         mask = attention_mask.to(device).long()
         first = (L - mask.sum(dim=1, keepdim=True)).to(torch.int32)  # left padding: first real token
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0) if layout is None else layout.position_ids
     out = torch.empty(B, L + max_new_tokens, dtype=input_ids.dtype, device=device)
     out[:, :L] = input_ids
     if max_new_tokens == 0:
@@ -147,17 +187,21 @@ def generate(
     sampling = (temperature, top_k, top_p)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = position_ids[:, -1:] + 1
+    stop_ids = torch.tensor(stops, dtype=input_ids.dtype, device=device)
     with model.kv_cache(B, L + max_new_tokens):
-        tok = decode_step(model, input_ids, torch.arange(L, device=device), position_ids, first, draw_noise(),
-                          *sampling)  # prefill
+        if layout is not None:
+            tok = prefill_layout(model, layout, draw_noise(), *sampling)
+        else:
+            tok = decode_step(model, input_ids, torch.arange(L, device=device), position_ids, first, draw_noise(),
+                              *sampling)  # prefill
         for i in progress_bar(range(max_new_tokens), progress, desc="decode"):
-            if eos_token_id is not None:
-                tok = torch.where(done, eos_token_id, tok)
-                done |= tok == eos_token_id
+            if stops:
+                tok = torch.where(done, stops[0], tok)
+                done |= torch.isin(tok, stop_ids)
             out[:, L + i] = tok
-            if i + 1 == max_new_tokens or (eos_token_id is not None and i % 16 == 15 and bool(done.all())):
+            if i + 1 == max_new_tokens or (stops and i % 16 == 15 and bool(done.all())):
                 if i + 1 < max_new_tokens:
-                    out[:, L + i + 1:] = eos_token_id
+                    out[:, L + i + 1:] = stops[0]
                 break
             tok = decode(model, tok[:, None], torch.tensor([L + i], device=device), next_pos + i, first, draw_noise(),
                          *sampling)

@@ -3,6 +3,7 @@
     pipe = MMFusePipeline.from_pretrained("run/model")        # a model folder mmfuse wrote
     image = pipe("a red square", num_inference_steps=30, guidance_scale=3.0, seed=0).images[0]
     text = pipe.generate_text("a red", max_new_tokens=8)[0]
+    answer = pipe.generate_text("What is this? <image>", images="square.png")[0]   # image in, text out
 
 A call runs the same numbered steps whatever the family; the family supplies only its hooks
 (:class:`mmfuse.models.family.PipelineHooks`): how a prompt asks for an image, how the prompt is run
@@ -16,6 +17,7 @@ model was trained with), ``scheduler/`` and, for MetaMorph, ``image_processor/``
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -31,6 +33,8 @@ from mmfuse import __version__
 from mmfuse._progress import progress_bar
 from mmfuse.engine.atomic import atomic_file, atomic_folder
 from mmfuse.engine.generate import generate
+from mmfuse.models.decoder import PromptLayout
+from mmfuse.engine.prompts import images_per_prompt, lay_out, prompt_documents
 from mmfuse.engine.text import TOKENIZER_DIR, has_tokenizer, load_tokenizer, prompt_ids
 from mmfuse.kernels._common import check_values_in_range
 from mmfuse.models import from_pretrained as load_model
@@ -156,10 +160,12 @@ class MMFusePipeline:
         prompt: str | Sequence[str] | None = None,
         *,
         prompt_ids: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        images: Any = None,
         negative_prompt: str | Sequence[str] = "",
         num_images_per_prompt: int = 1,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
         scheduler: str | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
@@ -172,9 +178,17 @@ class MMFusePipeline:
         """Generate images for ``prompt`` (strings; or ``prompt_ids``, token ids without the image marker).
 
         Args:
+            images: source pictures in the prompt (editing: "make it blue" + the picture), given as
+                to :meth:`generate_text` (placeholders ``<image>`` in the prompt, or images first).
             negative_prompt: the unconditional prompt of classifier-free guidance ("" = none, as
                 caption dropout trains it).
             num_inference_steps, guidance_scale: default the family's (guidance 1.0 = off).
+            image_guidance_scale: with ``images``, the guidance towards the source pictures, in the
+                InstructPix2Pix form ``uncond + s_I (image - uncond) + s_T (full - image)``, where
+                ``image`` is the branch with the pictures and the negative prompt and ``uncond`` has
+                neither; all branches run batched in one forward per step. Default
+                ``guidance_scale`` (one guided branch against the unconditional one, as caption
+                dropout trains it; 1 = no image guidance).
             scheduler: a scheduler name (``"ddim"``, ``"euler"``, ``"dpm++"``, ``"flow_euler"`` ...) or
                 diffusers class name; default the model's training schedule.
             generator, seed: where the starting noise (and stochastic scheduler steps) come from.
@@ -190,35 +204,39 @@ class MMFusePipeline:
         hooks, model = self._image_hooks(), self.model
         steps = hooks.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = hooks.guidance_scale if guidance_scale is None else guidance_scale
+        image_guidance = guidance if image_guidance_scale is None else image_guidance_scale
         _check_call(steps, guidance, num_images_per_prompt, output_type, self.vae is not None)
-        # 2. tokenize: every prompt asks for an image, once per image wanted
-        def image_rows(prompts: list[list[int]]) -> list[torch.Tensor]:
-            return [torch.tensor(hooks.image_prompt(model, ids), dtype=torch.long, device=self.device)
-                    for ids in prompts for _ in range(num_images_per_prompt)]
-
-        prompts = self._prompt_rows(prompt, prompt_ids)
-        rows = image_rows(prompts)
-        negatives = image_rows(self._prompt_rows(_broadcast(negative_prompt, len(prompts)), None)) \
-            if guidance != 1.0 else []
-        self._check_context(rows + negatives)
+        if not image_guidance >= 1.0:
+            raise ValueError(f"image_guidance_scale must be >= 1 (1 = no image guidance), got {image_guidance!r}")
+        # 2. tokenize (and read the source images): every prompt asks for an image, once per image
+        #    wanted, beside the rows of its guidance branches
+        branches = guidance_branches(images is not None, guidance, image_guidance)
+        if images is None:
+            rows = self._text_branch_rows(prompt, prompt_ids, negative_prompt, branches, num_images_per_prompt)
+            self._check_context(rows)
+            conditioned = hooks.condition(model, rows[:len(rows) // len(branches)], rows[len(rows) // len(branches):],
+                                          recompute)
+        else:
+            layout = self._image_branch_layout(prompt, prompt_ids, negative_prompt, images, branches,
+                                               num_images_per_prompt)
+            conditioned = hooks.condition_layout(model, layout, recompute)
+        n = (layout.input_ids.shape[0] if images is not None else len(rows)) // len(branches)
         scheduler_ = resolve_scheduler(scheduler, self.scheduler)
         scheduler_.set_timesteps(steps, device=self.device)
         generator = generator if generator is not None or seed is None else \
             torch.Generator(self.device).manual_seed(seed)
-        x = self._initial_latents(len(rows), latents, generator, scheduler_)
+        x = self._initial_latents(n, latents, generator, scheduler_)
         # stochastic schedulers draw from the generator; deterministic ones take no such argument
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler_.step).parameters else {}
         # 3. prefill once: the family runs the prompts; this block owns what it caches
-        with hooks.condition(model, rows, negatives, recompute) as denoise:
+        with conditioned as denoise:
             clock.lap("prefill_ms")
-            # 4. denoising loop, classifier-free guidance batched in one forward
+            # 4. denoising loop, every guidance branch batched in one forward
             for t in progress_bar(scheduler_.timesteps, progress, desc="denoise"):
                 x_in = scheduler_.scale_model_input(x, t) if hasattr(scheduler_, "scale_model_input") else x
-                x_rows = torch.cat([x_in, x_in]) if negatives else x_in
+                x_rows = torch.cat([x_in] * len(branches))
                 pred = denoise(x_rows, t.expand(x_rows.shape[0]).to(self.device)).float()
-                if negatives:
-                    cond, uncond = pred.chunk(2)
-                    pred = uncond + guidance * (cond - uncond)
+                pred = guide(dict(zip(branches, pred.chunk(len(branches)))), guidance, image_guidance)
                 x = scheduler_.step(pred, t, x, **step_kwargs, return_dict=False)[0]
         clock.lap("denoise_ms")
         if output_type == "latent":
@@ -235,6 +253,35 @@ class MMFusePipeline:
             raise TypeError(f"this checkpoint holds a {type(self.model).__name__}, which does not generate images")
         return self.family.pipeline
 
+    def _text_branch_rows(self, prompt, ids, negative_prompt, branches: list[str], copies: int) -> list[torch.Tensor]:
+        """The image-asking id rows of every branch: the prompts (each ``copies`` times), then the negatives."""
+        hooks, model = self.family.pipeline, self.model
+        prompts = self._prompt_rows(prompt, ids)
+        negatives = self._prompt_rows(_broadcast(negative_prompt, len(prompts)), None)
+        return [torch.tensor(hooks.image_prompt(model, r), dtype=torch.long, device=self.device)
+                for branch in branches for r in (prompts if branch == "full" else negatives) for _ in range(copies)]
+
+    def _image_branch_layout(self, prompt, ids, negative_prompt, images, branches: list[str],
+                             copies: int) -> PromptLayout:
+        """One layout of every branch's rows: prompts with their source pictures, the negative prompt
+        with them, the negative prompt alone (each row ``copies`` times, asking for an image)."""
+        family, model = self._image_family(), self.model
+        prompts = None if prompt is None else _strings(prompt)
+        rows = self._prompt_rows(None, ids) if ids is not None else None
+        count = len(prompts if prompts is not None else rows)
+        per_prompt = images_per_prompt(images, count)
+        negatives = _broadcast(negative_prompt, count)
+        image_input = family.image_input(model, self.vae, self.image_processor)
+        read = functools.partial(prompt_documents, self.tokenizer, images=per_prompt, image_input=image_input,
+                                 device=self.device)
+        docs = {"full": lambda: read(prompts, rows), "image": lambda: read(negatives, None),
+                "uncond": lambda: [[torch.tensor(r, dtype=torch.long)] for r in self._prompt_rows(negatives, None)]}
+        ask = torch.tensor(family.pipeline.image_prompt(model, []), dtype=torch.long)
+        documents = [doc + [ask] for branch in branches for doc in docs[branch]() for _ in range(copies)]
+        layout = lay_out(family, model, documents, self.device)
+        self._check_layout_context(layout)
+        return layout
+
     def _prompt_rows(self, prompt, ids) -> list[list[int]]:
         if (prompt is None) == (ids is None):
             raise ValueError("give exactly one of prompt (strings) and prompt_ids (token ids)")
@@ -243,9 +290,7 @@ class MMFusePipeline:
             if not rows or any(not isinstance(r, list) for r in rows):
                 raise ValueError("prompt_ids must be a list of token-id lists (or a (B, P) tensor)")
             return rows
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+        prompts = _strings(prompt)
         if self.tokenizer is None and any(prompts):  # "" (the unconditional prompt) needs no tokenizer
             raise ValueError("this pipeline has no tokenizer: give prompt_ids instead of prompt")
         return [prompt_ids(self.tokenizer, p) for p in prompts]
@@ -275,31 +320,106 @@ class MMFusePipeline:
     # ------------------------------------------------------------------ text -> text
 
     @torch.no_grad()
-    def generate_text(self, prompt: str | Sequence[str] | None = None, *,
+    def generate_text(self, prompt: str | Sequence[str] | None = None, *, images: Any = None,
                       prompt_ids: Sequence[Sequence[int]] | torch.Tensor | None = None, max_new_tokens: int = 64,
                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                       generator: torch.Generator | None = None, seed: int | None = None, compile: bool = False,
                       progress: bool | None = False) -> list[str] | list[list[int]]:
         """Continue each prompt; returns the new text (strings for ``prompt``, token ids for ``prompt_ids``),
-        stopping at the tokenizer's EOS. Prompts of different lengths are left-padded into one batch."""
+        stopping at the tokenizer's EOS or where the model would start an image (BOI). Prompts of
+        different lengths are left-padded into one batch.
+
+        Args:
+            images: pictures in the prompt (PIL images or image file paths): for one prompt an image
+                or a list; for several, one entry per prompt. Each sits at an ``<image>`` placeholder
+                of its prompt's text (no placeholders: the images come first), e.g.
+                ``pipe.generate_text("What digit is this? <image>", images="7.png")``.
+        """
         decoder = self.model if isinstance(self.model, Decoder) else self.family.pipeline.text_decoder(self.model)
         if decoder is None:
             raise TypeError(f"a {type(self.model).__name__} does not generate text")
         as_ids = prompt_ids is not None
-        rows = [torch.tensor(r, dtype=torch.long, device=self.device) for r in self._prompt_rows(prompt, prompt_ids)]
-        if any(r.numel() == 0 for r in rows):
-            raise ValueError("prompt: an empty prompt has nothing to continue")
-        ids, first = left_pad(rows)
-        mask = torch.arange(ids.shape[1], device=self.device)[None] >= first[:, None]
-        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        stops = [t for t in (getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None,
+                             self.family.pipeline.image_start(self.model) if self.family else None) if t is not None]
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
-        out = generate(decoder, ids, max_new_tokens, temperature, top_k, top_p, eos, attention_mask=mask.long(),
-                       generator=generator, compile=compile, progress=progress)[:, ids.shape[1]:].tolist()
-        new = [row[:row.index(eos)] if eos is not None and eos in row else row for row in out]
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=stops, generator=generator,
+                        compile=compile, progress=progress)
+        if images is not None:
+            layout = self._image_prompt_layout(prompt, prompt_ids, images)
+            out = generate(decoder, None, max_new_tokens, layout=layout, **sampling)
+        else:
+            rows = [torch.tensor(r, dtype=torch.long, device=self.device)
+                    for r in self._prompt_rows(prompt, prompt_ids)]
+            if any(r.numel() == 0 for r in rows):
+                raise ValueError("prompt: an empty prompt has nothing to continue")
+            ids, first = left_pad(rows)
+            mask = torch.arange(ids.shape[1], device=self.device)[None] >= first[:, None]
+            out = generate(decoder, ids, max_new_tokens, attention_mask=mask.long(), **sampling)
+        new = [_until_stop(row, stops) for row in out[:, -max_new_tokens:].tolist()] if max_new_tokens else \
+            [[] for _ in range(out.shape[0])]
         if as_ids or self.tokenizer is None:
             return new
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+    def _image_prompt_layout(self, prompt, ids, images) -> PromptLayout:
+        """Check and lay out prompts with pictures in them (see :mod:`mmfuse.engine.prompts`)."""
+        family = self._image_family()
+        if (prompt is None) == (ids is None):
+            raise ValueError("give exactly one of prompt (strings) and prompt_ids (token ids)")
+        prompts = None if prompt is None else _strings(prompt)
+        rows = self._prompt_rows(None, ids) if ids is not None else None
+        per_prompt = images_per_prompt(images, len(prompts if prompts is not None else rows))
+        image_input = family.image_input(self.model, self.vae, self.image_processor)
+        documents = prompt_documents(self.tokenizer, prompts, rows, per_prompt, image_input, self.device)
+        return lay_out(family, self.model, documents, self.device)
+
+    def _image_family(self) -> FamilySpec:
+        """The family, when its prompts can hold images (a named error otherwise)."""
+        hooks = self.family.pipeline if self.family is not None else None
+        if hooks is None or hooks.embed_prompt is None or hooks.condition_layout is None:
+            name = self.family.name if self.family else type(self.model).__name__
+            raise ValueError(f"images: this checkpoint's model ({name}) cannot read images in its prompt")
+        return self.family
+
+    def _check_layout_context(self, layout: PromptLayout) -> None:
+        limit, extra = self.family.llm(self.model).config.max_seq_len, self.family.pipeline.image_positions(self.model)
+        if limit and layout.input_ids.shape[1] + extra > limit:
+            raise ValueError(f"prompt: {layout.input_ids.shape[1]} positions (source images included) + {extra} image "
+                             f"positions exceed the model's context of {limit} positions")
+
+
+def guidance_branches(with_images: bool, guidance: float, image_guidance: float) -> list[str]:
+    """The rows a guided step runs, in batch order: ``full`` (the prompt, and its pictures), ``image``
+    (the pictures with the negative prompt) and ``uncond`` (the negative prompt alone), as needed."""
+    if not with_images:
+        return ["full"] if guidance == 1.0 else ["full", "uncond"]
+    if guidance == image_guidance:  # the image term cancels: plain guidance against the unconditional row
+        return ["full"] if guidance == 1.0 else ["full", "uncond"]
+    return ["full", "image"] if image_guidance == 1.0 else ["full", "image", "uncond"]
+
+
+def guide(pred: dict[str, torch.Tensor], guidance: float, image_guidance: float) -> torch.Tensor:
+    """Combine the branches' predictions: ``uncond + s_I (image - uncond) + s_T (full - image)``,
+    reduced to the branches present (InstructPix2Pix's form; plain CFG without ``image``)."""
+    full, image, uncond = pred["full"], pred.get("image"), pred.get("uncond")
+    if image is not None and uncond is not None:
+        return uncond + image_guidance * (image - uncond) + guidance * (full - image)
+    base = image if image is not None else uncond
+    return full if base is None else base + guidance * (full - base)
+
+
+def _strings(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+    return prompts
+
+
+def _until_stop(row: list[int], stops: list[int]) -> list[int]:
+    """The tokens before the first stop token."""
+    cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+    return row[:cut]
 
 
 class _StageClock:

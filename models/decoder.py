@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,43 @@ def left_pad(rows: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tenso
 def padded_positions(first: torch.Tensor, length: int) -> torch.Tensor:
     """(R, length) RoPE positions of left-padded rows: 0 at each row's first real token (0 on padding)."""
     return (torch.arange(length, device=first.device)[None] - first[:, None].long()).clamp(min=0)
+
+
+@dataclass
+class PromptLayout:
+    """Left-padded prompts ready for prefill; every tensor (B, P) but ``inputs_embeds`` (B, P, dim).
+
+    Attributes:
+        input_ids: the prompt tokens (placeholder ids at image positions).
+        inputs_embeds: the decoder's input, image positions filled by the family.
+        modality: the expert of each position (TEXT / IMAGE), for multi-expert decoders.
+        kv_start, kv_end: int32 mask intervals (an image span bidirectional, text causal, padding empty).
+        position_ids: RoPE positions, 0 at each row's first real position.
+        first: int32 (B,) each row's first real position (its left padding before it).
+    """
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    modality: torch.Tensor
+    kv_start: torch.Tensor
+    kv_end: torch.Tensor
+    position_ids: torch.Tensor
+    first: torch.Tensor
+
+    @classmethod
+    def of_tokens(cls, rows: Sequence[torch.Tensor], embed: Callable[[torch.Tensor], torch.Tensor]) -> "PromptLayout":
+        """Text-only prompts (1-D id tensors of any lengths), left-padded and causal; ``embed``: ids -> embeddings."""
+        ids, first = left_pad(rows)
+        R, P = ids.shape
+        kv_end = (torch.arange(P, device=ids.device) + 1).to(torch.int32).expand(R, P).contiguous()
+        return cls(ids, embed(ids), torch.zeros_like(ids), first[:, None].expand(R, P).contiguous(), kv_end,
+                   padded_positions(first, P), first)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P) 1 on real positions, 0 on the left padding."""
+        P = self.input_ids.shape[1]
+        return (torch.arange(P, device=self.first.device)[None] >= self.first[:, None]).long()
 
 
 def _require(cfg: dict, key: str, value, default) -> None:

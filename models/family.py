@@ -58,12 +58,21 @@ class PipelineHooks:
             :data:`Denoiser` for ``R = len(prompts) + len(negatives)`` rows (prompts first). Entering it
             runs the prompt once (prefill); leaving it releases what it holds (KV caches). With
             ``recompute=True`` nothing is cached: every call runs the prompt again (the reference).
+        condition_layout: (model, layout, recompute) -> the same for prompts laid out with images in
+            them (a :class:`mmfuse.engine.generate.PromptLayout` of R rows, each ending in the image
+            request, see ``image_prompt``); None: the family's prompts cannot hold images.
         text_decoder: model -> the :class:`Decoder` that writes text, or None.
         image_positions: model -> the sequence positions an image takes after its prompt (checked
             against the LLM's context length).
         guidance_scale: the default classifier-free guidance (1.0 = off; what the unconditional branch
             needs, caption dropout, is on by default in training).
         num_inference_steps: default denoising steps.
+        embed_prompt: (model, input_ids (B, P), modality (B, P), images (N, ...)) -> the LLM's input
+            embeddings (B, P, dim) of prompts with images in them, laid out by the family's
+            ``make_batch`` (images as its image input gives them, clean); None: the family's prompts
+            cannot hold images.
+        image_start: model -> the token after which the model writes an image (BOI), or None; text
+            generation stops there.
     """
 
     latent_shape: Callable[[nn.Module], tuple[int, int, int]]
@@ -74,6 +83,9 @@ class PipelineHooks:
     image_positions: Callable[[nn.Module], int]
     guidance_scale: float = 1.0
     num_inference_steps: int = 50
+    embed_prompt: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    image_start: Callable[[nn.Module], int | None] = lambda model: None
+    condition_layout: Callable[[nn.Module, Any, bool], ContextManager[Denoiser]] | None = None
 
 
 def accept_any_document(document: list, row_len: int) -> None:

@@ -25,15 +25,14 @@ import torch
 from torch import nn
 
 from mmfuse.engine.packing import PackedBatch, pack, packed_size
-from mmfuse.kernels import mask_intervals
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair
 from mmfuse.kernels.objectives import Objective, transfusion_objective
 from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas
 
-from .decoder import Decoder, DecoderConfig, left_pad, padded_positions
+from .decoder import Decoder, DecoderConfig, PromptLayout, padded_positions
 from .family import Denoiser, FamilySpec, Parts, PipelineHooks
 from .hf_io import build_from_state, load_native, save_checkpoint
-from .modality import IMAGE, TEXT
+from .modality import IMAGE
 from .vae import LatentImages
 
 MODEL_TYPE = "mmfuse_fusion"
@@ -225,10 +224,30 @@ class LlamaFusion(nn.Module):
             kv_start, kv_end: int32 (B, L) mask intervals (``mask_intervals`` of the image spans).
         """
         c = self.config
-        self._check_images(modality, noisy_latents, timesteps)
+        x, temb, skips = self.embed_inputs(input_ids, modality, noisy_latents, timesteps)
+        hidden = self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
+                              modality=modality, input_pos=input_pos)
+        tokens = hidden[modality == IMAGE].view(noisy_latents.shape[0], c.patches_per_image, hidden.shape[-1])
+        return hidden, self.predict_noise(tokens, temb, skips)
+
+    def predict_noise(self, tokens: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The output side: the decoder's (N, patches_per_image, dim) image tokens -> (N, C, size, size)."""
+        c = self.config
+        if c.patchify == "unet":
+            if not tokens.shape[0]:
+                return tokens.new_zeros(0, c.latent_channels, c.latent_size, c.latent_size)
+            return self.unet.decode(tokens, temb, skips)
+        return unpatchify(self.patch_out(tokens), c.latent_channels, c.latent_size, c.patch_size)
+
+    def embed_inputs(self, input_ids: torch.Tensor, modality: torch.Tensor, latents: torch.Tensor,
+                     timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The decoder's input (B, L, dim): token embeddings, the image positions replaced by the
+        patches of ``latents`` (N, C, size, size) at ``timesteps`` (N,) plus their timestep embedding;
+        also that embedding (N, dim) and the U-Net patcher's skips (for the output side)."""
+        c = self.config
+        self._check_images(modality, latents, timesteps)
         x = self.decoder.embed(input_ids)
-        image_pos = modality == IMAGE
-        latents = noisy_latents.to(x.dtype)
+        latents = latents.to(x.dtype)
         temb = self.time_mlp(timestep_features(timesteps, c.timestep_dim).to(x.dtype))
         skips: list[torch.Tensor] = []
         if latents.shape[0]:
@@ -236,16 +255,8 @@ class LlamaFusion(nn.Module):
                 patches, skips = self.unet.encode(latents, temb)
             else:
                 patches = self.patch_in(patchify(latents, c.patch_size))
-            x = x.masked_scatter(image_pos[..., None], (patches + temb[:, None]).to(x.dtype))
-        hidden = self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
-                              modality=modality, input_pos=input_pos)
-        tokens = hidden[image_pos].view(latents.shape[0], c.patches_per_image, hidden.shape[-1])
-        if c.patchify == "unet":
-            if not latents.shape[0]:
-                return hidden, latents.new_zeros(latents.shape)
-            return hidden, self.unet.decode(tokens, temb, skips)
-        out = self.patch_out(tokens)
-        return hidden, unpatchify(out, c.latent_channels, c.latent_size, c.patch_size)
+            x = x.masked_scatter((modality == IMAGE)[..., None], (patches + temb[:, None]).to(x.dtype))
+        return x, temb, skips
 
     def _check_images(self, modality, latents, timesteps) -> None:
         c = self.config
@@ -368,56 +379,81 @@ def default_scheduler(model: LlamaFusion):
 @contextlib.contextmanager
 def condition(model: LlamaFusion, prompts: list[torch.Tensor], negatives: list[torch.Tensor],
               recompute: bool = False) -> Iterator[Denoiser]:
-    """The prompts (each ending in BOI; left-padded together) prefilled once into a KV cache owned by
-    this block; each denoising step then runs only the image chunk, whose queries see the cached
-    prefix and the whole chunk (extend attention), so a step costs the same whatever the prompt
-    length. ``recompute=True``: no cache, every step feeds prompt + image (the reference sampler)."""
+    """Text prompts (each ending in BOI; left-padded together): :func:`condition_layout` of their tokens."""
     rows = list(prompts) + list(negatives)
     boi = model.config.boi_token_id
     if any(r.dim() != 1 or r.numel() == 0 or int(r[-1]) != boi for r in rows):
         raise ValueError(f"every prompt must be a non-empty 1-D id tensor ending in BOI ({boi})")
-    ids, first = left_pad(rows)
+    with condition_layout(model, PromptLayout.of_tokens(rows, model.decoder.embed), recompute) as denoise:
+        yield denoise
+
+
+@contextlib.contextmanager
+def condition_layout(model: LlamaFusion, layout: PromptLayout, recompute: bool = False) -> Iterator[Denoiser]:
+    """Prompts laid out (text, and clean source images at t = 0, ending in BOI) prefilled once into a
+    KV cache owned by this block; each denoising step then runs only the image chunk, whose queries
+    see the cached prefix and the whole chunk (extend attention), so a step costs the same whatever
+    the prompt length. ``recompute=True``: no cache, every step feeds prefix + image (the reference)."""
+    (R, P), n = layout.input_ids.shape, model.config.patches_per_image
+    device = layout.input_ids.device
+    chunk = _ImageChunk(layout.first, P, n, device)
     if recompute:
-        yield _recomputing_denoiser(model, ids, first)
+        yield _recomputing_denoiser(model, layout, chunk)
         return
-    R, P = ids.shape
-    n = model.config.patches_per_image
     with model.decoder.kv_cache(R, P + n):
-        prefix_end = (torch.arange(P, device=ids.device) + 1).to(torch.int32).expand(R, P)
-        model.decoder(ids, modality=torch.zeros_like(ids), kv_start=first[:, None].expand(R, P).contiguous(),
-                      kv_end=prefix_end.contiguous(), position_ids=padded_positions(first, P),
-                      input_pos=torch.arange(P, device=ids.device))
-        yield _cached_denoiser(model, ids, first)
+        model.decoder(inputs_embeds=layout.inputs_embeds, modality=layout.modality, kv_start=layout.kv_start,
+                      kv_end=layout.kv_end, position_ids=layout.position_ids, input_pos=torch.arange(P, device=device))
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(chunk.ids, chunk.modality, x, t, chunk.kv_start, chunk.kv_end, position_ids=chunk.positions,
+                         input_pos=chunk.slots)[1]
+
+        yield denoise
 
 
-def _cached_denoiser(model: LlamaFusion, ids: torch.Tensor, first: torch.Tensor) -> Denoiser:
-    (R, P), n, device = ids.shape, model.config.patches_per_image, ids.device
-    chunk_ids = torch.zeros(R, n, dtype=torch.long, device=device)
-    chunk_modality = torch.full((R, n), IMAGE, dtype=torch.long, device=device)
-    kv_start = first[:, None].expand(R, n).contiguous()
-    kv_end = torch.full((R, n), P + n, dtype=torch.int32, device=device)  # prefix + the whole chunk
-    positions = padded_positions(first, P + n)[:, P:]
-    slots = torch.arange(P, P + n, device=device)
+@dataclass
+class _ImageChunk:
+    """The image span after a prompt of ``P`` positions: ``n`` image positions that see the prompt
+    (from each row's first real position) and the whole span."""
+
+    first: torch.Tensor
+    P: int
+    n: int
+    device: torch.device
+
+    def __post_init__(self):
+        R, P, n, device = self.first.shape[0], self.P, self.n, self.device
+        self.ids = torch.zeros(R, n, dtype=torch.long, device=device)
+        self.modality = torch.full((R, n), IMAGE, dtype=torch.long, device=device)
+        self.kv_start = self.first[:, None].expand(R, n).contiguous()
+        self.kv_end = torch.full((R, n), P + n, dtype=torch.int32, device=device)
+        self.positions = padded_positions(self.first, P + n)[:, P:]
+        self.slots = torch.arange(P, P + n, device=device)
+
+
+def _recomputing_denoiser(model: LlamaFusion, layout: PromptLayout, chunk: _ImageChunk) -> Denoiser:
+    """The whole sequence (prefix embeddings + the noised image) through the decoder at every step."""
+    cat = functools.partial(torch.cat, dim=1)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(chunk_ids, chunk_modality, x, t, kv_start, kv_end, position_ids=positions, input_pos=slots)[1]
+        image, temb, skips = model.embed_inputs(chunk.ids, chunk.modality, x, t)
+        hidden = model.decoder(inputs_embeds=cat([layout.inputs_embeds, image]),
+                               modality=cat([layout.modality, chunk.modality]),
+                               kv_start=cat([layout.kv_start, chunk.kv_start]), kv_end=cat([layout.kv_end, chunk.kv_end]),
+                               position_ids=cat([layout.position_ids, chunk.positions]))
+        return model.predict_noise(hidden[:, chunk.P:], temb, skips)
 
     return denoise
 
 
-def _recomputing_denoiser(model: LlamaFusion, ids: torch.Tensor, first: torch.Tensor) -> Denoiser:
-    (R, P), n, device = ids.shape, model.config.patches_per_image, ids.device
-    full_ids = torch.cat([ids, torch.zeros(R, n, dtype=torch.long, device=device)], dim=1)
-    modality = torch.full_like(full_ids, TEXT)
-    modality[:, P:] = IMAGE
-    doc_ids = (torch.arange(P + n, device=device)[None] < first[:, None]).long().neg()  # -1 on left padding
-    kv_start, kv_end = mask_intervals(modality, doc_ids)
-    positions = padded_positions(first, P + n)
-
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(full_ids, modality, x, t, kv_start, kv_end, position_ids=positions)[1]
-
-    return denoise
+def embed_prompt(model: LlamaFusion, input_ids: torch.Tensor, modality: torch.Tensor,
+                 latents: torch.Tensor | None) -> torch.Tensor:
+    """A prompt's images enter as their clean latents, at timestep 0 (as Transfusion reads an image)."""
+    c = model.config
+    if latents is None:
+        latents = torch.zeros(0, c.latent_channels, c.latent_size, c.latent_size, device=input_ids.device)
+    clean = torch.zeros(latents.shape[0], dtype=torch.long, device=input_ids.device)
+    return model.embed_inputs(input_ids, modality, latents, clean)[0]
 
 
 def _image_input(model: LlamaFusion, codec, vision_processor=None) -> LatentImages:
@@ -448,8 +484,11 @@ FAMILY = FamilySpec(
         scheduler=default_scheduler,
         image_prompt=image_prompt,
         condition=condition,
+        condition_layout=condition_layout,
         text_decoder=lambda model: model.decoder,
         guidance_scale=3.0,
         image_positions=lambda model: model.config.patches_per_image + 1,
+        embed_prompt=embed_prompt,
+        image_start=lambda model: model.config.boi_token_id,
     ),
 )

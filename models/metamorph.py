@@ -26,12 +26,12 @@ from mmfuse.engine.packing import PackedBatch, pack, packed_size
 from mmfuse.kernels import mask_intervals
 from mmfuse.kernels.objectives import Objective, metamorph_objective
 
-from .decoder import Decoder, DecoderConfig, left_pad, padded_positions
+from .decoder import Decoder, DecoderConfig, PromptLayout
 from .denoisers import build_denoiser, denoiser_config, denoiser_kind
 from .family import Denoiser, FamilySpec, Parts, PipelineHooks
 from .hf_io import CheckpointError, load_native, save_checkpoint
 from .modality import IMAGE
-from .siglip import SiglipPixels, SiglipVisionConfig, SiglipVisionTower, load_siglip_processor, pool_to_tokens
+from .siglip import SiglipPixels, SiglipVisionConfig, SiglipVisionTower, pool_to_tokens
 
 MODEL_TYPE = "mmfuse_metamorph"
 # Stable Diffusion 1.5's noise schedule (what its UNet was trained with), for the sampling scheduler.
@@ -83,6 +83,13 @@ class MetaMorph(nn.Module):
                 kv_start: torch.Tensor, kv_end: torch.Tensor, position_ids: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, L, dim); ``visual_tokens`` (N, T, width) fill the IMAGE positions in order."""
+        x = self.embed_inputs(input_ids, modality, visual_tokens)
+        return self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
+                            input_pos=input_pos)
+
+    def embed_inputs(self, input_ids: torch.Tensor, modality: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """The LLM's input (B, L, dim): token embeddings, the IMAGE positions replaced (in order) by the
+        adapter's image of ``visual_tokens`` (N, T, width)."""
         x = self.decoder.embed(input_ids)
         n_visual = visual_tokens.shape[0] * visual_tokens.shape[1]
         if not torch.compiler.is_compiling() and int((modality == IMAGE).sum()) != n_visual:
@@ -92,8 +99,7 @@ class MetaMorph(nn.Module):
             embeds = self.adapter(visual_tokens.reshape(n_visual, -1).to(x.dtype))
             # under autocast the adapter's output is bf16 while the embeddings stay in the weights' dtype
             x = x.masked_scatter((modality == IMAGE)[..., None], embeds.to(x.dtype))
-        return self.decoder(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end,
-                            input_pos=input_pos)
+        return x
 
     def training_loss(self, batch: PackedBatch, generator: torch.Generator | None = None) -> Objective:
         """Text CE + cosine on the visual tokens of one packed batch (:func:`make_batch`: causal intervals).
@@ -115,28 +121,31 @@ class MetaMorph(nn.Module):
                                    lambda_cosine=self.config.lambda_cosine)
 
     @torch.no_grad()
-    def generate_visual_tokens(self, prompts: list[torch.Tensor], *, recompute: bool = False,
+    def generate_visual_tokens(self, prompts: list[torch.Tensor] | PromptLayout, *, recompute: bool = False,
                                progress: bool | None = False) -> torch.Tensor:
-        """1-D prompts ending in BOI (any lengths; left-padded together) -> (R, num_visual_tokens, width).
+        """Prompts ending in BOI -> (R, num_visual_tokens, width).
 
-        Each step's vision-head output is L2-normalised (the targets live on the unit sphere) and fed
-        back through the adapter as the next input. The KV cache lives for this call only;
-        ``recompute=True`` feeds the whole sequence every step instead (the reference).
+        ``prompts``: 1-D id tensors (any lengths; left-padded together), or a :class:`PromptLayout`
+        (prompts with images in them, as the pipeline lays them out). Each step's vision-head output
+        is L2-normalised (the targets live on the unit sphere) and fed back through the adapter as
+        the next input. The KV cache lives for this call only; ``recompute=True`` feeds the whole
+        sequence every step instead (the reference).
         """
         c = self.config
-        if not prompts or any(p.dim() != 1 or p.numel() == 0 or int(p[-1]) != c.boi_token_id for p in prompts):
-            raise ValueError(f"prompts must be non-empty 1-D id tensors, each ending in BOI ({c.boi_token_id})")
-        ids, first = left_pad(prompts)
-        (R, P), T = ids.shape, c.num_visual_tokens
+        if not isinstance(prompts, PromptLayout):
+            if not prompts or any(p.dim() != 1 or p.numel() == 0 or int(p[-1]) != c.boi_token_id for p in prompts):
+                raise ValueError(f"prompts must be non-empty 1-D id tensors, each ending in BOI ({c.boi_token_id})")
+            prompts = PromptLayout.of_tokens(prompts, self.decoder.embed)
+        layout = prompts
+        (R, P), T, first = layout.input_ids.shape, c.num_visual_tokens, layout.first
         steps = progress_bar(range(T), progress, desc="visual tokens")
         if recompute:
-            return self._visual_tokens_recomputed(ids, first, steps)
-        device = ids.device
+            return self._visual_tokens_recomputed(layout, steps)
+        device = first.device
         tokens = []
         with self.decoder.kv_cache(R, P + T):
-            kv_start, kv_end = first[:, None].expand(R, P).contiguous(), (torch.arange(P, device=device) + 1).int()
-            hidden = self.decoder(ids, kv_start=kv_start, kv_end=kv_end.expand(R, P).contiguous(),
-                                  position_ids=padded_positions(first, P), input_pos=torch.arange(P, device=device))
+            hidden = self.decoder(inputs_embeds=layout.inputs_embeds, kv_start=layout.kv_start, kv_end=layout.kv_end,
+                                  position_ids=layout.position_ids, input_pos=torch.arange(P, device=device))
             for i in steps:
                 token = F.normalize(self.vision_head(hidden[:, -1]).float(), dim=-1)
                 tokens.append(token)
@@ -148,17 +157,19 @@ class MetaMorph(nn.Module):
                                       kv_end=(pos + 1).to(torch.int32).expand(R, 1), input_pos=pos)
         return torch.stack(tokens, dim=1)
 
-    def _visual_tokens_recomputed(self, ids: torch.Tensor, first: torch.Tensor, steps) -> torch.Tensor:
-        R, P = ids.shape
-        embeds, tokens = self.decoder.embed(ids), []
+    def _visual_tokens_recomputed(self, layout: PromptLayout, steps) -> torch.Tensor:
+        (R, P), first = layout.input_ids.shape, layout.first
+        embeds, kv_start, kv_end, positions = layout.inputs_embeds, layout.kv_start, layout.kv_end, layout.position_ids
+        tokens = []
         for i in steps:
-            L = P + i
-            kv_end = (torch.arange(L, device=ids.device) + 1).to(torch.int32).expand(R, L).contiguous()
-            hidden = self.decoder(inputs_embeds=embeds, position_ids=padded_positions(first, L),
-                                  kv_start=first[:, None].expand(R, L).contiguous(), kv_end=kv_end)
+            hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, kv_start=kv_start, kv_end=kv_end)
             token = F.normalize(self.vision_head(hidden[:, -1]).float(), dim=-1)
             tokens.append(token)
+            L = P + i  # the new visual token's position: it sees the row from its first real position, causally
             embeds = torch.cat([embeds, self.adapter(token.to(embeds.dtype))[:, None]], dim=1)
+            kv_start = torch.cat([kv_start, first[:, None]], dim=1)
+            kv_end = torch.cat([kv_end, torch.full((R, 1), L + 1, dtype=torch.int32, device=first.device)], dim=1)
+            positions = torch.cat([positions, (L - first.long())[:, None]], dim=1)
         return torch.stack(tokens, dim=1)
 
     def sd_condition(self, visual_tokens: torch.Tensor) -> torch.Tensor:
@@ -251,10 +262,18 @@ def image_prompt(model: MetaMorph, ids: list[int]) -> list[int]:
 @contextlib.contextmanager
 def condition(model: MetaMorph, prompts: list[torch.Tensor], negatives: list[torch.Tensor],
               recompute: bool = False) -> Iterator[Denoiser]:
+    """Text prompts: :func:`condition_layout` of their tokens (rows ending in BOI checked there)."""
+    with condition_layout(model, list(prompts) + list(negatives), recompute) as denoise:
+        yield denoise
+
+
+@contextlib.contextmanager
+def condition_layout(model: MetaMorph, layout: PromptLayout | list[torch.Tensor],
+                     recompute: bool = False) -> Iterator[Denoiser]:
     """Visual tokens generated once for every row (KV-cached), projected to the UNet's conditioning;
     then only the UNet runs per step. ``recompute=True``: tokens by full recomputation, projection per step."""
     unet = _unet(model)
-    tokens = model.generate_visual_tokens(list(prompts) + list(negatives), recompute=recompute)
+    tokens = model.generate_visual_tokens(layout, recompute=recompute)
     cond = model.sd_condition(tokens)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -262,6 +281,22 @@ def condition(model: MetaMorph, prompts: list[torch.Tensor], negatives: list[tor
         return unet(x.to(unet.dtype), t, encoder_hidden_states=states.to(unet.dtype)).sample
 
     yield denoise
+
+
+def embed_prompt(model: MetaMorph, input_ids: torch.Tensor, modality: torch.Tensor,
+                 pixels: torch.Tensor | None) -> torch.Tensor:
+    """A prompt's images enter as their SigLIP tokens through the adapter (as in training)."""
+    width = model.vision.config.dim
+    tokens = model.visual_tokens(pixels) if pixels is not None else \
+        torch.zeros(0, model.config.num_visual_tokens, width, device=input_ids.device)
+    return model.embed_inputs(input_ids, modality, tokens)
+
+
+def _image_input(model: MetaMorph, codec, processor) -> SiglipPixels:
+    if processor is None:
+        raise CheckpointError("MetaMorph reads images through its SigLIP image processor: the model folder has no "
+                              "image_processor/ (preprocessor_config.json)")
+    return SiglipPixels(processor)
 
 
 def default_scheduler(model: MetaMorph):
@@ -292,7 +327,7 @@ FAMILY = FamilySpec(
     set_trainable=set_trainable,
     llm=lambda model: model.decoder,
     blocks=lambda model: list(model.decoder.layers),
-    image_input=lambda model, codec, processor: SiglipPixels(processor or load_siglip_processor(None, model.vision.config)),
+    image_input=_image_input,
     document_size=lambda model, row_len: functools.partial(packed_size, tokens_per_image=model.config.num_visual_tokens),
     make_batch=make_batch,
     loss=lambda model, batch, generator: model.training_loss(batch, generator),
@@ -302,7 +337,10 @@ FAMILY = FamilySpec(
         scheduler=default_scheduler,
         image_prompt=image_prompt,
         condition=condition,
+        condition_layout=condition_layout,
         text_decoder=lambda model: model.decoder,
         image_positions=lambda model: model.config.num_visual_tokens + 1,
+        embed_prompt=embed_prompt,
+        image_start=lambda model: model.config.boi_token_id,
     ),
 )

@@ -7,6 +7,12 @@ the prompt becomes images through the family's pipeline (prefill once, classifie
 the model folder's VAE) and PNGs are written: ``img.png`` for one image, ``img_0.png``, ``img_1.png``
 ... for several. Without it, the prompt is continued as text (greedy, or ``--temperature``) and the
 new text is printed. ``--prompt-ids 3,5,1`` takes token ids instead of a string (and prints ids).
+
+``--image in.png`` (repeatable) puts pictures in the prompt: ``mmfuse generate --checkpoint DIR --image
+in.png --prompt "What digit is this?"`` prints the answer; with ``--out`` it edits:
+``mmfuse generate --checkpoint DIR --image src.png --prompt "make it blue" --out edited.png``
+(``--image-guidance``: the InstructPix2Pix image scale). Each image sits at an ``<image>``
+placeholder of the prompt, in order; a prompt without placeholders takes its images first.
 """
 from __future__ import annotations
 
@@ -24,12 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt", help='the prompt text, e.g. "a red square"')
     prompt.add_argument("--prompt-ids", help="the prompt as comma-separated token ids, e.g. 3,5,1")
     parser.add_argument("--out", help="write images to this PNG path (without it: generate text)")
+    parser.add_argument("--image", action="append", metavar="PNG", help="a picture in the prompt (repeat for "
+                        "several), at the prompt's <image> placeholders in order, or before its text when it has "
+                        "none; with no --out the answer is printed")
     hooks = {name: spec.pipeline for name, spec in families().items()}
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the family's: " +
                         ", ".join(f"{n} {h.num_inference_steps}" for n, h in hooks.items()) + ")")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 1 (1 = off; default: the "
                         "family's: " + ", ".join(f"{n} {h.guidance_scale}" for n, h in hooks.items()) + ")")
+    parser.add_argument("--image-guidance", type=float, help="editing (--image with --out): the guidance towards the "
+                        "source image, >= 1, in the InstructPix2Pix form (default: the --guidance value, i.e. one "
+                        "branch with everything against the unconditional one)")
     parser.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance (default none)")
     parser.add_argument("--scheduler", help="a diffusers scheduler: ddim, ddpm, euler, euler_a, heun, dpm++, unipc, "
                         "pndm, lms, flow_euler, flow_heun, or a class name (default: the model's)")
@@ -58,6 +70,9 @@ def _check(args: argparse.Namespace) -> None:
     if not path.is_dir():
         raise ValueError(f"--checkpoint: no checkpoint folder at {path}")
     model_type = read_config(path).get("model_type")
+    for image in args.image or []:
+        if not Path(image).is_file():
+            raise ValueError(f"--image: no image file at {image}")
     if args.out is not None:
         out = Path(args.out)
         if out.suffix.lower() != ".png":
@@ -69,11 +84,13 @@ def _check(args: argparse.Namespace) -> None:
                              "(leave out --out)")
     for name, value, ok in (("--steps", args.steps, args.steps is None or args.steps >= 1),
                             ("--guidance", args.guidance, args.guidance is None or args.guidance >= 1),
+                            ("--image-guidance", args.image_guidance,
+                             args.image_guidance is None or args.image_guidance >= 1),
                             ("--num-images", args.num_images, args.num_images >= 1),
                             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0),
                             ("--temperature", args.temperature, args.temperature >= 0)):
         if not ok:
-            rule = ">= 1 (1 = no guidance)" if name == "--guidance" else ">= 0" if name in (
+            rule = ">= 1 (1 = no guidance)" if name in ("--guidance", "--image-guidance") else ">= 0" if name in (
                 "--max-new-tokens", "--temperature") else ">= 1"
             raise ValueError(f"{name} must be {rule}, got {value}")
 
@@ -95,13 +112,14 @@ def run(args: argparse.Namespace) -> int:
         pipe = MMFusePipeline.from_pretrained(args.checkpoint, device=resolve_device(args.device))
         prompt = dict(prompt=args.prompt) if ids is None else dict(prompt_ids=[ids])
         if args.out is None:
-            new = pipe.generate_text(**prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     seed=args.seed)[0]
+            new = pipe.generate_text(**prompt, images=args.image, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, seed=args.seed)[0]
             print(new if ids is None else ",".join(str(t) for t in ids + new))
             return 0
-        images = pipe(**prompt, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
-                      seed=args.seed).images
+        images = pipe(**prompt, images=args.image, num_images_per_prompt=args.num_images,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      image_guidance_scale=args.image_guidance, negative_prompt=args.negative_prompt,
+                      scheduler=args.scheduler, seed=args.seed).images
     except (ValueError, TypeError, ConfigError, CheckpointError) as exc:
         raise fail("generate", exc) from exc
     for image, path in zip(images, output_paths(args.out, len(images))):

@@ -234,7 +234,11 @@ def test_resize_vocab_keeps_the_old_rows_and_the_logits(tmp_path):
         before = model.logits(model(ids))
         model.resize_vocab(104)
         after = model.logits(model(ids))
-    assert after.shape[-1] == 104 and torch.equal(after[..., :101], before)
+    # the old rows are kept bit for bit; the logits over them agree to rounding (a GEMM of another
+    # width may block its sums differently, so bitwise equality there is not promised)
+    assert torch.equal(model.embed.weight[:101], hf.model.embed_tokens.weight)
+    assert torch.equal(model.lm_head.weight[:101], hf.lm_head.weight)
+    assert after.shape[-1] == 104 and rel_err(after[..., :101], before) <= 1e-6
     assert model.config.vocab_size == 104 and model.lm_head.weight.shape == (104, 64)
     with pytest.raises(ValueError, match="can only grow"):
         model.resize_vocab(50)
