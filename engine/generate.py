@@ -59,23 +59,25 @@ def decode_step(model: Decoder, tokens: torch.Tensor, pos: torch.Tensor, positio
     Each row sees keys ``[first, pos + 1)`` (``first`` (B, 1) int32: its first real token).
     ``noise``: see :func:`sample_next`.
     """
+    hidden = text_step(model, tokens, pos, positions, first)
+    return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
+
+
+def text_step(model: Decoder, tokens: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
+              first: torch.Tensor) -> torch.Tensor:
+    """Text tokens (B, T) into cache slots ``pos`` (T,), causal from ``first`` (B, 1) -> hidden (B, T, dim)."""
     B, T = tokens.shape
     kv_start = first.expand(B, T)
     kv_end = (pos + 1).to(torch.int32).expand(B, T)
     # A multi-expert (fusion) decoder routes generated text through its text expert.
     modality = torch.zeros_like(tokens) if model.config.num_experts > 1 else None
-    hidden = model(tokens, position_ids=positions, kv_start=kv_start, kv_end=kv_end, modality=modality, input_pos=pos)
-    return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
+    return model(tokens, position_ids=positions, kv_start=kv_start, kv_end=kv_end, modality=modality, input_pos=pos)
 
 
 def prefill_layout(model: Decoder, layout: PromptLayout, noise: torch.Tensor | None, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Run a laid-out prompt into cache slots ``0..P-1`` -> the first new token (B,)."""
-    P = layout.input_ids.shape[1]
-    modality = layout.modality if model.config.num_experts > 1 else None
-    hidden = model(inputs_embeds=layout.inputs_embeds, position_ids=layout.position_ids, kv_start=layout.kv_start,
-                   kv_end=layout.kv_end, modality=modality, input_pos=torch.arange(P, device=layout.first.device))
-    return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
+    return sample_next(model.logits(model.prefill(layout)[:, -1]), temperature, top_k, top_p, noise=noise)
 
 
 def compiled_decode_step(model: Decoder) -> Callable:

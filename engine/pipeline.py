@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,14 +32,14 @@ from torch import nn
 from mmfuse import __version__
 from mmfuse._progress import progress_bar
 from mmfuse.engine.atomic import atomic_file, atomic_folder
-from mmfuse.engine.generate import generate
+from mmfuse.engine.generate import generate, sample_next, text_step
 from mmfuse.models.decoder import PromptLayout
 from mmfuse.engine.prompts import images_per_prompt, lay_out, prompt_documents
 from mmfuse.engine.text import TOKENIZER_DIR, has_tokenizer, load_tokenizer, prompt_ids
 from mmfuse.kernels._common import check_values_in_range
 from mmfuse.models import from_pretrained as load_model
 from mmfuse.models.decoder import Decoder, left_pad
-from mmfuse.models.family import FamilySpec, family_of
+from mmfuse.models.family import Denoiser, FamilySpec, family_of
 from mmfuse.models.hf_io import CheckpointError, read_config
 from mmfuse.models.vae import ImageCodec, check_codec, load_codec
 
@@ -53,6 +53,26 @@ SCHEDULERS = {
     "flow_heun": "FlowMatchHeunDiscreteScheduler",
 }
 _FLOW = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+@dataclass
+class InterleavedOutput:
+    """What :meth:`MMFusePipeline.generate_interleaved` wrote, in order: ``segments`` of text (strings;
+    token-id lists for ``prompt_ids``) and images; ``text_ids``: every new token (BOI / EOI around each
+    image); ``latents`` / ``noise``: each image's final latents (1, C, h, w) and the noise it started from."""
+
+    segments: list
+    text_ids: list[int]
+    latents: list[torch.Tensor]
+    noise: list[torch.Tensor]
+
+    @property
+    def images(self) -> list:
+        return [s for s in self.segments if not isinstance(s, (str, list))]
+
+    @property
+    def text(self) -> str:
+        return "".join(s for s in self.segments if isinstance(s, str))
 
 
 @dataclass
@@ -226,18 +246,11 @@ class MMFusePipeline:
         generator = generator if generator is not None or seed is None else \
             torch.Generator(self.device).manual_seed(seed)
         x = self._initial_latents(n, latents, generator, scheduler_)
-        # stochastic schedulers draw from the generator; deterministic ones take no such argument
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler_.step).parameters else {}
         # 3. prefill once: the family runs the prompts; this block owns what it caches
         with conditioned as denoise:
             clock.lap("prefill_ms")
             # 4. denoising loop, every guidance branch batched in one forward
-            for t in progress_bar(scheduler_.timesteps, progress, desc="denoise"):
-                x_in = scheduler_.scale_model_input(x, t) if hasattr(scheduler_, "scale_model_input") else x
-                x_rows = torch.cat([x_in] * len(branches))
-                pred = denoise(x_rows, t.expand(x_rows.shape[0]).to(self.device)).float()
-                pred = guide(dict(zip(branches, pred.chunk(len(branches)))), guidance, image_guidance)
-                x = scheduler_.step(pred, t, x, **step_kwargs, return_dict=False)[0]
+            x = denoising_loop(denoise, x, scheduler_, branches, guidance, image_guidance, generator, progress)
         clock.lap("denoise_ms")
         if output_type == "latent":
             return PipelineOutput(x, x)
@@ -362,6 +375,140 @@ class MMFusePipeline:
             return new
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
+    @torch.no_grad()
+    def generate_interleaved(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        images: Any = None,
+        max_new_tokens: int = 64,
+        max_images: int = 4,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        output_type: str = "pil",
+        logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
+        progress: bool | None = False,
+    ) -> "InterleavedOutput":
+        """Text and images in one call, against one KV cache: text is decoded until the model samples
+        BOI; the image span is then generated in place (LlamaFusion / Transfusion: denoised against the
+        cache, its clean K/V written back at t = 0; MetaMorph: visual tokens one by one, drawn by the
+        UNet), EOI appended, and the text goes on, until EOS, ``max_new_tokens`` text tokens or
+        ``max_images`` images (a BOI after that ends the call).
+
+        Classifier-free guidance adds one unconditional row to the same cache, whose key interval
+        restarts at each BOI (the unconditional prompt is BOI alone, as caption dropout trains it);
+        both rows run in one forward per step. One prompt per call (``prompt``, or ``prompt_ids``),
+        with optional ``images`` in it as in :meth:`generate_text`.
+
+        Args:
+            logits_processor: ``(tokens so far, logits (V,)) -> logits`` before each text token is
+                chosen (e.g. to forbid or force BOI).
+            output_type: the images as "pil", "pt" ((1, 3, H, W) in [0, 1]) or "latent".
+
+        Returns:
+            :class:`InterleavedOutput`: ``segments`` (text strings -- token-id lists for
+            ``prompt_ids`` -- and images, in order), ``text_ids`` (every new token, BOI / EOI included),
+            ``latents`` and ``noise`` (each image's final and starting latents).
+        """
+        family, hooks, model = self._image_family(), self.family.pipeline, self.model
+        if hooks.image_span is None:
+            raise ValueError(f"a {family.name} model does not generate interleaved text and images")
+        steps = hooks.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = hooks.guidance_scale if guidance_scale is None else guidance_scale
+        _check_call(steps, guidance, 1, output_type, self.vae is not None)
+        if max_new_tokens < 1 or max_images < 0:
+            raise ValueError(f"need max_new_tokens >= 1 and max_images >= 0, got {max_new_tokens}, {max_images}")
+        if (prompt is None) == (prompt_ids is None) or (prompt is not None and not isinstance(prompt, str)):
+            raise ValueError("give one prompt: a string (prompt) or one token-id list (prompt_ids)")
+        # 1. lay out the prompt (its pictures, if any); 2 rows under guidance (conditional, unconditional)
+        layout = self._image_prompt_layout(prompt, None if prompt_ids is None else [prompt_ids],
+                                           [] if images is None else images)
+        rows = 1 if guidance == 1.0 else 2
+        layout = layout.repeat(rows)
+        decoder, n = hooks.text_decoder(model), hooks.image_positions(model) - 1
+        P = layout.input_ids.shape[1]
+        capacity = P + max_new_tokens + max_images * (n + 1)  # BOI is a sampled token; n + EOI per image
+        if decoder.config.max_seq_len and capacity > decoder.config.max_seq_len:
+            raise ValueError(f"prompt ({P} positions) + max_new_tokens ({max_new_tokens}) + max_images ({max_images}) x "
+                             f"{n + 1} image positions exceed the model's context of {decoder.config.max_seq_len}")
+        boi, eoi = hooks.image_start(model), hooks.image_end(model)
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        if generator is None and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        scheduler_ = resolve_scheduler(scheduler, self.scheduler)
+        branches = ["full", "uncond"] if rows == 2 else ["full"]
+        noises: list[torch.Tensor] = []
+
+        def draw(denoise: Denoiser) -> torch.Tensor:
+            scheduler_.set_timesteps(steps, device=self.device)
+            noises.append(self._initial_latents(1, None, generator, scheduler_))
+            return denoising_loop(denoise, noises[-1], scheduler_, branches, guidance, guidance, generator, progress)
+
+        def choose(logits: torch.Tensor) -> int:
+            logits = logits.float() if logits_processor is None else logits_processor(list(new), logits.float())
+            return int(sample_next(logits[None], temperature, top_k, top_p, generator)[0])
+
+        first = layout.first
+        new: list[int] = []
+        segments: list[Any] = []
+        latents: list[torch.Tensor] = []
+        text_start = 0
+
+        def write(token: int, slot: int, starts: torch.Tensor) -> torch.Tensor:
+            tokens = torch.full((rows, 1), token, dtype=torch.long, device=self.device)
+            return text_step(decoder, tokens, torch.tensor([slot], device=self.device), (slot - starts.long())[:, None],
+                             starts[:, None])
+
+        # 2. prefill, then text tokens; an image wherever the model asks for one
+        with decoder.kv_cache(rows, capacity):
+            hidden, slot = decoder.prefill(layout), P
+            for _ in progress_bar(range(max_new_tokens), progress, desc="interleave"):
+                token = choose(decoder.logits(hidden[0, -1]))
+                if token == eos or (token == boi and len(latents) == max_images):
+                    break
+                new.append(token)
+                if token != boi:
+                    hidden, slot = write(token, slot, first), slot + 1
+                    continue
+                # 3. the image span: BOI, the family's image in the cache (the unconditional row restarts at BOI)
+                starts = first.clone()
+                starts[1:] = slot
+                hidden = write(boi, slot, starts)
+                segments.append(new[text_start:-1])
+                latents.append(hooks.image_span(model, hidden, starts, slot + 1, draw))
+                segments.append(len(latents) - 1)
+                slot += 1 + n
+                # 4. EOI closes the image and the text goes on
+                new.append(eoi)
+                hidden, slot, text_start = write(eoi, slot, first), slot + 1, len(new)
+        segments.append(new[text_start:])
+        return self._interleaved_output(segments, new, latents, noises, output_type, as_ids=prompt_ids is not None)
+
+    def _interleaved_output(self, segments, new, latents, noises, output_type, as_ids) -> "InterleavedOutput":
+        """Text segments decoded (empty ones dropped), images decoded by the VAE, in order."""
+        pictures = [self._postprocess(x, output_type) for x in latents]
+        out: list[Any] = []
+        for seg in segments:
+            if isinstance(seg, int):
+                out.append(pictures[seg])
+            elif seg:
+                out.append(seg if as_ids or self.tokenizer is None else
+                           self.tokenizer.decode(seg, skip_special_tokens=True))
+        return InterleavedOutput(out, new, latents, noises)
+
+    def _postprocess(self, x: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return x
+        images = (self.vae.decode(x) / 2 + 0.5).clamp(0, 1)
+        return to_pil(images)[0] if output_type == "pil" else images
+
     def _image_prompt_layout(self, prompt, ids, images) -> PromptLayout:
         """Check and lay out prompts with pictures in them (see :mod:`mmfuse.engine.prompts`)."""
         family = self._image_family()
@@ -387,6 +534,21 @@ class MMFusePipeline:
         if limit and layout.input_ids.shape[1] + extra > limit:
             raise ValueError(f"prompt: {layout.input_ids.shape[1]} positions (source images included) + {extra} image "
                              f"positions exceed the model's context of {limit} positions")
+
+
+def denoising_loop(denoise: Denoiser, x: torch.Tensor, scheduler, branches: list[str], guidance: float,
+                   image_guidance: float, generator: torch.Generator | None, progress: bool | None) -> torch.Tensor:
+    """The scheduler's loop from noise ``x`` (N, C, h, w): every step one forward over the guidance
+    ``branches`` (N rows each, batched) combined by :func:`guide` -> the final latents."""
+    # stochastic schedulers draw from the generator; deterministic ones take no such argument
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in progress_bar(scheduler.timesteps, progress, desc="denoise"):
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        x_rows = torch.cat([x_in] * len(branches))
+        pred = denoise(x_rows, t.expand(x_rows.shape[0]).to(x.device)).float()
+        pred = guide(dict(zip(branches, pred.chunk(len(branches)))), guidance, image_guidance)
+        x = scheduler.step(pred, t, x, **step_kwargs, return_dict=False)[0]
+    return x
 
 
 def guidance_branches(with_images: bool, guidance: float, image_guidance: float) -> list[str]:

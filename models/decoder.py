@@ -136,6 +136,11 @@ class PromptLayout:
         return cls(ids, embed(ids), torch.zeros_like(ids), first[:, None].expand(R, P).contiguous(), kv_end,
                    padded_positions(first, P), first)
 
+    def repeat(self, times: int) -> "PromptLayout":
+        """Every row ``times`` times, in blocks (rows 0..B-1, then 0..B-1 again, ...)."""
+        tensors = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return PromptLayout(*(t.repeat(times, *[1] * (t.dim() - 1)) for t in tensors))
+
     @property
     def attention_mask(self) -> torch.Tensor:
         """(B, P) 1 on real positions, 0 on the left padding."""
@@ -227,6 +232,13 @@ class Decoder(nn.Module):
             self.lm_head.out_features = vocab_size
         hf_config = {**self.config.hf_config, "vocab_size": vocab_size} if self.config.hf_config else {}
         self.config = dataclasses.replace(self.config, vocab_size=vocab_size, hf_config=hf_config)
+
+    def prefill(self, layout: PromptLayout) -> torch.Tensor:
+        """A laid-out prompt into cache slots ``0..P-1`` (after :meth:`kv_cache`) -> hidden (B, P, dim)."""
+        P = layout.input_ids.shape[1]
+        modality = layout.modality if self.config.num_experts > 1 else None
+        return self(inputs_embeds=layout.inputs_embeds, position_ids=layout.position_ids, kv_start=layout.kv_start,
+                    kv_end=layout.kv_end, modality=modality, input_pos=torch.arange(P, device=layout.first.device))
 
     def forward(
         self,

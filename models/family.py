@@ -73,6 +73,13 @@ class PipelineHooks:
             cannot hold images.
         image_start: model -> the token after which the model writes an image (BOI), or None; text
             generation stops there.
+        image_end: model -> the token that closes an image span (EOI), or None.
+        image_span: (model, hidden (R, 1, dim) after BOI, starts (R,) int32, slot, draw) -> the image's
+            latents (1, C, h, w), for interleaved generation: with the rows' KV cache open and BOI
+            written at ``slot - 1``, write the image span into slots ``slot .. slot + n - 1`` (n =
+            ``image_positions - 1``; row r attends from ``starts[r]``: the prompt's start, or the BOI
+            itself for the unconditional row), ``draw(denoiser)`` running the pipeline's guided
+            denoising loop; None: the family does not interleave.
     """
 
     latent_shape: Callable[[nn.Module], tuple[int, int, int]]
@@ -86,6 +93,8 @@ class PipelineHooks:
     embed_prompt: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
     image_start: Callable[[nn.Module], int | None] = lambda model: None
     condition_layout: Callable[[nn.Module, Any, bool], ContextManager[Denoiser]] | None = None
+    image_end: Callable[[nn.Module], int | None] = lambda model: None
+    image_span: Callable[..., torch.Tensor] | None = None
 
 
 def accept_any_document(document: list, row_len: int) -> None:

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -395,20 +395,13 @@ def condition_layout(model: LlamaFusion, layout: PromptLayout, recompute: bool =
     see the cached prefix and the whole chunk (extend attention), so a step costs the same whatever
     the prompt length. ``recompute=True``: no cache, every step feeds prefix + image (the reference)."""
     (R, P), n = layout.input_ids.shape, model.config.patches_per_image
-    device = layout.input_ids.device
-    chunk = _ImageChunk(layout.first, P, n, device)
+    chunk = _ImageChunk(layout.first, P, n, layout.input_ids.device)
     if recompute:
         yield _recomputing_denoiser(model, layout, chunk)
         return
     with model.decoder.kv_cache(R, P + n):
-        model.decoder(inputs_embeds=layout.inputs_embeds, modality=layout.modality, kv_start=layout.kv_start,
-                      kv_end=layout.kv_end, position_ids=layout.position_ids, input_pos=torch.arange(P, device=device))
-
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model(chunk.ids, chunk.modality, x, t, chunk.kv_start, chunk.kv_end, position_ids=chunk.positions,
-                         input_pos=chunk.slots)[1]
-
-        yield denoise
+        model.decoder.prefill(layout)
+        yield chunk.denoiser(model)
 
 
 @dataclass
@@ -430,6 +423,14 @@ class _ImageChunk:
         self.positions = padded_positions(self.first, P + n)[:, P:]
         self.slots = torch.arange(P, P + n, device=device)
 
+    def denoiser(self, model: LlamaFusion) -> Denoiser:
+        """One step over the cached prefix: the chunk's noised K/V written into its slots, the noise predicted."""
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(self.ids, self.modality, x, t, self.kv_start, self.kv_end, position_ids=self.positions,
+                         input_pos=self.slots)[1]
+
+        return denoise
+
 
 def _recomputing_denoiser(model: LlamaFusion, layout: PromptLayout, chunk: _ImageChunk) -> Denoiser:
     """The whole sequence (prefix embeddings + the noised image) through the decoder at every step."""
@@ -444,6 +445,20 @@ def _recomputing_denoiser(model: LlamaFusion, layout: PromptLayout, chunk: _Imag
         return model.predict_noise(hidden[:, chunk.P:], temb, skips)
 
     return denoise
+
+
+def image_span(model: LlamaFusion, hidden: torch.Tensor, starts: torch.Tensor, slot: int,
+               draw: Callable[[Denoiser], torch.Tensor]) -> torch.Tensor:
+    """Interleaved generation: the image after a BOI at ``slot - 1``, denoised against the open KV
+    cache (each step writes the noised image's K/V into its slots), then its clean K/V (t = 0) written
+    over them, as Transfusion's inference does, so the text after it reads the finished image."""
+    chunk = _ImageChunk(starts, slot, model.config.patches_per_image, starts.device)
+    x0 = draw(chunk.denoiser(model))
+    rows = starts.shape[0]
+    clean = torch.zeros(rows, dtype=torch.long, device=starts.device)
+    model(chunk.ids, chunk.modality, x0.expand(rows, *x0.shape[1:]), clean, chunk.kv_start, chunk.kv_end,
+          position_ids=chunk.positions, input_pos=chunk.slots)
+    return x0
 
 
 def embed_prompt(model: LlamaFusion, input_ids: torch.Tensor, modality: torch.Tensor,
@@ -490,5 +505,7 @@ FAMILY = FamilySpec(
         image_positions=lambda model: model.config.patches_per_image + 1,
         embed_prompt=embed_prompt,
         image_start=lambda model: model.config.boi_token_id,
+        image_end=lambda model: model.config.eoi_token_id,
+        image_span=image_span,
     ),
 )

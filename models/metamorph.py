@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -141,20 +141,26 @@ class MetaMorph(nn.Module):
         steps = progress_bar(range(T), progress, desc="visual tokens")
         if recompute:
             return self._visual_tokens_recomputed(layout, steps)
-        device = first.device
-        tokens = []
         with self.decoder.kv_cache(R, P + T):
-            hidden = self.decoder(inputs_embeds=layout.inputs_embeds, kv_start=layout.kv_start, kv_end=layout.kv_end,
-                                  position_ids=layout.position_ids, input_pos=torch.arange(P, device=device))
-            for i in steps:
-                token = F.normalize(self.vision_head(hidden[:, -1]).float(), dim=-1)
-                tokens.append(token)
-                if i + 1 == T:
-                    break
-                pos = torch.tensor([P + i], device=device)
-                hidden = self.decoder(inputs_embeds=self.adapter(token.to(hidden.dtype))[:, None],
-                                      position_ids=(pos - first.long())[:, None], kv_start=first[:, None],
-                                      kv_end=(pos + 1).to(torch.int32).expand(R, 1), input_pos=pos)
+            hidden = self.decoder.prefill(layout)
+            return self.visual_token_loop(hidden[:, -1], first, P, steps, feed_last=False)
+
+    def visual_token_loop(self, hidden: torch.Tensor, starts: torch.Tensor, slot: int, steps,
+                          feed_last: bool = True) -> torch.Tensor:
+        """With the KV cache open: from the hidden state (R, dim) before the first visual token, each
+        token predicted, L2-normalised and fed back through the adapter into cache slots ``slot``,
+        ``slot + 1``, ... (row r attends from ``starts[r]``) -> (R, T, width). ``feed_last``: write the
+        last token into the cache too (for text that follows it)."""
+        R, T, tokens = hidden.shape[0], self.config.num_visual_tokens, []
+        for i in steps:
+            token = F.normalize(self.vision_head(hidden).float(), dim=-1)
+            tokens.append(token)
+            if i + 1 == T and not feed_last:
+                break
+            pos = torch.tensor([slot + i], device=hidden.device)
+            hidden = self.decoder(inputs_embeds=self.adapter(token.to(hidden.dtype))[:, None],
+                                  position_ids=(pos - starts.long())[:, None], kv_start=starts[:, None],
+                                  kv_end=(pos + 1).to(torch.int32).expand(R, 1), input_pos=pos)[:, -1]
         return torch.stack(tokens, dim=1)
 
     def _visual_tokens_recomputed(self, layout: PromptLayout, steps) -> torch.Tensor:
@@ -283,6 +289,15 @@ def condition_layout(model: MetaMorph, layout: PromptLayout | list[torch.Tensor]
     yield denoise
 
 
+def image_span(model: MetaMorph, hidden: torch.Tensor, starts: torch.Tensor, slot: int,
+               draw: Callable[[Denoiser], torch.Tensor]) -> torch.Tensor:
+    """Interleaved generation: after a BOI at ``slot - 1``, the visual tokens written one by one into
+    the open KV cache (the text after them reads them), then drawn by the UNet conditioned on them."""
+    tokens = model.visual_token_loop(hidden[:, -1], starts, slot, range(model.config.num_visual_tokens))
+    cond, unet = model.sd_condition(tokens), _unet(model)
+    return draw(lambda x, t: unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample)
+
+
 def embed_prompt(model: MetaMorph, input_ids: torch.Tensor, modality: torch.Tensor,
                  pixels: torch.Tensor | None) -> torch.Tensor:
     """A prompt's images enter as their SigLIP tokens through the adapter (as in training)."""
@@ -342,5 +357,7 @@ FAMILY = FamilySpec(
         image_positions=lambda model: model.config.num_visual_tokens + 1,
         embed_prompt=embed_prompt,
         image_start=lambda model: model.config.boi_token_id,
+        image_end=lambda model: model.config.eoi_token_id,
+        image_span=image_span,
     ),
 )

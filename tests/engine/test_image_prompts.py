@@ -9,7 +9,8 @@ import torch
 from mmfuse.cli import main
 from mmfuse.engine.packing import Image
 from mmfuse.engine.pipeline import MMFusePipeline
-from mmfuse.engine.text import text_ids
+from mmfuse.engine.prompts import lay_out
+from mmfuse.engine.text import prompt_ids, text_ids
 from mmfuse.models.hf_io import CheckpointError
 from mmfuse.models.modality import IMAGE
 from mmfuse.engine.generate import generate
@@ -231,3 +232,67 @@ def test_editing_from_the_cli_writes_a_png(folders, tmp_path):
     with pytest.raises(SystemExit, match="--image-guidance must be >= 1"):
         main(["generate", "--checkpoint", str(folders["fusion"]), "--image", str(png), "--prompt", "x",
               "--out", str(out), "--image-guidance", "0.5"])
+
+
+# ---------------------------------------------------------------------------------------------- interleaved
+
+
+def image_after(k: int, boi: int, eos: int):
+    """A logits processor: greedy text that asks for an image after exactly ``k`` tokens, and never stops."""
+    def process(tokens, logits):
+        logits = logits.clone()
+        if len(tokens) == k:
+            logits[:] = float("-inf")
+            logits[boi] = 0.0
+        else:
+            logits[[boi, eos]] = float("-inf")
+        return logits
+
+    return process
+
+
+@pytest.mark.parametrize("family", RUNS)
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_interleaved_image_equals_the_plain_pipeline_on_the_same_prefix_and_noise(folders, family, guidance):
+    pipe = MMFusePipeline.from_pretrained(folders[family])
+    torch.manual_seed(0)
+    torch.nn.init.normal_(pipe.model.patch_out.weight if family == "fusion" else pipe.model.sd_proj.weight, std=0.5)
+    # trailing spacing ends the loop at t = 499: the last step's noised K/V are far from the clean ones
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    tok, config = pipe.tokenizer, pipe.model.config
+    force, seen = image_after(2, config.boi_token_id, tok.eos_token_id), {}
+
+    def process(tokens, logits):
+        seen.setdefault(len(tokens), logits.clone())
+        return force(tokens, logits)
+
+    out = pipe.generate_interleaved("a red", max_new_tokens=7, max_images=1, guidance_scale=guidance,
+                                    num_inference_steps=2, seed=0, output_type="latent", logits_processor=process)
+    ids = out.text_ids
+    assert ids[2] == config.boi_token_id and ids[3] == config.eoi_token_id and len(ids) == 8
+    assert [type(s).__name__ for s in out.segments] == ["str", "Tensor", "str"] and len(out.latents) == 1
+    # the image: the plain image pipeline on the prompt + the text before BOI, from the same noise
+    prefix = prompt_ids(tok, "a red") + ids[:2]
+    plain = pipe(prompt_ids=[prefix], latents=out.noise[0], guidance_scale=guidance, num_inference_steps=2,
+                 output_type="latent")
+    assert rel_err(out.latents[0], plain.latents) <= 1e-5
+    if family == "fusion":  # the text after it reads the finished image's clean K/V (t = 0)
+        document = [torch.tensor(prefix), Image(out.latents[0][0], diffuse=False)]
+        layout = lay_out(pipe.family, pipe.model, [document], pipe.device)
+        assert rel_err(seen[4], layout_logits(pipe, layout)[0]) <= 1e-5  # the logits right after EOI
+        want = generate(pipe.model.decoder, None, 4, layout=layout)[0, layout.input_ids.shape[1]:].tolist()
+        banned = next((i for i, t in enumerate(want) if t in (config.boi_token_id, tok.eos_token_id)), len(want))
+        assert banned > 0 and ids[4:4 + banned] == want[:banned]
+
+
+def test_interleaved_generation_bad_input(folders):
+    pipe = MMFusePipeline.from_pretrained(folders["fusion"])
+    with pytest.raises(ValueError, match="give one prompt"):
+        pipe.generate_interleaved(["a", "b"])
+    with pytest.raises(ValueError, match="max_new_tokens >= 1"):
+        pipe.generate_interleaved("a", max_new_tokens=0)
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        pipe.generate_interleaved("a", max_new_tokens=10, max_images=10**6)
+    # no image wanted: plain text, stopped at EOS or after max_images
+    out = pipe.generate_interleaved("a red", max_new_tokens=3, max_images=0, output_type="latent")
+    assert out.latents == [] and len(out.text_ids) <= 3
