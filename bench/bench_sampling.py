@@ -20,6 +20,10 @@
   (the prompt run once: KV-cache prefill, MetaMorph's visual tokens, MetaQuery's LLM + connector),
   ``denoise_ms`` and ``decode_ms`` (the VAE); "cached" vs "recompute" (nothing cached: the prompt
   runs again at every step).
+* edit: image + instruction -> image with LlamaFusion (random weights, random KL VAE), against the
+  number of source pictures in the prompt (``prompt_len``: the positions they and the instruction
+  take), InstructPix2Pix guidance (full, image-only and unconditional branches in one forward);
+  "cached" (the sources' clean latents prefilled once) vs "recompute".
 
 ``vs_mmfuse`` = the row's ms / the mmfuse (decode) or cached (image, e2e) ms of the same case.
 
@@ -70,6 +74,7 @@ class Size:
     fusion_layers: int | None = None  # fewer layers for the image model (None: as the decoder)
     vae_channels: tuple[int, ...] = (32, 64, 64, 64)  # the e2e VAEs' blocks (4 levels: 8x, as SD1.5's)
     e2e_prompt_len: int = 32
+    edit_sources: tuple[int, ...] = (1, 2, 4)  # source pictures in an editing prompt
 
 
 def sizes(quick: bool, device: torch.device, tiny: bool = False) -> Size:
@@ -77,13 +82,13 @@ def sizes(quick: bool, device: torch.device, tiny: bool = False) -> Size:
         return Size("tiny", dict(vocab_size=128, dim=64, hidden_dim=96, num_layers=2, num_heads=4, num_kv_heads=2,
                                  head_dim=16, tie_embeddings=True),
                     prompt_len=8, new_tokens=4, batches=(1, 2), latent=(4, 8, 2), image_prompt_lens=(4, 16), steps=2,
-                    image_batch=1, rounds=1, vae_channels=(8, 16), e2e_prompt_len=6)
+                    image_batch=1, rounds=1, vae_channels=(8, 16), e2e_prompt_len=6, edit_sources=(1, 2))
     if device.type == "cuda":
         return Size("llama-3.2-1b-shaped", dict(LLAMA_3_2_1B), prompt_len=128 if quick else 512,
                     new_tokens=64 if quick else 256, batches=(1, 8), latent=(4, 32, 2),
                     image_prompt_lens=(16, 256, 1024) if quick else (16, 64, 256, 1024, 4096),
                     steps=10 if quick else 20, image_batch=1, rounds=3, vae_channels=(128, 256, 512, 512),
-                    e2e_prompt_len=128)
+                    e2e_prompt_len=128, edit_sources=(1, 4, 16))
     if quick:
         return Size("cpu-quick", dict(vocab_size=32000, dim=256, hidden_dim=768, num_layers=4, num_heads=4,
                                       num_kv_heads=2, head_dim=64, tie_embeddings=True, rope_theta=500000.0),
@@ -335,6 +340,51 @@ def e2e_rows(size: Size, device: torch.device) -> list[dict]:
     return rows
 
 
+IMAGE_GUIDANCE = 1.5
+
+
+def edit_rows(size: Size, device: torch.device) -> list[dict]:
+    """Editing latency against the source length: a random LlamaFusion + random KL VAE, ``k`` source
+    pictures (random noise images) and a short instruction, InstructPix2Pix guidance (three branches,
+    batched); "cached": the sources' clean latents prefilled once, "recompute": prefix + image every step."""
+    torch.manual_seed(0)
+    from PIL import Image as PILImage
+
+    pipe = MMFusePipeline(fusion_model(size, device), vae=random_vae(size, "kl", device))
+    px = size.latent[1] * pipe.vae.downsample
+    gen = torch.Generator().manual_seed(0)
+    pictures = [PILImage.fromarray(torch.randint(0, 256, (px, px, 3), generator=gen, dtype=torch.uint8).numpy())
+                for _ in range(max(size.edit_sources))]
+    instruction = torch.randint(BOI + 2, size.decoder["vocab_size"], (1, 8), generator=gen)
+    rows = []
+    for k in size.edit_sources:
+        stages: dict[str, list[dict]] = {"cached": [], "recompute": []}
+        outputs = {}
+
+        def sampler(impl: str):
+            def fn():
+                timings = {}
+                outputs[impl] = pipe(prompt_ids=instruction, images=[pictures[:k]], num_inference_steps=size.steps,
+                                     guidance_scale=GUIDANCE, image_guidance_scale=IMAGE_GUIDANCE,
+                                     recompute=impl == "recompute", seed=0, output_type="latent", progress=False,
+                                     timings=timings).images
+                stages[impl].append(timings)
+            return fn
+
+        measured = measure_interleaved({impl: sampler(impl) for impl in stages}, device, size.rounds)
+        diff = float((outputs["cached"].float() - outputs["recompute"].float()).abs().max()) \
+            if len(outputs) == 2 else None
+        positions = k * (pipe.model.config.patches_per_image + 2) + instruction.shape[1] + 1
+        for impl, m in measured.items():
+            row = {"kind": "edit", "impl": impl, "sources": k, "prompt_len": positions, "cfg": True,
+                   "steps": size.steps, "batch": 1, **m, "max_diff": diff}
+            if stages[impl]:
+                for stage in ("prefill_ms", "denoise_ms"):
+                    row[stage] = statistics.median(t[stage] for t in stages[impl])
+            rows.append(row)
+    return rows
+
+
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     quick = quick or tiny
     device = torch.device(device)
@@ -345,6 +395,8 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     rows += image_rows(size, device)
     gc.collect()
     rows += e2e_rows(size, device)
+    gc.collect()
+    rows += edit_rows(size, device)
     add_ratio(rows, ("kind", "family", "batch", "prompt_len", "cfg"), "vs_mmfuse", reference=("mmfuse", "cached"))
     print_table([r for r in rows if r["kind"] == "decode"],
                 ["kind", "impl", "batch", "prompt_len", "new_tokens", "ms", "ms_min", "ms_max", "vs_mmfuse",
@@ -355,8 +407,11 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     print_table([r for r in rows if r["kind"] == "e2e"],
                 ["kind", "family", "impl", "prompt_len", "steps", "image_px", "ms", "prefill_ms", "denoise_ms",
                  "decode_ms", "vs_mmfuse", "max_diff", "error"])
+    print_table([r for r in rows if r["kind"] == "edit"],
+                ["kind", "impl", "sources", "prompt_len", "steps", "ms", "prefill_ms", "denoise_ms", "vs_mmfuse",
+                 "max_diff", "error"])
     config = dict(quick=quick, tiny=tiny, size=dataclasses.asdict(size), dtype=str(_dtype(device)),
-                  guidance_scale=GUIDANCE, scheduler="each family's default (DDIM; flow-matching Euler for SANA)",
+                  guidance_scale=GUIDANCE, image_guidance_scale=IMAGE_GUIDANCE, scheduler="each family's default (DDIM; flow-matching Euler for SANA)",
                   backend="triton" if device.type == "cuda" else "torch")
     append_results("sampling", device, config, rows, out_dir)
     return rows

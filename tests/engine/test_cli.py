@@ -38,10 +38,12 @@ def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
     assert "caption accuracy" in printed and "generation accuracy" in printed and "tokens/s" in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["caption_accuracy"] <= 1.0 and 0.0 <= metrics["generation_accuracy"] <= 1.0
+    assert 0.0 <= metrics["editing_accuracy"] <= 1.0 and "editing accuracy" in printed
     assert metrics["tokens_per_s"] > 0 and metrics["images_per_s"] > 0
     from PIL import Image
 
     assert Image.open(tmp_path / "samples.png").size == (1 * 33 + 1, 10 * 33 + 1)  # 10 classes x 1, 32 px each
+    assert Image.open(tmp_path / "edits.png").size == (2 * 33 + 1, 10 * 33 + 1)  # 10 rows of source | edit
     assert Image.open(tmp_path / "loss.png").size == (640, 360)
     assert (tmp_path / "run" / "latest").is_file()
     # the user's path: the exported data folder (PNGs, captions, tokenizer, config) and the model folder
@@ -50,6 +52,16 @@ def test_demo_end_to_end_with_few_steps(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "run" / "model"), "--prompt", "draw 7", "--steps", "2",
                  "--out", str(tmp_path / "7.png")]) == 0
     assert Image.open(tmp_path / "7.png").size == (8, 8)
+    edit = tmp_path / "data" / "edit.jsonl"
+    first = json.loads(edit.read_text().splitlines()[0])["segments"]
+    assert first[0]["diffuse"] is False and first[1]["text"].startswith("make ") and "image" in first[2]
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run" / "model"), "--image",
+                 str(tmp_path / "data" / "img" / "00000.png"), "--prompt", "caption <image>", "--max-new-tokens", "2"]) == 0
+    from mmfuse.engine.demo import WORDS
+
+    words = capsys.readouterr().out.split()  # three steps of training: words of the vocabulary, not yet the digit
+    assert len(words) <= 2 and all(w in WORDS for w in words)
 
 
 def test_demo_rejects_bad_arguments():
