@@ -33,7 +33,7 @@ COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     "linear_cross_entropy": (["N", "D", "V", "mode", "impl"], ["mem_vs_eager", "tflops", "error"]),
     "training": (["family", "size", "params", "seq_len", "batch", "impl"],
                  ["tokens_per_s", "images_per_s", "tflops", "mfu", "error"]),
-    "sampling": (["kind", "family", "batch", "prompt_len", "new_tokens", "cfg", "steps", "image_px", "impl"],
+    "sampling": (["kind", "family", "batch", "sources", "prompt_len", "new_tokens", "cfg", "steps", "image_px", "impl"],
                  ["tokens_per_s", "ms_per_image", "prefill_ms", "denoise_ms", "decode_ms", "gbps", "mbu",
                   "tokens_match", "max_diff", "error"]),
     "patch": (["what", "op", "shape", "mode", "impl"], ["tokens_per_s", "error"]),
@@ -323,6 +323,16 @@ def sampling_headlines(rows: list[dict]) -> list[tuple[str, str]]:
             text += f"; {_x(recompute['vs_mmfuse'])} vs recomputing the prompt every step"
         out.append((f"{r.get('family')}: prompt ({r.get('prompt_len')} tokens) -> {r.get('image_px')} px image, "
                     f"{r.get('steps')} steps, cfg", text))
+    edits = sorted(_timed(_rows(rows, kind="edit", impl="cached")), key=lambda r: r.get("sources", 0))
+    if edits:
+        fewest, most = edits[0], edits[-1]
+        recompute = _one(rows, kind="edit", impl="recompute", sources=most.get("sources"))
+        text = (f"denoise {fewest.get('denoise_ms', 0):.0f} ms with {fewest.get('sources')} -> "
+                f"{most.get('denoise_ms', 0):.0f} ms with {most.get('sources')} ({most.get('prompt_len')} positions)")
+        if recompute and _num(recompute.get("vs_mmfuse")):
+            text += f"; {_x(recompute['vs_mmfuse'])} vs recomputing the sources every step"
+        out.append((f"llamafusion editing: source pictures in the KV-cached prefix, {most.get('steps')} steps, "
+                    "3 guidance branches", text))
     return out
 
 
