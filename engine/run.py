@@ -23,7 +23,7 @@ from mmfuse.models import Decoder, DecoderConfig, from_pretrained
 from mmfuse.models.denoisers import build_denoiser, load_denoiser
 from mmfuse.models.family import FamilySpec, Parts
 from mmfuse.models.hf_io import CheckpointError, read_config
-from mmfuse.models.loading import decoder_config
+from mmfuse.models.loading import LLM_MODEL_TYPES, decoder_config, language_model
 from mmfuse.models.siglip import SiglipVisionConfig, SiglipVisionTower, load_siglip_processor
 from mmfuse.models.vae import PIXEL_SPACE, ImageCodec, load_codec
 
@@ -72,10 +72,10 @@ def _tokenizer(cfg: RunConfig):
 
 def _decoder(cfg: RunConfig, device: torch.device) -> Decoder:
     if cfg.base:
-        decoder = from_pretrained(cfg.base, device=device)
-        if not isinstance(decoder, Decoder):
-            raise ConfigError(f"base: {cfg.base} holds a {type(decoder).__name__}, not an LLM (llama / qwen2 / llava)")
-        return decoder
+        if read_config(cfg.base).get("model_type") not in LLM_MODEL_TYPES:
+            raise ConfigError(f"base: {cfg.base} holds a {read_config(cfg.base).get('model_type')!r} model, not an LLM "
+                              f"({', '.join(LLM_MODEL_TYPES)})")
+        return language_model(cfg.base, device=device)
     with torch.device(device):
         decoder = Decoder(cfg.decoder)
     nn.init.normal_(decoder.embed.weight, std=0.02)  # as transformers initialises embeddings

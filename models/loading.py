@@ -7,20 +7,22 @@ import torch
 
 from .decoder import Decoder, DecoderConfig, decoder_state_from_hf, decoder_state_to_hf
 from .family import families, family_for_model_type
-from .hf_io import (CheckpointError, build_from_state, checkpoint_files, load_tensors, read_config, save_checkpoint,
-                    tensor_names)
+from .hf_io import CheckpointError, build_from_state, checkpoint_files, load_tensors, read_config, save_checkpoint
+from .llava import MODEL_TYPES as LLAVA_MODEL_TYPES
+from .llava import load_language_model, load_llava, text_config
 from .siglip import SiglipVisionTower, load_siglip, save_siglip
 
-VLM_MODEL_TYPES = ("llava", "llava_onevision")
-# Where a VLM checkpoint keeps its language model: transformers 4 layout, then transformers 5's own.
-_VLM_LM_PREFIXES = (("language_model.model.", "language_model.lm_head."), ("model.language_model.", "lm_head."))
+VLM_MODEL_TYPES = LLAVA_MODEL_TYPES
+LLM_MODEL_TYPES = ("llama", "qwen2", *VLM_MODEL_TYPES)  # what a family can be built on
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> torch.nn.Module:
     """Load a Hugging Face checkpoint folder (config.json + safetensors, single or sharded).
 
-    A VLM checkpoint (``llava``, ``llava_onevision``) gives its language model as a :class:`Decoder`;
+    A VLM checkpoint (``llava``, ``llava_next``, ``llava_onevision``) gives the whole
+    :class:`~mmfuse.models.llava.LlavaVLM` (its tower, projector and language model; for the
+    language model alone, :func:`language_model`);
     an mmfuse checkpoint (``mmfuse_fusion``, ``mmfuse_metamorph``, ``mmfuse_metaquery``, or another
     registered family's) gives that family's model.
 
@@ -41,13 +43,13 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         state = decoder_state_from_hf(config, load_tensors(checkpoint_files(path), device, dtype))
         return build_from_state(lambda: Decoder(config), state)
     if model_type in VLM_MODEL_TYPES:
-        return _load_vlm_language_model(path, cfg, device, dtype)
-    if model_type in ("siglip", "siglip_vision_model"):
+        return load_llava(path, dtype, device)
+    if model_type in ("siglip", "siglip_vision_model", "clip_vision_model"):
         return load_siglip(path, dtype, device)
     family = family_for_model_type(model_type)
     if family is not None:
         return family.load(path, dtype, device)
-    known = ["llama", "qwen2", *VLM_MODEL_TYPES, "siglip", "siglip_vision_model",
+    known = ["llama", "qwen2", *VLM_MODEL_TYPES, "siglip", "siglip_vision_model", "clip_vision_model",
              *(f.model_type for f in families().values())]
     raise CheckpointError(f"config model_type {model_type!r} is not supported ({', '.join(known)})")
 
@@ -56,37 +58,23 @@ def decoder_config(path: str | os.PathLike) -> DecoderConfig:
     """The :class:`DecoderConfig` of an LLM checkpoint (or of a VLM's language model), read from its
     ``config.json`` alone -- no weights are loaded."""
     cfg = read_config(path)
-    return _vlm_text_config(cfg) if cfg.get("model_type") in VLM_MODEL_TYPES else DecoderConfig.from_hf(cfg)
+    return text_config(cfg) if cfg.get("model_type") in VLM_MODEL_TYPES else DecoderConfig.from_hf(cfg)
 
 
-def _vlm_text_config(cfg: dict) -> DecoderConfig:
-    text_cfg = dict(cfg.get("text_config") or {})
-    if not text_cfg:
-        raise CheckpointError(f"config model_type {cfg.get('model_type')!r} has no text_config")
-    text_cfg.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
-    return DecoderConfig.from_hf(text_cfg)
+def language_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> Decoder:
+    """The LLM of a checkpoint as a :class:`Decoder`: a Llama / Qwen2 one, or a VLM's language model
+    (its tower and projector are not read) -- the base a family builds on.
 
-
-def _load_vlm_language_model(path, cfg: dict, device, dtype) -> Decoder:
-    """The language model of a LLaVA / LLaVA-OneVision checkpoint as a :class:`Decoder` (the base of
-    LlavaFusion and of MetaQuery's MLLM); the vision tower and projector stay in the file."""
-    config = _vlm_text_config(cfg)
-    files = checkpoint_files(path)
-    names = tensor_names(files)
-    for body, head in _VLM_LM_PREFIXES:
-        if any(k.startswith(body) for k in names):
-            break
-    else:
-        raise CheckpointError(f"no language-model tensors (language_model.model.* or model.language_model.*) in {path}")
-
-    def to_decoder_name(key: str) -> str | None:
-        if key.startswith(body):
-            return "model." + key[len(body):]
-        return "lm_head." + key[len(head):] if key.startswith(head) else None
-
-    tensors = load_tensors(files, device, dtype, keep=lambda k: to_decoder_name(k) is not None)
-    state = decoder_state_from_hf(config, {to_decoder_name(k): v for k, v in tensors.items()})
-    return build_from_state(lambda: Decoder(config), state)
+    Raises:
+        CheckpointError: the folder holds no LLM, or a broken one.
+    """
+    if read_config(path).get("model_type") in VLM_MODEL_TYPES:
+        return load_language_model(path, dtype, device)
+    model = from_pretrained(path, dtype, device)
+    if not isinstance(model, Decoder):
+        raise CheckpointError(f"{path} holds a {type(model).__name__}, not an LLM (llama / qwen2 / a LLaVA VLM)")
+    return model
 
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:

@@ -1,9 +1,13 @@
-"""The SigLIP vision tower (MetaMorph's image encoder, so400m-14@384), loading Hugging Face safetensors.
+"""The SigLIP vision tower (MetaMorph's image encoder, so400m-14@384; LLaVA-OneVision's), and the CLIP
+one (LLaVA / LLaVA-NeXT's), loading Hugging Face safetensors.
 
 Patch embedding -> learned position embeddings -> pre-norm encoder layers (bidirectional attention
 through :func:`mixed_attention`, GELU MLP) -> post LayerNorm. The output is transformers'
 ``SiglipVisionModel(...).last_hidden_state``; the attention-pooling head (``head.*``) is not built:
-MetaMorph reads the patch features, so a checkpoint's head tensors are accepted and ignored.
+MetaMorph reads the patch features, so a checkpoint's head tensors are accepted and ignored. CLIP
+(``kind="clip"``) differs only in a class token before the patches, a LayerNorm before the first
+layer, no patch-embedding bias and quick-GELU; ``features(pixels, layer=-2)`` gives a hidden state
+as VLMs read it (transformers' ``hidden_states[layer]``, running only the layers it needs).
 
 Three checkpoint layouts load: a transformers 5 ``SiglipVisionModel`` (unprefixed tensors), a
 transformers 4 one (``vision_model.`` prefix) and a full ``SiglipModel`` (``vision_model.`` prefix,
@@ -27,7 +31,7 @@ from .hf_io import (CheckpointError, KeyRule, build_from_state, checkpoint_files
                     native_to_hf, read_config, rename, save_checkpoint)
 
 # transformers' activation names -> F.gelu's ``approximate``
-_GELU_APPROXIMATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
+_GELU_APPROXIMATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none", "quick_gelu": "quick"}
 _HEAD_TENSORS = ("probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",
                  "attention.out_proj.bias", "layernorm.weight", "layernorm.bias", "mlp.fc1.weight", "mlp.fc1.bias",
                  "mlp.fc2.weight", "mlp.fc2.bias")
@@ -49,6 +53,7 @@ class SiglipVisionConfig:
     hidden_act: str = "gelu_pytorch_tanh"
     use_head: bool = True  # whether the checkpoint may carry ``head.*`` (ignored either way)
     with_text_tower: bool = False  # read from a full ``siglip`` checkpoint
+    kind: str = "siglip"  # or "clip": a class token, a pre-LayerNorm, no patch-embedding bias
 
     @property
     def head_dim(self) -> int:
@@ -63,17 +68,23 @@ class SiglipVisionConfig:
     def num_patches(self) -> int:
         return self.grid**2
 
+    @property
+    def num_positions(self) -> int:
+        """Position embeddings: one per patch, and CLIP's class token first."""
+        return self.num_patches + (self.kind == "clip")
+
     @classmethod
     def from_hf(cls, cfg: dict) -> "SiglipVisionConfig":
-        """Read a ``siglip_vision_model`` config.json, or a full ``siglip`` one (its ``vision_config``)."""
+        """Read a ``siglip_vision_model`` / ``clip_vision_model`` config.json, or a full ``siglip`` one
+        (its ``vision_config``)."""
         model_type = cfg.get("model_type")
-        if model_type not in ("siglip", "siglip_vision_model"):
-            raise CheckpointError(f"config model_type {model_type!r} is not a SigLIP vision tower "
-                                  "('siglip_vision_model', or 'siglip' with a vision_config)")
-        full = model_type == "siglip"
+        if model_type not in ("siglip", "siglip_vision_model", "clip_vision_model"):
+            raise CheckpointError(f"config model_type {model_type!r} is not a SigLIP / CLIP vision tower "
+                                  "('siglip_vision_model', 'clip_vision_model', or 'siglip' with a vision_config)")
+        full, clip = model_type == "siglip", model_type == "clip_vision_model"
         vision, where = (cfg.get("vision_config") or {}, "vision_config.") if full else (cfg, "")
         d = cls()
-        act = vision.get("hidden_act", d.hidden_act)
+        act = vision.get("hidden_act", "quick_gelu" if clip else d.hidden_act)
         if act not in _GELU_APPROXIMATIONS:
             raise CheckpointError(f"config {where}hidden_act={act!r} is not supported {tuple(_GELU_APPROXIMATIONS)}")
         if vision.get("attention_dropout", 0.0):
@@ -88,11 +99,12 @@ class SiglipVisionConfig:
             num_heads=vision.get("num_attention_heads", d.num_heads),
             num_channels=vision.get("num_channels", d.num_channels),
             image_size=vision.get("image_size", d.image_size),
-            patch_size=vision.get("patch_size", d.patch_size),
-            norm_eps=vision.get("layer_norm_eps", d.norm_eps),
+            patch_size=vision.get("patch_size", 32 if clip else d.patch_size),
+            norm_eps=vision.get("layer_norm_eps", 1e-5 if clip else d.norm_eps),
             hidden_act=act,
-            use_head=bool(vision.get("vision_use_head", d.use_head)),
+            use_head=bool(vision.get("vision_use_head", d.use_head)) and not clip,
             with_text_tower=full,
+            kind="clip" if clip else "siglip",
         )
         if config.dim % config.num_heads:
             raise CheckpointError(f"config {where}hidden_size={config.dim} is not a multiple of "
@@ -132,17 +144,23 @@ class SiglipEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.approximate))
+        h = self.fc1(self.norm2(x))
+        h = h * torch.sigmoid(1.702 * h) if self.approximate == "quick" else F.gelu(h, approximate=self.approximate)
+        return x + self.fc2(h)
 
 
 class SiglipVisionTower(nn.Module):
-    """pixel_values (B, C, H, W) -> patch features (B, num_patches, dim), post-LayerNorm'd."""
+    """pixel_values (B, C, H, W) -> patch features (B, num_patches, dim), post-LayerNorm'd (SigLIP or CLIP)."""
 
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         c = self.config = config
-        self.patch_embed = nn.Conv2d(c.num_channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
-        self.pos_embed = nn.Parameter(torch.randn(c.num_patches, c.dim) * c.dim**-0.5)
+        clip = c.kind == "clip"
+        self.patch_embed = nn.Conv2d(c.num_channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size,
+                                     bias=not clip)
+        self.pos_embed = nn.Parameter(torch.randn(c.num_positions, c.dim) * c.dim**-0.5)
+        self.class_embed = nn.Parameter(torch.randn(c.dim) * c.dim**-0.5) if clip else None
+        self.pre_norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if clip else None
         self.layers = nn.ModuleList(SiglipEncoderLayer(c) for _ in range(c.num_layers))
         self.post_norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
 
@@ -150,8 +168,17 @@ class SiglipVisionTower(nn.Module):
         """Args: pixel_values (B, num_channels, H, W) with ``H // patch_size == W // patch_size == grid``
         (the checkpoint's resolution; position embeddings are not interpolated).
 
-        Returns: (B, grid * grid, dim) in the model's dtype, patches in row-major order.
+        Returns: transformers' ``last_hidden_state``: (B, grid * grid, dim) in the model's dtype, patches
+        in row-major order, post-LayerNorm'd (CLIP: the class token first, (B, 1 + grid * grid, dim),
+        and no post-LayerNorm, which CLIP applies to its pooled output only).
         """
+        x = self.features(pixel_values, None)
+        return x if self.config.kind == "clip" else self.post_norm(x)
+
+    def features(self, pixel_values: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """The hidden state after ``layer`` encoder layers, as transformers' ``hidden_states[layer]``
+        (0: the embeddings, -1: the last layer's output, -2: the one before; no post-LayerNorm);
+        None: after every layer. Only the layers needed run."""
         c = self.config
         check_tensor("pixel_values", pixel_values, dtypes=FLOAT_DTYPES + (torch.float64,),
                      shape=(None, c.num_channels, None, None))
@@ -159,11 +186,16 @@ class SiglipVisionTower(nn.Module):
         if H // c.patch_size != c.grid or W // c.patch_size != c.grid:
             raise ValueError(f"pixel_values must be {c.image_size}x{c.image_size} images (a {c.grid}x{c.grid} "
                              f"patch grid of {c.patch_size}-pixel patches), got {H}x{W}")
+        depth = c.num_layers if layer is None else range(c.num_layers + 1)[layer]
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        if self.class_embed is not None:
+            x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1), x], dim=1)
         x = x + self.pos_embed
-        for layer in self.layers:
-            x = layer(x)
-        return self.post_norm(x)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for block in self.layers[:depth]:
+            x = block(x)
+        return x
 
 
 def pool_to_tokens(features: torch.Tensor, num_tokens: int = 64) -> torch.Tensor:
@@ -196,11 +228,17 @@ def pool_to_tokens(features: torch.Tensor, num_tokens: int = 64) -> torch.Tensor
 
 def hf_key_map(c: SiglipVisionConfig, prefix: str = "") -> list[KeyRule]:
     """Native <-> transformers names (q/k/v fused on our side); ``prefix`` is ``"vision_model."`` or ``""``."""
+    clip = c.kind == "clip"
     rules = [rename("patch_embed.weight", f"{prefix}embeddings.patch_embedding.weight"),
-             rename("patch_embed.bias", f"{prefix}embeddings.patch_embedding.bias"),
              rename("pos_embed", f"{prefix}embeddings.position_embedding.weight")]
+    if clip:
+        rules.append(rename("class_embed", f"{prefix}embeddings.class_embedding"))
+    else:
+        rules.append(rename("patch_embed.bias", f"{prefix}embeddings.patch_embedding.bias"))
     for p in ("weight", "bias"):
         rules.append(rename(f"post_norm.{p}", f"{prefix}post_layernorm.{p}"))
+        if clip:
+            rules.append(rename(f"pre_norm.{p}", f"{prefix}pre_layrnorm.{p}"))
         for i in range(c.num_layers):
             hf, me = f"{prefix}encoder.layers.{i}", f"layers.{i}"
             attn = f"{hf}.self_attn"
@@ -225,16 +263,19 @@ def siglip_state_from_hf(c: SiglipVisionConfig, hf: dict[str, torch.Tensor]) -> 
 
 
 def siglip_state_to_hf(model: SiglipVisionTower) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json dict, HF-named tensors) of a transformers 5 ``SiglipVisionModel`` without the head."""
+    """(config.json dict, HF-named tensors) of a transformers 5 ``SiglipVisionModel`` without the head
+    (a ``CLIPVisionModel`` for a CLIP tower)."""
     c = model.config
+    clip = c.kind == "clip"
     cfg = {
-        "model_type": "siglip_vision_model", "architectures": ["SiglipVisionModel"], "hidden_size": c.dim,
+        "model_type": "clip_vision_model" if clip else "siglip_vision_model",
+        "architectures": ["CLIPVisionModel" if clip else "SiglipVisionModel"], "hidden_size": c.dim,
         "intermediate_size": c.hidden_dim, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
         "num_channels": c.num_channels, "image_size": c.image_size, "patch_size": c.patch_size,
         "layer_norm_eps": c.norm_eps, "hidden_act": c.hidden_act, "attention_dropout": 0.0,
         "vision_use_head": False, "dtype": str(model.pos_embed.dtype).removeprefix("torch."),
     }
-    tensors = native_to_hf(model.state_dict(), hf_key_map(c), lambda rule: [c.dim] * 3)
+    tensors = native_to_hf(model.state_dict(), hf_key_map(c, "vision_model." if clip else ""), lambda rule: [c.dim] * 3)
     return cfg, tensors
 
 

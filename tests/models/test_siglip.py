@@ -241,9 +241,9 @@ def test_head_tensors_are_unexpected_when_the_config_has_no_head(tmp_path):
 @pytest.mark.parametrize(
     "full,change,match",
     [
-        (False, {"model_type": "clip_vision_model"}, "model_type"),
+        (False, {"model_type": "bert"}, "model_type"),
         (False, {"hidden_act": "relu"}, "hidden_act"),
-        (True, {"hidden_act": "quick_gelu"}, "vision_config.hidden_act"),
+        (True, {"hidden_act": "relu"}, "vision_config.hidden_act"),
         (False, {"image_size": [28, 35]}, "image_size"),
         (False, {"attention_dropout": 0.1}, "attention_dropout"),
         (False, {"num_attention_heads": 3}, "num_attention_heads"),

@@ -1,4 +1,5 @@
-"""The language model of a VLM checkpoint (LLaVA, LLaVA-OneVision): the base of LlavaFusion and MetaQuery."""
+"""The language model of a VLM checkpoint (LLaVA, LLaVA-OneVision): the base of LlavaFusion and MetaQuery
+(the whole VLM, images in the prompt, is tests/models/test_llava.py)."""
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneratio
 from mmfuse.kernels import mask_intervals
 from mmfuse.models import CheckpointError, Decoder, from_pretrained
 from mmfuse.models.fusion import LlamaFusion
+from mmfuse.models.loading import language_model
 from tests.helpers import rel_err
 from tests.models.test_fusion import FUSION
 
@@ -34,7 +36,7 @@ def tiny_vlm(kind: str):
 def test_language_model_logits_match_the_vlm_on_text(kind, tmp_path):
     vlm = tiny_vlm(kind)
     vlm.save_pretrained(tmp_path)
-    ours = from_pretrained(tmp_path)
+    ours = language_model(tmp_path)
     assert isinstance(ours, Decoder)
     ids = torch.randint(0, 110, (2, 17))
     with torch.no_grad():
@@ -43,7 +45,7 @@ def test_language_model_logits_match_the_vlm_on_text(kind, tmp_path):
 
 def test_llavafusion_from_a_vlm_keeps_text_logits(tmp_path):
     tiny_vlm("llava-qwen2").save_pretrained(tmp_path)
-    base = from_pretrained(tmp_path)
+    base = language_model(tmp_path)
     fusion = LlamaFusion.from_decoder(base, FUSION)
     ids = torch.randint(0, 110, (1, 11))
     with torch.no_grad():
