@@ -20,6 +20,10 @@
   (the prompt run once: KV-cache prefill, MetaMorph's visual tokens, MetaQuery's LLM + connector),
   ``denoise_ms`` and ``decode_ms`` (the VAE); "cached" vs "recompute" (nothing cached: the prompt
   runs again at every step).
+* understand: image in, text out on a random LLaVA-NeXT (CLIP tower, anyres tiles; the decode
+  size's Llama), the same weights through transformers ``generate`` and through mmfuse (the VLM's
+  prompt layout, then the static-KV-cache ``generate``); greedy, batch 1, one picture (``prompt_len``
+  counts its ``image_tokens``); ``tokens_match`` as for decode.
 * edit: image + instruction -> image with LlamaFusion (random weights, random KL VAE), against the
   number of source pictures in the prompt (``prompt_len``: the positions they and the instruction
   take), InstructPix2Pix guidance (full, image-only and unconditional branches in one forward);
@@ -109,19 +113,25 @@ def _dtype(device: torch.device) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-def save_random_llama(fields: dict, path: str, dtype: torch.dtype) -> None:
-    """A random transformers Llama with these DecoderConfig fields, written to ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(fields: dict):
+    """transformers' LlamaConfig of these DecoderConfig fields."""
+    from transformers import LlamaConfig
 
     rope = {"rope_type": "default", **(fields.get("rope_scaling") or {}),
             "rope_theta": fields.get("rope_theta", 10000.0)}
-    config = LlamaConfig(vocab_size=fields["vocab_size"], hidden_size=fields["dim"],
+    return LlamaConfig(vocab_size=fields["vocab_size"], hidden_size=fields["dim"],
                          intermediate_size=fields["hidden_dim"], num_hidden_layers=fields["num_layers"],
                          num_attention_heads=fields["num_heads"], num_key_value_heads=fields["num_kv_heads"],
                          head_dim=fields["head_dim"],
                          rms_norm_eps=fields.get("norm_eps", 1e-6), tie_word_embeddings=fields["tie_embeddings"],
                          rope_parameters=rope, max_position_embeddings=8192)
-    LlamaForCausalLM(config).to(dtype).save_pretrained(path)
+
+
+def save_random_llama(fields: dict, path: str, dtype: torch.dtype) -> None:
+    """A random transformers Llama with these DecoderConfig fields, written to ``path``."""
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(llama_config(fields)).to(dtype).save_pretrained(path)
 
 
 def decode_bytes_per_step(fields: dict, batch: int, prompt_len: int, new_tokens: int, elem: int) -> float:
@@ -341,6 +351,63 @@ def e2e_rows(size: Size, device: torch.device) -> list[dict]:
 
 
 IMAGE_GUIDANCE = 1.5
+# The understanding rows' CLIP tower (LLaVA-NeXT-shaped, smaller): 8 x 8 patches a tile, anyres tiling.
+VLM_TOWER = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=112,
+                 patch_size=14)
+VLM_PINS = [[112, 112], [112, 224], [224, 112], [224, 224]]
+
+
+def understanding_rows(size: Size, device: torch.device) -> list[dict]:
+    """Image in, text out on a random LLaVA-NeXT (CLIP tower, anyres tiles, the size's Llama): the same
+    weights through transformers ``generate`` and through ``MMFusePipeline``'s path (the VLM's
+    layout, then ``mmfuse.engine.generate``); greedy, one picture, ``new_tokens`` tokens."""
+    from PIL import Image as PILImage
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    dtype, image_token = _dtype(device), size.decoder["vocab_size"] - 1
+    torch.manual_seed(0)
+    config = LlavaNextConfig(text_config=llama_config(size.decoder), vision_config=CLIPVisionConfig(**VLM_TOWER),
+                             image_token_index=image_token, image_grid_pinpoints=VLM_PINS)
+    with tempfile.TemporaryDirectory() as path:
+        LlavaNextForConditionalGeneration(config).to(dtype).save_pretrained(path)
+        hf = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+        ours = from_pretrained(path, dtype=dtype, device=device).eval()
+    gen = torch.Generator().manual_seed(0)
+    picture = PILImage.fromarray(torch.randint(0, 256, (150, 200, 3), generator=gen, dtype=torch.uint8).numpy())
+    processor = LlavaNextImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112},
+                                           image_grid_pinpoints=VLM_PINS)
+    enc = processor(images=[picture], return_tensors="pt")
+    pixels, sizes_ = enc["pixel_values"].to(device, dtype), enc["image_sizes"].to(device)
+    with torch.no_grad():
+        n_image = ours.image_features(pixels, sizes_)[0].shape[0]
+    text = torch.randint(BOI + 2, image_token, (1, 8), generator=gen)
+    ids = torch.cat([text[:, :1], torch.full((1, n_image), image_token), text[:, 1:]], dim=1).to(device)
+    outputs = {}
+
+    def run_impl(impl: str) -> Callable[[], None]:
+        def call():
+            if impl == "transformers":
+                outputs[impl] = hf.generate(input_ids=ids, pixel_values=pixels, image_sizes=sizes_,
+                                            max_new_tokens=size.new_tokens, do_sample=False, pad_token_id=0,
+                                            eos_token_id=None)[:, ids.shape[1]:]
+            else:
+                with torch.no_grad():
+                    layout = ours.layout(ids, None, pixels, sizes_)
+                outputs[impl] = generate(ours.decoder, None, size.new_tokens, layout=layout)[:, ids.shape[1]:]
+        return call
+
+    measured = measure_interleaved({impl: run_impl(impl) for impl in ("mmfuse", "transformers")}, device, size.rounds)
+    rows = []
+    for impl, m in measured.items():
+        match, first = _agreement(outputs[impl], outputs["mmfuse"], 0)
+        row = {"kind": "understand", "impl": impl, "batch": 1, "prompt_len": int(ids.shape[1]), "image_tokens": n_image,
+               "new_tokens": size.new_tokens, **m, "tokens_match": match, "first_mismatch": first}
+        if "ms" in m:
+            row["tokens_per_s"] = size.new_tokens / (m["ms"] * 1e-3)
+        rows.append(row)
+    del hf, ours
+    return rows
 
 
 def edit_rows(size: Size, device: torch.device) -> list[dict]:
@@ -397,6 +464,8 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     rows += e2e_rows(size, device)
     gc.collect()
     rows += edit_rows(size, device)
+    gc.collect()
+    rows += understanding_rows(size, device)
     add_ratio(rows, ("kind", "family", "batch", "prompt_len", "cfg"), "vs_mmfuse", reference=("mmfuse", "cached"))
     print_table([r for r in rows if r["kind"] == "decode"],
                 ["kind", "impl", "batch", "prompt_len", "new_tokens", "ms", "ms_min", "ms_max", "vs_mmfuse",
@@ -407,6 +476,9 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     print_table([r for r in rows if r["kind"] == "e2e"],
                 ["kind", "family", "impl", "prompt_len", "steps", "image_px", "ms", "prefill_ms", "denoise_ms",
                  "decode_ms", "vs_mmfuse", "max_diff", "error"])
+    print_table([r for r in rows if r["kind"] == "understand"],
+                ["kind", "impl", "prompt_len", "image_tokens", "new_tokens", "ms", "ms_min", "ms_max", "vs_mmfuse",
+                 "tokens_per_s", "tokens_match", "error"])
     print_table([r for r in rows if r["kind"] == "edit"],
                 ["kind", "impl", "sources", "prompt_len", "steps", "ms", "prefill_ms", "denoise_ms", "vs_mmfuse",
                  "max_diff", "error"])

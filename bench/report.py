@@ -33,7 +33,8 @@ COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     "linear_cross_entropy": (["N", "D", "V", "mode", "impl"], ["mem_vs_eager", "tflops", "error"]),
     "training": (["family", "size", "params", "seq_len", "batch", "impl"],
                  ["tokens_per_s", "images_per_s", "tflops", "mfu", "error"]),
-    "sampling": (["kind", "family", "batch", "sources", "prompt_len", "new_tokens", "cfg", "steps", "image_px", "impl"],
+    "sampling": (["kind", "family", "batch", "sources", "prompt_len", "image_tokens", "new_tokens", "cfg", "steps",
+                  "image_px", "impl"],
                  ["tokens_per_s", "ms_per_image", "prefill_ms", "denoise_ms", "decode_ms", "gbps", "mbu",
                   "tokens_match", "max_diff", "error"]),
     "patch": (["what", "op", "shape", "mode", "impl"], ["tokens_per_s", "error"]),
@@ -323,6 +324,14 @@ def sampling_headlines(rows: list[dict]) -> list[tuple[str, str]]:
             text += f"; {_x(recompute['vs_mmfuse'])} vs recomputing the prompt every step"
         out.append((f"{r.get('family')}: prompt ({r.get('prompt_len')} tokens) -> {r.get('image_px')} px image, "
                     f"{r.get('steps')} steps, cfg", text))
+    understand = _one(_timed(_rows(rows, kind="understand", impl="transformers")))
+    ours = _one(rows, kind="understand", impl="mmfuse")
+    if understand and ours and _num(understand.get("vs_mmfuse")):
+        text = _x(understand["vs_mmfuse"])
+        if _num(ours.get("tokens_per_s")) and _num(understand.get("tokens_per_s")):
+            text += f" ({ours['tokens_per_s']:.0f} vs {understand['tokens_per_s']:.0f} tokens/s)"
+        out.append((f"image in, text out: LLaVA-NeXT, one picture ({understand.get('image_tokens')} image tokens), "
+                    f"{understand.get('new_tokens')} new tokens vs transformers generate", text))
     edits = sorted(_timed(_rows(rows, kind="edit", impl="cached")), key=lambda r: r.get("sources", 0))
     if edits:
         fewest, most = edits[0], edits[-1]

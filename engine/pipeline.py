@@ -34,13 +34,15 @@ from mmfuse._progress import progress_bar
 from mmfuse.engine.atomic import atomic_file, atomic_folder
 from mmfuse.engine.generate import generate, sample_next, text_step
 from mmfuse.models.decoder import PromptLayout
-from mmfuse.engine.prompts import images_per_prompt, lay_out, prompt_documents
+from mmfuse.engine.prompts import (IMAGE_PLACEHOLDER, images_per_prompt, lay_out, open_picture, prompt_documents,
+                                   split_prompt)
 from mmfuse.engine.text import TOKENIZER_DIR, has_tokenizer, load_tokenizer, prompt_ids
 from mmfuse.kernels._common import check_values_in_range
 from mmfuse.models import from_pretrained as load_model
 from mmfuse.models.decoder import Decoder, left_pad
 from mmfuse.models.family import Denoiser, FamilySpec, family_of
 from mmfuse.models.hf_io import CheckpointError, read_config
+from mmfuse.models.loading import VLM_MODEL_TYPES
 from mmfuse.models.vae import ImageCodec, check_codec, load_codec
 
 INDEX_FILE = "model_index.json"
@@ -114,8 +116,11 @@ class MMFusePipeline:
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, vae: ImageCodec | None = None, scheduler=None,
-                 image_processor=None):
+                 image_processor=None, processor=None):
+        if processor is not None and tokenizer is None:
+            tokenizer = processor.tokenizer
         self.model, self.tokenizer, self.vae, self.image_processor = model.eval(), tokenizer, vae, image_processor
+        self.processor = processor  # a VLM's transformers processor (placeholders, tiles, chat template)
         self.family: FamilySpec | None = family_of(model)
         self.scheduler = scheduler if scheduler is not None or self.family is None else self.family.pipeline.scheduler(model)
 
@@ -137,8 +142,11 @@ class MMFusePipeline:
         if not path.is_dir():
             raise CheckpointError(f"no checkpoint folder at {path}")
         index = json.loads((path / INDEX_FILE).read_text()) if (path / INDEX_FILE).is_file() else {}
-        read_config(path)  # a missing / broken config.json is reported before any weights load
+        cfg = read_config(path)  # a missing / broken config.json is reported before any weights load
+        processor = _load_vlm_processor(path) if cfg.get("model_type") in VLM_MODEL_TYPES else None
         model = load_model(path, dtype=dtype, device=device)
+        if processor is not None:
+            return cls(model, processor=processor)
         family = family_of(model)
         tokenizer = load_tokenizer(path) if has_tokenizer(path / TOKENIZER_DIR) or has_tokenizer(path) else None
         vae = None
@@ -337,7 +345,7 @@ class MMFusePipeline:
                       prompt_ids: Sequence[Sequence[int]] | torch.Tensor | None = None, max_new_tokens: int = 64,
                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                       generator: torch.Generator | None = None, seed: int | None = None, compile: bool = False,
-                      progress: bool | None = False) -> list[str] | list[list[int]]:
+                      progress: bool | None = False, chat: bool | None = None) -> list[str] | list[list[int]]:
         """Continue each prompt; returns the new text (strings for ``prompt``, token ids for ``prompt_ids``),
         stopping at the tokenizer's EOS or where the model would start an image (BOI). Prompts of
         different lengths are left-padded into one batch.
@@ -347,10 +355,10 @@ class MMFusePipeline:
                 or a list; for several, one entry per prompt. Each sits at an ``<image>`` placeholder
                 of its prompt's text (no placeholders: the images come first), e.g.
                 ``pipe.generate_text("What digit is this? <image>", images="7.png")``.
+            chat: a VLM checkpoint: wrap each prompt as a user turn with the processor's chat
+                template (default: when it has one).
         """
-        decoder = self.model if isinstance(self.model, Decoder) else self.family.pipeline.text_decoder(self.model)
-        if decoder is None:
-            raise TypeError(f"a {type(self.model).__name__} does not generate text")
+        decoder = self._text_decoder()
         as_ids = prompt_ids is not None
         stops = [t for t in (getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None,
                              self.family.pipeline.image_start(self.model) if self.family else None) if t is not None]
@@ -358,7 +366,10 @@ class MMFusePipeline:
             generator = torch.Generator(self.device).manual_seed(seed)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=stops, generator=generator,
                         compile=compile, progress=progress)
-        if images is not None:
+        if self.processor is not None:  # a VLM: its own processor lays the prompt out
+            layout = self._processor_layout(prompt, images, chat)
+            out = generate(decoder, None, max_new_tokens, layout=layout, **sampling)
+        elif images is not None:
             layout = self._image_prompt_layout(prompt, prompt_ids, images)
             out = generate(decoder, None, max_new_tokens, layout=layout, **sampling)
         else:
@@ -509,6 +520,40 @@ class MMFusePipeline:
         images = (self.vae.decode(x) / 2 + 0.5).clamp(0, 1)
         return to_pil(images)[0] if output_type == "pil" else images
 
+    def _text_decoder(self) -> Decoder:
+        if isinstance(self.model, Decoder):
+            return self.model
+        if self.processor is not None:
+            return self.model.decoder
+        decoder = self.family.pipeline.text_decoder(self.model) if self.family is not None else None
+        if decoder is None:
+            raise TypeError(f"a {type(self.model).__name__} does not generate text")
+        return decoder
+
+    def _processor_layout(self, prompt, images, chat: bool | None) -> PromptLayout:
+        """A VLM's prompts through its transformers processor (placeholders expanded to the images'
+        features, pixels tiled; the chat template applied), left-padded, embedded by the VLM."""
+        if prompt is None:
+            raise ValueError("a VLM checkpoint takes prompt strings (its processor tokenizes them), not prompt_ids")
+        prompts = _strings(prompt)
+        per_prompt = images_per_prompt([] if images is None else images, len(prompts))
+        texts = []
+        for r, (text, pictures) in enumerate(zip(prompts, per_prompt)):
+            pieces = split_prompt(text, len(pictures), f"prompt {r}")  # checks the placeholder count
+            if chat if chat is not None else getattr(self.processor, "chat_template", None) is not None:
+                content = [{"type": "image"} if isinstance(p, int) else {"type": "text", "text": p} for p in pieces]
+                texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                                add_generation_prompt=True, tokenize=False))
+            else:
+                texts.append(" ".join(IMAGE_PLACEHOLDER if isinstance(p, int) else p for p in pieces))
+        pictures = [open_picture(img, f"images[{r}][{i}]") for r, imgs in enumerate(per_prompt)
+                    for i, img in enumerate(imgs)]
+        self.processor.tokenizer.padding_side = "left"  # generation continues every row at the same slot
+        enc = self.processor(images=pictures or None, text=texts, return_tensors="pt", padding=True)
+        to = {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        return self.model.layout(to["input_ids"], to.get("attention_mask"), to.get("pixel_values"),
+                                 to.get("image_sizes"))
+
     def _image_prompt_layout(self, prompt, ids, images) -> PromptLayout:
         """Check and lay out prompts with pictures in them (see :mod:`mmfuse.engine.prompts`)."""
         family = self._image_family()
@@ -656,6 +701,21 @@ def _load_scheduler(path: Path):
     if not hasattr(diffusers, str(name)):
         raise CheckpointError(f"{path}: unknown scheduler class {name!r}")
     return getattr(diffusers, name).from_config(config)
+
+
+def _load_vlm_processor(path: Path):
+    """A VLM checkpoint's transformers processor (AutoProcessor), before any weights load."""
+    from transformers import AutoProcessor
+
+    why = f"{path}: a VLM checkpoint generates through its transformers processor (processor_config.json, the " \
+          "tokenizer and the image processor), which AutoProcessor cannot load"
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, AttributeError, ImportError) as exc:
+        raise CheckpointError(f"{why}: {exc}") from exc
+    if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):  # a bare tokenizer
+        raise CheckpointError(f"{why}: it holds only a {type(processor).__name__}")
+    return processor
 
 
 def _load_processor(path: Path):

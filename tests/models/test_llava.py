@@ -179,3 +179,65 @@ def test_a_placeholder_count_that_disagrees_with_the_images_is_refused(tmp_path)
         ours(short, enc["pixel_values"], enc["image_sizes"])
     with pytest.raises(ValueError, match="no pixel_values"):
         ours(enc["input_ids"])
+
+
+CHAT = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def next_folder(path, tok):
+    """A LLaVA-NeXT model folder as the hub has them: weights, config, processor with a chat template."""
+    hf = tiny("next", tok)
+    hf.save_pretrained(path)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                    image_grid_pinpoints=PINS)
+    LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=7, num_additional_image_tokens=1,
+                       vision_feature_select_strategy="default", chat_template=CHAT).save_pretrained(path)
+    return hf
+
+
+def test_a_vlm_folder_answers_about_a_png_through_its_processor_and_chat_template(tmp_path, capsys):
+    from transformers import AutoProcessor
+
+    from mmfuse.cli import main
+    from mmfuse.engine.pipeline import MMFusePipeline
+
+    tok = tokenizer()
+    hf = next_folder(tmp_path / "vlm", tok)
+    png = tmp_path / "red.png"
+    PICTURES[0].save(png)
+    pipe = MMFusePipeline.from_pretrained(tmp_path / "vlm")
+    got = pipe.generate_text(["what is this <image>", "a red"], images=[[str(png)], []], max_new_tokens=6)
+    # transformers: the same chat turns through the same processor, then generate
+    proc = AutoProcessor.from_pretrained(tmp_path / "vlm")
+    proc.tokenizer.padding_side = "left"
+    turns = [[{"type": "text", "text": "what is this"}, {"type": "image"}], [{"type": "text", "text": "a red"}]]
+    texts = [proc.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
+             for c in turns]
+    from PIL import Image
+
+    enc = proc(images=[Image.open(png)], text=texts, return_tensors="pt", padding=True)
+    out = hf.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
+    want = [tok.decode(r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r, skip_special_tokens=True)
+            for r in new]
+    assert got == want
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "vlm"), "--image", str(png), "--prompt", "what is this",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == pipe.generate_text("what is this", images=str(png),
+                                                                      max_new_tokens=6)[0]
+    with pytest.raises(ValueError, match="prompt 0 has 1 <image> placeholder"):
+        pipe.generate_text("what is <image>", images=[str(png), str(png)])
+
+
+def test_a_vlm_folder_without_its_processor_is_named_before_weights_load(tmp_path, monkeypatch):
+    from mmfuse.engine.pipeline import MMFusePipeline
+    from mmfuse.models import loading
+
+    tok = tokenizer()
+    tiny("next", tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)  # a tokenizer, but no processor_config.json / image processor
+    monkeypatch.setattr(loading, "load_llava", lambda *a, **k: pytest.fail("weights loaded first"))
+    with pytest.raises(CheckpointError, match="AutoProcessor cannot load"):
+        MMFusePipeline.from_pretrained(tmp_path)
