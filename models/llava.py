@@ -198,7 +198,9 @@ def text_config(cfg: dict) -> DecoderConfig:
     text_cfg = dict(cfg.get("text_config") or {})
     if not text_cfg:
         raise CheckpointError(f"config model_type {cfg.get('model_type')!r} has no text_config")
-    text_cfg.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    # transformers 5 ties a VLM's LM head by the top-level flag alone (default False), whatever
+    # text_config says: a text_config with tie_word_embeddings=true beside an untied head is common
+    text_cfg["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return DecoderConfig.from_hf(text_cfg)
 
 

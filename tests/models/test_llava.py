@@ -169,6 +169,24 @@ def test_the_language_model_alone_and_strict_loading(tmp_path):
         from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("top", [None, True, False])
+def test_the_lm_head_is_tied_as_transformers_ties_it(tmp_path, top):
+    """transformers 5 ties a VLM's LM head by the top-level tie_word_embeddings alone (default False),
+    whatever its text_config says."""
+    tok = tokenizer()
+    vocab = len(tok) + 4
+    config = LlavaNextConfig(text_config=LlamaConfig(**{**text(vocab, True).to_dict(), "tie_word_embeddings": True}),
+                             vision_config=CLIPVisionConfig(**TOWER), image_grid_pinpoints=PINS,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"),
+                             **({} if top is None else {"tie_word_embeddings": top}))
+    torch.manual_seed(0)
+    hf = LlavaNextForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        assert rel_err(language_model(tmp_path).logits(language_model(tmp_path)(ids)), hf(input_ids=ids).logits) <= 1e-4
+
+
 def test_a_placeholder_count_that_disagrees_with_the_images_is_refused(tmp_path):
     tok = tokenizer()
     tiny("onevision", tok).save_pretrained(tmp_path)
