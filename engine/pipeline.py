@@ -260,14 +260,8 @@ class MMFusePipeline:
             # 4. denoising loop, every guidance branch batched in one forward
             x = denoising_loop(denoise, x, scheduler_, branches, guidance, image_guidance, generator, progress)
         clock.lap("denoise_ms")
-        if output_type == "latent":
-            return PipelineOutput(x, x)
-        # 5. decode with the VAE
-        pixels = self.vae.decode(x)
-        clock.lap("decode_ms")
-        # 6. postprocess: [-1, 1] -> [0, 1] -> PIL
-        images = (pixels / 2 + 0.5).clamp(0, 1)
-        return PipelineOutput(to_pil(images) if output_type == "pil" else images, x)
+        # 5. decode with the VAE, postprocess: [-1, 1] -> [0, 1] -> PIL
+        return PipelineOutput(self._postprocess(x, output_type, clock), x)
 
     def _image_hooks(self):
         if self.family is None:
@@ -505,6 +499,7 @@ class MMFusePipeline:
     def _interleaved_output(self, segments, new, latents, noises, output_type, as_ids) -> "InterleavedOutput":
         """Text segments decoded (empty ones dropped), images decoded by the VAE, in order."""
         pictures = [self._postprocess(x, output_type) for x in latents]
+        pictures = [p[0] if output_type == "pil" else p for p in pictures]
         out: list[Any] = []
         for seg in segments:
             if isinstance(seg, int):
@@ -514,11 +509,15 @@ class MMFusePipeline:
                            self.tokenizer.decode(seg, skip_special_tokens=True))
         return InterleavedOutput(out, new, latents, noises)
 
-    def _postprocess(self, x: torch.Tensor, output_type: str):
+    def _postprocess(self, x: torch.Tensor, output_type: str, clock: "_StageClock | None" = None):
+        """Latents (N, C, h, w) -> N PIL images, (N, 3, H, W) in [0, 1] ("pt") or the latents ("latent")."""
         if output_type == "latent":
             return x
-        images = (self.vae.decode(x) / 2 + 0.5).clamp(0, 1)
-        return to_pil(images)[0] if output_type == "pil" else images
+        pixels = self.vae.decode(x)
+        if clock is not None:
+            clock.lap("decode_ms")
+        images = (pixels / 2 + 0.5).clamp(0, 1)
+        return to_pil(images) if output_type == "pil" else images
 
     def _text_decoder(self) -> Decoder:
         if isinstance(self.model, Decoder):
