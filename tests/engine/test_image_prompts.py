@@ -296,3 +296,20 @@ def test_interleaved_generation_bad_input(folders):
     # no image wanted: plain text, stopped at EOS or after max_images
     out = pipe.generate_interleaved("a red", max_new_tokens=3, max_images=0, output_type="latent")
     assert out.latents == [] and len(out.text_ids) <= 3
+
+
+@pytest.mark.parametrize("family", RUNS)
+def test_pictures_of_any_mode_and_size_are_read(folders, family):
+    """Palette, alpha, grayscale, bilevel, CMYK and 32-bit pictures, of any size, are converted and resized
+    to what the model reads (as the family's processor does) rather than refused or misread."""
+    from PIL import Image as PILImage
+
+    pipe = MMFusePipeline.from_pretrained(folders[family])
+    red, = pictures(folders, "red_square")
+    rgb = red.convert("RGB")
+    for mode in ("RGBA", "P", "LA", "L", "1", "CMYK", "I"):
+        picture = rgb.convert(mode)
+        assert isinstance(pipe.generate_text("what is this <image>", images=picture, max_new_tokens=1)[0], str), mode
+    tiny_and_wide = PILImage.new("RGB", (3, 1), (200, 10, 10))
+    layout = pipe._image_prompt_layout("what is this <image>", None, tiny_and_wide)
+    assert torch.isfinite(layout.inputs_embeds).all()
