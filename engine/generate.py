@@ -93,7 +93,8 @@ def compiled_decode_step(model: Decoder) -> Callable:
 
 def _check_layout(model: Decoder, layout: PromptLayout) -> None:
     B, P = layout.input_ids.shape
-    want = {"modality": (B, P), "kv_start": (B, P), "kv_end": (B, P), "position_ids": (B, P), "first": (B,),
+    positions = (3, B, P) if model.config.mrope_section and layout.position_ids.dim() == 3 else (B, P)
+    want = {"modality": (B, P), "kv_start": (B, P), "kv_end": (B, P), "position_ids": positions, "first": (B,),
             "inputs_embeds": (B, P, model.config.dim)}
     for name, shape in want.items():
         if tuple(getattr(layout, name).shape) != shape:
@@ -188,7 +189,9 @@ def generate(
     decode: Callable = compiled_decode_step(model) if compile else decode_step
     sampling = (temperature, top_k, top_p)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = position_ids[:, -1:] + 1
+    # the next position follows the row's last one (multimodal RoPE: the largest of every stream, as an
+    # image's height / width positions may run past the text after it)
+    next_pos = position_ids[:, -1:] + 1 if position_ids.dim() == 2 else position_ids.amax(dim=(0, 2))[:, None] + 1
     stop_ids = torch.tensor(stops, dtype=input_ids.dtype, device=device)
     with model.kv_cache(B, L + max_new_tokens):
         if layout is not None:

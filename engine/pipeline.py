@@ -550,8 +550,8 @@ class MMFusePipeline:
         self.processor.tokenizer.padding_side = "left"  # generation continues every row at the same slot
         enc = self.processor(images=pictures or None, text=texts, return_tensors="pt", padding=True)
         to = {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        return self.model.layout(to["input_ids"], to.get("attention_mask"), to.get("pixel_values"),
-                                 to.get("image_sizes"))
+        images = {k: to[k] for k in self.model.PROCESSOR_INPUTS if k in to}
+        return self.model.layout(to["input_ids"], to.get("attention_mask"), **images)
 
     def _image_prompt_layout(self, prompt, ids, images) -> PromptLayout:
         """Check and lay out prompts with pictures in them (see :mod:`mmfuse.engine.prompts`)."""

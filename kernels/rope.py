@@ -227,6 +227,27 @@ def rope_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, sections: tuple[int, ...],
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multimodal RoPE (Qwen2-VL / Qwen2.5-VL): ``cos, sin`` (B, L, 2 * len(inv_freq)) from three
+    position streams (temporal, height, width), as ``Qwen2_5_VLRotaryEmbedding``.
+
+    Args:
+        position_ids: integer (3, B, L); text tokens carry the same position in all three.
+        inv_freq: (head_dim // 2,) from :func:`rope_frequencies`.
+        sections: frequencies taken from each stream in turn (e.g. (16, 24, 24)), summing to
+            ``len(inv_freq)``.
+    """
+    check_tensor("position_ids", position_ids, ndim=3, dtypes=(torch.int32, torch.int64))
+    if position_ids.shape[0] != 3 or sum(sections) != inv_freq.numel():
+        raise ValueError(f"position_ids must be (3, B, L) and sum(sections) = {inv_freq.numel()}; got "
+                         f"{tuple(position_ids.shape)} and {tuple(sections)}")
+    freqs = position_ids[..., None].float() * inv_freq.float()  # (3, B, L, D/2)
+    freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(list(sections), dim=-1))], dim=-1)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def _check_rope_inputs(q, k, cos, sin, backend) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ()))
     B, _, L, D = q.shape

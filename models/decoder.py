@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfuse.kernels import build_routing, rope_cos_sin, rope_frequencies
+from mmfuse.kernels.rope import mrope_cos_sin
 from mmfuse.kernels.objectives import lm_loss
 
 from .hf_io import CheckpointError, KeyRule, fuse, hf_to_native, native_to_hf, rename
 from .layers import BatchContext, KVCache, MixedAttention, RoutedMLP, RoutedRMSNorm
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen2_5_vl_text")  # the last: Qwen2.5-VL's language model (M-RoPE)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DecoderConfig:
     num_experts: int = 1
     model_type: str = "llama"
     max_seq_len: int | None = None  # the checkpoint's context length (max_position_embeddings), if it states one
+    mrope_section: tuple[int, ...] | None = None  # multimodal RoPE (Qwen2.5-VL): frequencies per t / h / w stream
     hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, for saving
 
     @classmethod
@@ -53,7 +55,7 @@ class DecoderConfig:
                                   f"{SUPPORTED_MODEL_TYPES}")
         _require(cfg, "hidden_act", "silu", default="silu")
         _require(cfg, "mlp_bias", False, default=False)
-        if model_type == "qwen2":
+        if model_type in ("qwen2", "qwen2_5_vl_text"):
             _require(cfg, "use_sliding_window", False, default=False)
         if model_type == "llama" and cfg.get("attention_bias", False):
             raise CheckpointError("config attention_bias=True is not supported for llama (o_proj bias)")
@@ -76,10 +78,11 @@ class DecoderConfig:
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             rope_scaling=rope if rope_type == "llama3" else None,
-            qkv_bias=model_type == "qwen2",
+            qkv_bias=model_type in ("qwen2", "qwen2_5_vl_text"),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             model_type=model_type,
             max_seq_len=cfg.get("max_position_embeddings"),
+            mrope_section=tuple(rope["mrope_section"]) if rope.get("mrope_section") else None,
             hf_config=dict(cfg),
         )
 
@@ -115,7 +118,8 @@ class PromptLayout:
         inputs_embeds: the decoder's input, image positions filled by the family.
         modality: the expert of each position (TEXT / IMAGE), for multi-expert decoders.
         kv_start, kv_end: int32 mask intervals (an image span bidirectional, text causal, padding empty).
-        position_ids: RoPE positions, 0 at each row's first real position.
+        position_ids: RoPE positions, 0 at each row's first real position ((3, B, P) streams for a
+            multimodal-RoPE decoder).
         first: int32 (B,) each row's first real position (its left padding before it).
     """
 
@@ -255,7 +259,8 @@ class Decoder(nn.Module):
 
         Args:
             input_ids: int (B, L), or give ``inputs_embeds`` (B, L, dim) instead (image patches etc.).
-            position_ids: int (B, L) RoPE positions; default ``input_pos`` or ``0..L-1``.
+            position_ids: int (B, L) RoPE positions; default ``input_pos`` or ``0..L-1``; (3, B, L)
+                for a multimodal-RoPE model (``mrope_section``).
             kv_start, kv_end: int32 (B, L) key intervals (see ``mask_intervals``); default causal
                 over the cache (``[0, input_pos + 1)``) or over the sequence.
             modality: int (B, L) expert per token; required when the model has several experts.
@@ -274,7 +279,11 @@ class Decoder(nn.Module):
             if modality is None:
                 raise ValueError(f"modality (B, L) is required: the model has {self.config.num_experts} experts per layer")
             routing = build_routing(modality, self.config.num_experts)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, torch.float32)
+        if self.config.mrope_section:  # (3, B, L) streams; text positions (B, L) are the same in all three
+            streams = position_ids if position_ids.dim() == 3 else position_ids.expand(3, B, L)
+            cos, sin = mrope_cos_sin(streams, self.inv_freq, self.config.mrope_section, torch.float32)
+        else:
+            cos, sin = rope_cos_sin(position_ids, self.inv_freq, torch.float32)
         ctx = BatchContext(modality, routing, cos, sin, kv_start, kv_end, input_pos)
         for layer in self.layers:
             x = layer(x, ctx)

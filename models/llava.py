@@ -73,6 +73,8 @@ class LlavaConfig:
 
 
 class LlavaVLM(nn.Module):
+    PROCESSOR_INPUTS = ("pixel_values", "image_sizes")  # what :meth:`layout` takes of a processor's output
+
     def __init__(self, config: LlavaConfig, vision: SiglipVisionTower, decoder: Decoder):
         super().__init__()
         self.config, self.vision, self.decoder = config, vision, decoder

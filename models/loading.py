@@ -10,9 +10,11 @@ from .family import families, family_for_model_type
 from .hf_io import CheckpointError, build_from_state, checkpoint_files, load_tensors, read_config, save_checkpoint
 from .llava import MODEL_TYPES as LLAVA_MODEL_TYPES
 from .llava import load_language_model, load_llava, text_config
+from .qwen_vl import MODEL_TYPE as QWEN_VL
+from . import qwen_vl
 from .siglip import SiglipVisionTower, load_siglip, save_siglip
 
-VLM_MODEL_TYPES = LLAVA_MODEL_TYPES
+VLM_MODEL_TYPES = (*LLAVA_MODEL_TYPES, QWEN_VL)
 LLM_MODEL_TYPES = ("llama", "qwen2", *VLM_MODEL_TYPES)  # what a family can be built on
 
 
@@ -20,9 +22,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> torch.nn.Module:
     """Load a Hugging Face checkpoint folder (config.json + safetensors, single or sharded).
 
-    A VLM checkpoint (``llava``, ``llava_next``, ``llava_onevision``) gives the whole
-    :class:`~mmfuse.models.llava.LlavaVLM` (its tower, projector and language model; for the
-    language model alone, :func:`language_model`);
+    A VLM checkpoint (``llava``, ``llava_next``, ``llava_onevision``, ``qwen2_5_vl``) gives the whole
+    :class:`~mmfuse.models.llava.LlavaVLM` / :class:`~mmfuse.models.qwen_vl.Qwen25VL` (its tower,
+    projector and language model; for the language model alone, :func:`language_model`);
     an mmfuse checkpoint (``mmfuse_fusion``, ``mmfuse_metamorph``, ``mmfuse_metaquery``, or another
     registered family's) gives that family's model.
 
@@ -42,6 +44,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         config = DecoderConfig.from_hf(cfg)
         state = decoder_state_from_hf(config, load_tensors(checkpoint_files(path), device, dtype))
         return build_from_state(lambda: Decoder(config), state)
+    if model_type == QWEN_VL:
+        return qwen_vl.load_qwen25_vl(path, dtype, device)
     if model_type in VLM_MODEL_TYPES:
         return load_llava(path, dtype, device)
     if model_type in ("siglip", "siglip_vision_model", "clip_vision_model"):
@@ -58,6 +62,8 @@ def decoder_config(path: str | os.PathLike) -> DecoderConfig:
     """The :class:`DecoderConfig` of an LLM checkpoint (or of a VLM's language model), read from its
     ``config.json`` alone -- no weights are loaded."""
     cfg = read_config(path)
+    if cfg.get("model_type") == QWEN_VL:
+        return qwen_vl.text_config(cfg)
     return text_config(cfg) if cfg.get("model_type") in VLM_MODEL_TYPES else DecoderConfig.from_hf(cfg)
 
 
@@ -69,7 +75,10 @@ def language_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     Raises:
         CheckpointError: the folder holds no LLM, or a broken one.
     """
-    if read_config(path).get("model_type") in VLM_MODEL_TYPES:
+    model_type = read_config(path).get("model_type")
+    if model_type == QWEN_VL:
+        return qwen_vl.load_language_model(path, dtype, device)
+    if model_type in VLM_MODEL_TYPES:
         return load_language_model(path, dtype, device)
     model = from_pretrained(path, dtype, device)
     if not isinstance(model, Decoder):
