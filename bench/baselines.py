@@ -179,7 +179,10 @@ def metamorph_loss(model: MetaMorph, batch: PackedBatch) -> Objective:
     x = x.masked_scatter(visual, model.adapter(targets.reshape(-1, targets.shape[-1]).to(x.dtype)).to(x.dtype))
     hidden = decoder_forward(model.decoder, x, sdpa_mask(batch.kv_start, batch.kv_end), batch.position_ids)
     pred = model.vision_head(hidden[:, :-1][modality[:, 1:] == IMAGE])
-    cosine = (1 - F.cosine_similarity(pred.float(), targets.reshape(-1, targets.shape[-1]).float(), dim=-1)).mean()
+    per_token = 1 - F.cosine_similarity(pred.float(), targets.reshape(-1, targets.shape[-1]).float(), dim=-1)
+    if not model.config.cosine_on_inputs:  # the answer images' tokens only, as the official code
+        per_token = per_token[batch.image_loss_mask.repeat_interleave(targets.shape[1]).to(per_token.device)]
+    cosine = per_token.mean()
     lm = lm_cross_entropy(model.decoder, hidden, labels)
     return Objective(lm + model.config.lambda_cosine * cosine, {"lm": lm, "cosine": cosine})
 

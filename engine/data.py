@@ -3,7 +3,8 @@
 1. **Records** (:func:`read_sources`): a JSONL file, one document per line --
    ``{"text": "a red square", "image": "img/0.png"}`` (an image-caption pair: the caption, then the
    image) or ``{"segments": [{"text": "..."}, {"image": "a.png", "diffuse": false}, {"text": "..."}]}``
-   (interleaved; ``diffuse`` false: a clean conditioning image, e.g. one to caption) -- with image
+   (interleaved; ``diffuse`` false: a clean conditioning image, e.g. one to caption; a text segment
+   with ``"loss": false`` is read but not trained on, e.g. the question of a question-answer pair) -- with image
    paths relative to the file. The fast path keeps working: text as a list of token ids, an image as
    a ``.safetensors`` file holding one ready tensor (``latent``, or ``pixels`` for MetaMorph). A
    Hugging Face ``datasets`` folder (``save_to_disk``) with a text and an image column reads the same
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from mmfuse.engine.config import ConfigError, DataConfig
-from mmfuse.engine.packing import Image
+from mmfuse.engine.packing import Image, PromptText
 from mmfuse.engine.text import text_ids
 from mmfuse.models.vae import sample_latents
 
@@ -51,6 +52,13 @@ class ImageRef:
     path: str | None = None
     image: Any = None  # a PIL image (a datasets row)
     diffuse: bool = True
+
+
+@dataclass(frozen=True)
+class Untrained:
+    """A text segment with ``"loss": false``: read by the model, not an LM target (a question, a user turn)."""
+
+    text: str | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -114,19 +122,16 @@ def _parse_line(path: Path, n: int, line: str, vocab_size: int | None, root: Pat
 
 
 def _parse_segment(path: Path, where: str, seg, vocab_size: int | None, root: Path):
-    if not isinstance(seg, dict) or len({"text", "image"} & set(seg)) != 1 or set(seg) - {"text", "image", "diffuse"}:
-        raise DataError(f'{where}: a segment is {{"text": ...}} or {{"image": "file", "diffuse": bool}}, '
+    keys = set(seg) if isinstance(seg, dict) else set()
+    if len({"text", "image"} & keys) != 1 or keys - ({"text", "loss"} if "text" in keys else {"image", "diffuse"}):
+        raise DataError(f'{where}: a segment is {{"text": ..., "loss": bool}} or {{"image": "file", "diffuse": bool}}, '
                         f"got {json.dumps(seg)}")
     if "text" in seg:
-        text = seg["text"]
-        if isinstance(text, str):
-            return text
-        if not isinstance(text, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in text):
-            raise DataError(f"{where}: text must be a string or a list of token ids, got {json.dumps(text)}")
-        bad = [t for t in text if t < 0 or (vocab_size is not None and t >= vocab_size)]
-        if bad:
-            raise DataError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        return tuple(text)
+        if not isinstance(seg.get("loss", True), bool):
+            raise DataError(f"{where}: loss must be a boolean (false: text the model reads but is not trained on), "
+                            f"got {json.dumps(seg)}")
+        value = _parse_text(where, seg["text"], vocab_size)
+        return value if seg.get("loss", True) else Untrained(value)
     name, diffuse = seg["image"], seg.get("diffuse", True)
     if not isinstance(name, str) or not isinstance(diffuse, bool):
         raise DataError(f"{where}: image must be a file name and diffuse a boolean, got {json.dumps(seg)}")
@@ -136,6 +141,17 @@ def _parse_segment(path: Path, where: str, seg, vocab_size: int | None, root: Pa
     if not file.name.lower().endswith(IMAGE_SUFFIXES + (TENSOR_SUFFIX,)):
         raise DataError(f"{where}: image {name} is neither an image file {IMAGE_SUFFIXES} nor {TENSOR_SUFFIX}")
     return ImageRef(key=Path(os.path.relpath(file, root)).as_posix(), path=str(file), diffuse=diffuse)
+
+
+def _parse_text(where: str, text, vocab_size: int | None) -> str | tuple[int, ...]:
+    if isinstance(text, str):
+        return text
+    if not isinstance(text, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in text):
+        raise DataError(f"{where}: text must be a string or a list of token ids, got {json.dumps(text)}")
+    bad = [t for t in text if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise DataError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return tuple(text)
 
 
 class DatasetRecords(Sequence):
@@ -249,12 +265,12 @@ class DocumentReader:
         for seg in record.segments:
             if isinstance(seg, ImageRef):
                 doc.append(self._image(seg, record.where))
-            elif isinstance(seg, str):
-                if tok is None:
-                    raise DataError(f"{record.where}: text given as a string but the run has no tokenizer")
-                doc.append(self._text(seg))
             else:
-                doc.append(torch.tensor(seg, dtype=torch.long))
+                text = seg.text if isinstance(seg, Untrained) else seg
+                if isinstance(text, str) and tok is None:
+                    raise DataError(f"{record.where}: text given as a string but the run has no tokenizer")
+                ids = self._text(text) if isinstance(text, str) else torch.tensor(text, dtype=torch.long)
+                doc.append(PromptText(ids) if isinstance(seg, Untrained) else ids)
         if eos is not None and not isinstance(record.segments[-1], ImageRef):
             doc.append(torch.tensor([eos]))
         return doc

@@ -1,8 +1,11 @@
 """Pack interleaved text-and-image documents into fixed-length rows for training.
 
-A document is a list of segments: token-id runs (1-D tensors or lists: text) and :class:`Image` (one
-image's tensor: VAE latents, or anything the model turns into ``tokens_per_image`` positions). An
-image becomes ``BOI``, ``tokens_per_image`` image positions (one bidirectional span) and ``EOI``.
+A document is a list of segments: token-id runs (1-D tensors or lists: text), :class:`PromptText`
+(text that conditions but is not trained on: a question, a user turn) and :class:`Image` (one image's
+tensor: VAE latents, or anything the model turns into ``tokens_per_image`` positions). An image
+becomes ``BOI``, ``tokens_per_image`` image positions (one bidirectional span) and ``EOI``; the LM
+loss covers the text, and the BOI / EOI of the generated images (``diffuse``), never a prompt's text
+or an input image's markers.
 
 Rows are filled greedily in document order, so padding is only at the tail of a row. A document that
 does not fit the rest of a row starts a new row; one longer than a whole row is cut at row ends, each
@@ -33,7 +36,24 @@ class Image:
     diffuse: bool = True
 
 
-Segment = Union[Sequence[int], torch.Tensor, Image]
+@dataclass
+class PromptText:
+    """Token ids (1-D) that the model reads but is not trained to write: no LM loss on them."""
+
+    ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+
+Segment = Union[Sequence[int], torch.Tensor, PromptText, Image]
+
+
+def segment_ids(segment: Sequence[int] | torch.Tensor | PromptText) -> torch.Tensor:
+    """The 1-D int64 ids of a text segment (trained or not)."""
+    if isinstance(segment, PromptText):
+        segment = segment.ids
+    return segment.long().reshape(-1) if isinstance(segment, torch.Tensor) else torch.tensor(list(segment), dtype=torch.long)
 
 
 @dataclass
@@ -41,7 +61,8 @@ class PackedBatch:
     """Rows of packed documents; all (B, L) tensors except ``images`` and ``image_loss_mask``.
 
     ``labels[b, i]`` is the token at position i where position i - 1 should predict it, else -100
-    (image positions, padding, the first token of each document); models shift by one.
+    (image positions, padding, the first token of each document, prompt text and input images' BOI /
+    EOI); models shift by one.
     ``images`` (N, ...) are stacked in span order (row by row, left to right).
     """
 
@@ -68,16 +89,12 @@ def packed_size(document: Sequence[Segment], tokens_per_image: int) -> int:
     return sum(tokens_per_image + 2 if isinstance(s, Image) else len(s) for s in document)
 
 
-def _as_ids(segment: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    return segment.long().reshape(-1) if isinstance(segment, torch.Tensor) else torch.tensor(list(segment), dtype=torch.long)
-
-
-def _pieces(document: Sequence[Segment], row_len: int, block: int) -> list[list[torch.Tensor | Image]]:
+def _pieces(document: Sequence[Segment], row_len: int, block: int) -> list[list[torch.Tensor | PromptText | Image]]:
     """Cut a document into pieces of at most ``row_len`` positions: text runs split anywhere, an image
     block (``block`` positions) never."""
     if block > row_len and any(isinstance(s, Image) for s in document):
         raise ValueError(f"an image block needs {block} positions but row_len is {row_len}")
-    pieces: list[list[torch.Tensor | Image]] = [[]]
+    pieces: list[list[torch.Tensor | PromptText | Image]] = [[]]
     free = row_len
     for seg in document:
         if isinstance(seg, Image):
@@ -87,12 +104,12 @@ def _pieces(document: Sequence[Segment], row_len: int, block: int) -> list[list[
             pieces[-1].append(seg)
             free -= block
             continue
-        ids = _as_ids(seg)
+        untrained, ids = isinstance(seg, PromptText), segment_ids(seg)
         while ids.numel():
             if free == 0:
                 pieces.append([])
                 free = row_len
-            pieces[-1].append(ids[:free])
+            pieces[-1].append(PromptText(ids[:free]) if untrained else ids[:free])
             taken = min(free, ids.numel())
             ids, free = ids[taken:], free - taken
     return [p for p in pieces if p]
@@ -112,11 +129,11 @@ def pack(
     if row_len < 1 or tokens_per_image < 1:
         raise ValueError(f"row_len and tokens_per_image must be >= 1, got {row_len} and {tokens_per_image}")
     block = tokens_per_image + 2
-    rows: list[list[list[torch.Tensor | Image]]] = [[]]  # row -> pieces (documents) -> chunks
+    rows: list[list[list[torch.Tensor | PromptText | Image]]] = [[]]  # row -> pieces (documents) -> chunks
     free = row_len
     for doc in documents:
         for piece in _pieces(doc, row_len, block):
-            size = sum(block if isinstance(c, Image) else c.numel() for c in piece)
+            size = sum(block if isinstance(c, Image) else len(c) for c in piece)
             if size > free:
                 if max_rows is not None and len(rows) == max_rows:
                     break
@@ -130,9 +147,11 @@ def pack(
     return _tensorize(rows, row_len, tokens_per_image, boi_token_id, eoi_token_id, pad_token_id)
 
 
-def _piece_tensors(piece, n: int, boi: int, eoi: int) -> tuple[torch.Tensor, torch.Tensor, list[Image]]:
-    """(ids, modality) of one piece, image blocks laid out as BOI + n zeros + EOI; its images in order."""
-    ids, modality, images = [], [], []
+def _piece_tensors(piece, n: int, boi: int, eoi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Image]]:
+    """(ids, modality, trained) of one piece, image blocks laid out as BOI + n zeros + EOI; its images
+    in order. ``trained``: the positions whose token is an LM target (not a prompt's text, not an
+    input image's BOI / EOI)."""
+    ids, modality, trained, images = [], [], [], []
     for chunk in piece:
         if isinstance(chunk, Image):
             block = torch.zeros(n + 2, dtype=torch.long)
@@ -141,11 +160,14 @@ def _piece_tensors(piece, n: int, boi: int, eoi: int) -> tuple[torch.Tensor, tor
             kind[0] = kind[-1] = 0
             ids.append(block)
             modality.append(kind)
+            trained.append(torch.full((n + 2,), chunk.diffuse))
             images.append(chunk)
         else:
-            ids.append(chunk)
-            modality.append(torch.zeros_like(chunk))
-    return torch.cat(ids), torch.cat(modality), images
+            tokens = segment_ids(chunk)
+            ids.append(tokens)
+            modality.append(torch.zeros_like(tokens))
+            trained.append(torch.full(tokens.shape, not isinstance(chunk, PromptText)))
+    return torch.cat(ids), torch.cat(modality), torch.cat(trained), images
 
 
 def _tensorize(rows, row_len: int, n: int, boi: int, eoi: int, pad_token_id: int) -> PackedBatch:
@@ -154,13 +176,14 @@ def _tensorize(rows, row_len: int, n: int, boi: int, eoi: int, pad_token_id: int
     modality = torch.zeros(B, row_len, dtype=torch.long)
     doc_ids = torch.full((B, row_len), -1, dtype=torch.long)
     position_ids = torch.zeros(B, row_len, dtype=torch.long)
+    trained = torch.zeros(B, row_len, dtype=torch.bool)
     images: list[Image] = []
     for b, pieces in enumerate(rows):
         i = 0
         for d, piece in enumerate(pieces):
-            ids, kind, piece_images = _piece_tensors(piece, n, boi, eoi)
+            ids, kind, target, piece_images = _piece_tensors(piece, n, boi, eoi)
             j = i + ids.numel()
-            input_ids[b, i:j], modality[b, i:j], doc_ids[b, i:j] = ids, kind, d
+            input_ids[b, i:j], modality[b, i:j], doc_ids[b, i:j], trained[b, i:j] = ids, kind, d, target
             position_ids[b, i:j] = torch.arange(j - i)
             images += piece_images
             i = j
@@ -168,7 +191,7 @@ def _tensorize(rows, row_len: int, n: int, boi: int, eoi: int, pad_token_id: int
     # One span per image block: a new id wherever an image run starts (runs never touch: BOI/EOI between).
     starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
     span_ids = torch.where(is_image, starts.long().cumsum(dim=1), 0)
-    labels = input_ids.masked_fill(is_image | (doc_ids < 0) | (position_ids == 0), IGNORE_INDEX)
+    labels = input_ids.masked_fill(is_image | ~trained | (doc_ids < 0) | (position_ids == 0), IGNORE_INDEX)
     kv_start, kv_end = mask_intervals(span_ids, doc_ids)
     stacked = torch.stack([im.tensor for im in images]) if images else None
     return PackedBatch(

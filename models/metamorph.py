@@ -3,8 +3,10 @@
 An image becomes ``BOI``, ``num_visual_tokens`` positions, ``EOI`` (the packer's layout, ``modality``
 IMAGE on the visual positions). The frozen SigLIP tower's patch features are interpolated to 64 tokens
 and L2-normalised; the adapter (Linear-GELU-Linear) maps them into the LLM. Attention is causal
-everywhere: visual tokens are generated one after another. The vision head (Linear-GELU-Linear to the
-SigLIP width) at position i regresses the visual token at i + 1 with a cosine loss, beside the text CE.
+everywhere: visual tokens are generated one after another. The vision head (linear to the SigLIP
+width, as the paper starts; Linear-GELU-Linear with ``vision_head="mlp"``) at position i regresses
+the visual token at i + 1 with a cosine loss -- on the answer images' tokens, not the input images'
+-- beside the text CE on the response (a prompt's ``PromptText`` is not trained on).
 Generated visual tokens condition a frozen SD1.5 ``UNet2DConditionModel`` (``diffusion``) through a
 linear projection to its cross-attention width.
 """
@@ -48,6 +50,12 @@ class MetaMorphConfig:
     sd_cross_attention_dim: int = 768  # SD1.5's text-encoder width
     boi_token: str = "<boi>"
     eoi_token: str = "<eoi>"
+    vision_head: str = "linear"  # the paper's start; "mlp": Linear-GELU-Linear
+    cosine_on_inputs: bool = False  # regress input images' visual tokens too (the official code: answers only)
+
+    def __post_init__(self):
+        if self.vision_head not in ("linear", "mlp"):
+            raise ValueError(f"vision_head must be 'linear' or 'mlp', got {self.vision_head!r}")
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -63,7 +71,7 @@ class MetaMorph(nn.Module):
         self.vision = vision.requires_grad_(False).eval()  # frozen encoder
         width, dim = vision.config.dim, decoder.config.dim
         self.adapter = _mlp(width, dim, dim)
-        self.vision_head = _mlp(dim, dim, width)
+        self.vision_head = _mlp(dim, dim, width) if config.vision_head == "mlp" else nn.Linear(dim, width)
         self.sd_proj = nn.Linear(width, config.sd_cross_attention_dim)
         if diffusion is not None:
             if denoiser_kind(diffusion) != "sd15":
@@ -105,7 +113,10 @@ class MetaMorph(nn.Module):
         """Text CE + cosine on the visual tokens of one packed batch (:func:`make_batch`: causal intervals).
 
         The batch's ``labels`` (B, L) are -100 where there is no LM loss (position i predicts
-        labels[i + 1]); its ``images`` (N, 3, H, W) are SigLIP pixel values in span order.
+        labels[i + 1]: the response text, not a prompt's); its ``images`` (N, 3, H, W) are SigLIP
+        pixel values in span order. The cosine covers the visual tokens of the answer images
+        (``image_loss_mask``, ``diffuse`` in the data) -- input images only condition, as in the
+        official code -- unless ``cosine_on_inputs``.
         """
         if batch.images is None:  # a text-only batch: the LM term alone
             empty = torch.zeros(0, self.config.num_visual_tokens, self.vision.config.dim, device=batch.input_ids.device)
@@ -116,8 +127,10 @@ class MetaMorph(nn.Module):
         hidden = self(batch.input_ids, batch.modality, targets, batch.kv_start, batch.kv_end, batch.position_ids)
         predicts_visual = batch.modality[:, 1:] == IMAGE  # position i regresses the visual token at i + 1
         pred = self.vision_head(hidden[:, :-1][predicts_visual])
+        answers = None if self.config.cosine_on_inputs else \
+            batch.image_loss_mask.to(pred.device).repeat_interleave(targets.shape[1])
         return metamorph_objective(pred, targets.reshape(-1, targets.shape[-1]).to(pred.dtype),
-                                   ce=self.decoder.next_token_loss(hidden, batch.labels),
+                                   ce=self.decoder.next_token_loss(hidden, batch.labels), vision_mask=answers,
                                    lambda_cosine=self.config.lambda_cosine)
 
     @torch.no_grad()
@@ -200,7 +213,8 @@ def save_metamorph(model: MetaMorph, path: str | os.PathLike, state_dict: dict[s
 def load_metamorph(path: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> MetaMorph:
     def builder(cfg: dict):
-        dec_cfg, mm_cfg = DecoderConfig(**cfg["decoder"]), MetaMorphConfig(**cfg["metamorph"])
+        # checkpoints from before the linear head was the default have the MLP one
+        dec_cfg, mm_cfg = DecoderConfig(**cfg["decoder"]), MetaMorphConfig(**{"vision_head": "mlp", **cfg["metamorph"]})
         # the native file holds the tower's native keys, whatever layout it was first read from
         vision_cfg = SiglipVisionConfig(**{**cfg["vision"], "with_text_tower": False})
         unet_cfg = cfg.get("diffusion")

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mmfuse.engine.packing import Image
+from mmfuse.engine.packing import Image, segment_ids
 from mmfuse.kernels import mask_intervals, rope_cos_sin, rope_frequencies
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair, flow_matching_pair
 from mmfuse.kernels.objectives import Objective, metaquery_objective
@@ -322,8 +322,8 @@ def make_batch(model: MetaQuery, documents: list, row_len: int, rows: int | None
                generator: torch.Generator | None = None) -> PromptImageBatch:
     """Each document is a prompt (its text) and one image: ``rows`` of them, prompts left-padded, latents stacked."""
     documents = documents[:rows]
-    prompts = [torch.cat([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in doc[:-1]] or
-                         [torch.zeros(0, dtype=torch.long)]) for doc in documents]
+    prompts = [torch.cat([segment_ids(s) for s in doc[:-1]] or [torch.zeros(0, dtype=torch.long)])
+               for doc in documents]
     ids, mask = prompt_batch(prompts)
     return PromptImageBatch(ids, mask, torch.stack([doc[-1].tensor for doc in documents]))
 

@@ -53,6 +53,27 @@ def test_a_document_is_bos_text_images_eos(tmp_path):
     assert image_then_caption[1].tensor.shape == (3, 8, 8) and image_then_caption[1].kind == "pixels"
 
 
+def test_text_with_loss_false_is_read_but_not_trained_on(tmp_path):
+    from mmfuse.engine.data import Untrained
+    from mmfuse.engine.packing import PromptText, pack
+
+    tok = offline.tiny_tokenizer()
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"segments": [{"text": "what is this", "loss": False},
+                                                                {"text": "a red square"}]}) + "\n")
+    record, = read_records(tmp_path / "qa.jsonl")
+    assert record.segments[0] == Untrained("what is this") and record.segments[1] == "a red square"
+    doc = DocumentReader(tok, None).read(record)
+    assert isinstance(doc[1], PromptText) and doc[1].ids.tolist() == tok("what is this", add_special_tokens=False)["input_ids"]
+    batch = pack([doc], 32, 4, 0, 1)
+    question, answer = len(doc[1]), doc[2].numel() + 1  # the answer and EOS
+    targets = batch.labels[0, 1:1 + question + answer].tolist()
+    assert targets[:question] == [-100] * question and -100 not in targets[question:]
+    for bad in ({"text": "x", "loss": "no"}, {"image": "a.png", "loss": False}):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"segments": [bad]}) + "\n")
+        with pytest.raises(Exception, match="bad.jsonl:1"):
+            read_records(tmp_path / "bad.jsonl")
+
+
 def _record(segments):
     from mmfuse.engine.data import Record
 

@@ -47,7 +47,7 @@ def test_loss_is_finite_and_only_trainable_parts_get_gradients(model):
     assert torch.isfinite(objective.total) and set(objective.components) == {"lm", "cosine"}
     objective.total.backward()
     assert all(p.grad is None for p in model.vision.parameters())
-    assert model.adapter[0].weight.grad.abs().sum() > 0 and model.vision_head[2].weight.grad.abs().sum() > 0
+    assert model.adapter[0].weight.grad.abs().sum() > 0 and model.vision_head.weight.grad.abs().sum() > 0
     assert model.decoder.layers[0].attn.qkv.weights[0].grad.abs().sum() > 0
 
 
@@ -66,6 +66,48 @@ def test_cosine_term_matches_an_explicit_reference(model):
     ref = (1 - torch.nn.functional.cosine_similarity(torch.stack(preds), torch.stack(wants), dim=-1)).mean()
     got = model.training_loss(args).components["cosine"]
     assert rel_err(got, ref) <= 1e-5
+
+
+def test_the_vision_head_is_linear_by_default_and_an_mlp_on_request(tmp_path):
+    import dataclasses
+
+    linear = build(tmp_path)
+    assert isinstance(linear.vision_head, torch.nn.Linear)
+    mlp = MetaMorph(linear.decoder, linear.vision, dataclasses.replace(CONFIG, vision_head="mlp"))
+    assert isinstance(mlp.vision_head, torch.nn.Sequential) and len(mlp.vision_head) == 3
+    with pytest.raises(ValueError, match="vision_head"):
+        MetaMorphConfig(vision_head="conv")
+
+
+def test_token_by_token_the_answer_is_the_target(model):
+    """An input image, a question, an answer and an answer image: exactly the answer's visual tokens
+    are cosine targets, and exactly the answer text (and the answer image's BOI / EOI) are CE targets."""
+    import dataclasses
+
+    from mmfuse.engine.packing import PromptText
+
+    size, gen = TINY["image_size"], torch.Generator().manual_seed(3)
+    question, answer = [10, 11, 12], [13, 14]
+    doc = [[1], Image(torch.rand(3, size, size, generator=gen), diffuse=False), PromptText(torch.tensor(question)),
+           answer, Image(torch.rand(3, size, size, generator=gen), diffuse=True)]
+    packed = make_batch(model, [doc], 32)
+    n, boi, eoi = CONFIG.num_visual_tokens, CONFIG.boi_token_id, CONFIG.eoi_token_id
+    # [BOS] BOI v v v v EOI q q q a a BOI v v v v EOI: the targets, position by position
+    layout = [1, boi, *[0] * n, eoi, *question, *answer, boi, *[0] * n, eoi]
+    trained = [False] * (1 + n + 2 + len(question)) + [True] * len(answer) + [True] + [False] * n + [True]
+    labels = packed.labels[0, :len(layout)].tolist()
+    assert labels == [t if keep else -100 for t, keep in zip(layout, trained)]
+    assert (packed.labels[0, len(layout):] == -100).all()
+    # cosine on the answer image's tokens only: an explicit reference over them
+    targets = model.visual_tokens(packed.images)
+    hidden = model(packed.input_ids, packed.modality, targets, packed.kv_start, packed.kv_end, packed.position_ids)
+    answer_start = 1 + n + 2 + len(question) + len(answer) + 1  # the answer image's first visual position
+    preds = model.vision_head(hidden[0, answer_start - 1:answer_start - 1 + n])
+    ref = (1 - torch.nn.functional.cosine_similarity(preds, targets[1], dim=-1)).mean()
+    assert rel_err(model.training_loss(packed).components["cosine"], ref) <= 1e-5
+    everything = MetaMorph(model.decoder, model.vision, dataclasses.replace(CONFIG, cosine_on_inputs=True))
+    everything.load_state_dict(model.state_dict())
+    assert rel_err(everything.training_loss(packed).components["cosine"], ref) > 1e-3
 
 
 def test_visual_tokens_are_pooled_and_normalised(model):
