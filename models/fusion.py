@@ -2,8 +2,11 @@
 
 Built from a decoder checkpoint: every layer gets a second, image expert (QKV/O, FFN, both norms and
 the final norm) initialised as a copy of the text weights; tokens are routed by modality. LlamaFusion
-keeps the text expert, the embeddings and the LM head frozen (``train_text=False``); Transfusion
-trains everything. Images enter as noised VAE latents (:func:`encode_latents`), are patchified with a
+keeps the text expert, the embeddings and the LM head frozen (``train_text=False``); with
+``train_text`` everything trains. ``shared_weights`` is the Transfusion paper's own model: one set of
+weights for text and image tokens, everything trained. The image objective is DDPM noise prediction
+(``objective="ddpm"``) or rectified flow (``"flow"``: ``x_t = (1 - s) x0 + s eps``, the model predicts
+``eps - x0`` at timestep ``s * num_train_timesteps``, sampled with diffusers' flow-matching schedulers). Images enter as noised VAE latents (:func:`encode_latents`), are patchified with a
 timestep embedding -- linearly, or by U-Net down blocks as in Transfusion (``patchify="unet"``, whose
 up blocks take the skip connections across the transformer) -- attend bidirectionally within their
 span (the mixed mask), and leave as a noise prediction.
@@ -25,9 +28,9 @@ import torch
 from torch import nn
 
 from mmfuse.engine.packing import PackedBatch, pack, packed_size
-from mmfuse.kernels.diffusion_loss import ddpm_training_pair
+from mmfuse.kernels.diffusion_loss import ddpm_training_pair, flow_matching_pair
 from mmfuse.kernels.objectives import Objective, transfusion_objective
-from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas
+from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, sample_sigmas
 
 from .decoder import Decoder, DecoderConfig, PromptLayout, padded_positions
 from .family import Denoiser, FamilySpec, Parts, PipelineHooks
@@ -47,7 +50,11 @@ class FusionConfig:
     eoi_token_id: int = 1
     boi_token: str = "<boi>"  # the special tokens added to the base tokenizer around every image
     eoi_token: str = "<eoi>"
-    train_text: bool = False  # False: LlamaFusion (text frozen); True: Transfusion
+    train_text: bool = False  # False: LlamaFusion (text frozen); True: everything trains
+    shared_weights: bool = False  # True: Transfusion, one expert for text and images (everything trains)
+    objective: str = "ddpm"  # "ddpm" (noise prediction) or "flow" (rectified flow, velocity prediction)
+    sigma_density: str = "uniform"  # flow: how training noise levels are drawn ("uniform", "logit_normal")
+    flow_shift: float = 1.0  # flow: the SD3 resolution shift, in training and sampling
     lambda_diffusion: float = 5.0
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -60,6 +67,10 @@ class FusionConfig:
     unet_groups: int = 8
 
     def __post_init__(self):
+        if self.objective not in ("ddpm", "flow"):
+            raise ValueError(f"objective must be 'ddpm' or 'flow', got {self.objective!r}")
+        if self.sigma_density not in ("uniform", "logit_normal"):
+            raise ValueError(f"sigma_density must be 'uniform' or 'logit_normal', got {self.sigma_density!r}")
         if self.patchify not in ("linear", "unet"):
             raise ValueError(f"patchify must be 'linear' or 'unet', got {self.patchify!r}")
         if self.latent_size % self.patch_size:
@@ -67,6 +78,11 @@ class FusionConfig:
         if self.patchify == "unet" and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"patchify='unet' halves the resolution per level: patch_size must be a power of 2, "
                              f"got {self.patch_size}")
+
+    @property
+    def num_experts(self) -> int:
+        """Experts per layer: 1 with shared weights (Transfusion), else text + image (LlamaFusion)."""
+        return 1 if self.shared_weights else 2
 
     @property
     def patches_per_image(self) -> int:
@@ -143,8 +159,9 @@ class UNetPatcher(nn.Module):
 class LlamaFusion(nn.Module):
     def __init__(self, decoder_config: DecoderConfig, config: FusionConfig):
         super().__init__()
-        if decoder_config.num_experts != 2:
-            raise ValueError(f"LlamaFusion needs a two-expert decoder, got num_experts={decoder_config.num_experts}")
+        if decoder_config.num_experts != config.num_experts:
+            raise ValueError(f"this fusion model needs a decoder with num_experts={config.num_experts} "
+                             f"(shared_weights={config.shared_weights}), got {decoder_config.num_experts}")
         self.config = config
         dim = decoder_config.dim
         self.decoder = Decoder(decoder_config)
@@ -168,13 +185,15 @@ class LlamaFusion(nn.Module):
 
     @classmethod
     def from_decoder(cls, decoder: Decoder, config: FusionConfig) -> "LlamaFusion":
-        """Add the image expert to a one-expert decoder (a copy of every text weight) and freeze per config."""
+        """Add the image expert to a one-expert decoder (a copy of every text weight) and freeze per
+        config; with ``shared_weights`` the decoder's own weights serve both modalities."""
         if decoder.config.num_experts != 1:
             raise ValueError(f"from_decoder needs a one-expert decoder, got num_experts={decoder.config.num_experts}")
-        dec_cfg = dataclasses.replace(decoder.config, num_experts=2)
+        dec_cfg = dataclasses.replace(decoder.config, num_experts=config.num_experts)
         state = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
-        for key in [k for k in state if k.endswith((".weights.0", ".biases.0"))]:
-            state[key[:-1] + "1"] = state[key].clone()
+        if not config.shared_weights:
+            for key in [k for k in state if k.endswith((".weights.0", ".biases.0"))]:
+                state[key[:-1] + "1"] = state[key].clone()
         with torch.device("meta"):
             model = cls(dec_cfg, config)
         device = decoder.embed.weight.device
@@ -183,8 +202,13 @@ class LlamaFusion(nn.Module):
             state[name] = torch.empty_like(t, device=device, dtype=decoder.embed.weight.dtype)
         model = build_from_state(lambda: cls(dec_cfg, config), state)
         model._init_image_path()
-        model.freeze_text(not config.train_text)
+        model.freeze_text(not model.trains_text)
         return model
+
+    @property
+    def trains_text(self) -> bool:
+        """Whether the text weights train: always with shared weights (they are the image weights too)."""
+        return self.config.train_text or self.config.shared_weights
 
     def _init_image_path(self) -> None:
         """Default init for every layer outside the decoder (they were built on the meta device)."""
@@ -300,15 +324,27 @@ class LlamaFusion(nn.Module):
             return self._text_only_loss(batch)
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        t = timesteps if timesteps is not None else torch.randint(
-            0, c.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
-        x_t, target = ddpm_training_pair(latents, noise, self.alphas_cumprod[t], c.prediction_type)
+        t = timesteps
+        if t is None and c.objective == "ddpm":
+            t = torch.randint(0, c.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+        x_t, target, t = self._noised(latents, noise, t, generator, draw=timesteps is None)
         if image_mask is not None:  # images outside the mask condition the text (captioning): clean, t = 0
             t = torch.where(image_mask, t, 0)
             x_t = torch.where(image_mask.view(-1, *[1] * (latents.dim() - 1)), x_t, latents)
         hidden, pred = self(batch.input_ids, batch.modality, x_t, t, batch.kv_start, batch.kv_end, batch.position_ids)
         return transfusion_objective(pred, target, ce=self.decoder.next_token_loss(hidden, labels),
                                      image_mask=image_mask, lambda_diffusion=c.lambda_diffusion)
+
+    def _noised(self, latents, noise, t, generator, draw: bool):
+        """(x_t, target, timesteps) of the objective. DDPM: at timesteps ``t``; flow: noise levels
+        drawn (``draw``) or read from ``t`` (timesteps are ``s * num_train_timesteps``)."""
+        c = self.config
+        if c.objective == "ddpm":
+            return (*ddpm_training_pair(latents, noise, self.alphas_cumprod[t], c.prediction_type), t)
+        sigmas = sample_sigmas(latents.shape[0], c.sigma_density, shift=c.flow_shift, generator=generator,
+                               device=latents.device) if draw else t.float() / c.num_train_timesteps
+        x_t, target = flow_matching_pair(latents, noise, sigmas)
+        return x_t, target, sigmas * c.num_train_timesteps
 
     def _text_only_loss(self, batch: PackedBatch) -> Objective:
         no_images = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
@@ -339,7 +375,7 @@ def load_fusion(path: str | os.PathLike, dtype: torch.dtype | None = None,
         return lambda: LlamaFusion(dec_cfg, fusion_cfg)
 
     model = load_native(path, MODEL_TYPE, builder, dtype, device)
-    model.freeze_text(not model.config.train_text)
+    model.freeze_text(not model.trains_text)
     return model
 
 
@@ -367,10 +403,13 @@ def image_prompt(model: LlamaFusion, ids: list[int]) -> list[int]:
 
 
 def default_scheduler(model: LlamaFusion):
-    """A diffusers DDIM scheduler with the betas and prediction type the model was trained with."""
-    from diffusers import DDIMScheduler
+    """A diffusers DDIM scheduler with the betas and prediction type the model was trained with
+    (flow: the flow-matching Euler scheduler with its shift)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     c = model.config
+    if c.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=c.flow_shift)
     return DDIMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
                          beta_start=c.beta_start, beta_end=c.beta_end, prediction_type=c.prediction_type,
                          clip_sample=False, set_alpha_to_one=False)
@@ -480,13 +519,14 @@ FAMILY = FamilySpec(
     name="fusion",
     model_type=MODEL_TYPE,
     description=("LlamaFusion / Transfusion: text + VAE-latent image patches in one decoder; "
-                 "trains the image expert (and the text weights with train_text)"),
+                 "trains the image expert (and the text weights with train_text; one shared set of "
+                 "weights, all trained, with shared_weights), DDPM or flow matching"),
     config_class=FusionConfig,
     special_tokens={"boi_token_id": "boi_token", "eoi_token_id": "eoi_token"},
     build=build,
     load=load_fusion,
     save=save_fusion,
-    set_trainable=lambda model: model.freeze_text(not model.config.train_text),
+    set_trainable=lambda model: model.freeze_text(not model.trains_text),
     llm=lambda model: model.decoder,
     blocks=lambda model: list(model.decoder.layers),
     image_input=_image_input,
