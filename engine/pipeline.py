@@ -250,7 +250,7 @@ class MMFusePipeline:
             conditioned = hooks.condition_layout(model, layout, recompute)
         n = (layout.input_ids.shape[0] if images is not None else len(rows)) // len(branches)
         scheduler_ = resolve_scheduler(scheduler, self.scheduler)
-        scheduler_.set_timesteps(steps, device=self.device)
+        scheduler_.set_timesteps(steps, device=self.device, **hooks.timestep_kwargs(model))
         generator = generator if generator is not None or seed is None else \
             torch.Generator(self.device).manual_seed(seed)
         x = self._initial_latents(n, latents, generator, scheduler_)
@@ -452,7 +452,7 @@ class MMFusePipeline:
         noises: list[torch.Tensor] = []
 
         def draw(denoise: Denoiser) -> torch.Tensor:
-            scheduler_.set_timesteps(steps, device=self.device)
+            scheduler_.set_timesteps(steps, device=self.device, **hooks.timestep_kwargs(model))
             noises.append(self._initial_latents(1, None, generator, scheduler_))
             return denoising_loop(denoise, noises[-1], scheduler_, branches, guidance, guidance, generator, progress)
 

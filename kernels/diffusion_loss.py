@@ -27,7 +27,7 @@ from ._common import (
 )
 from ._loss_common import check_finite_inputs, chunk_buffer, chunk_store, row_chunks
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,18 +411,19 @@ def ddpm_training_pair(
     """DDPM noised input and regression target in one pass over ``x0`` and ``noise``.
 
     ``x_t = sqrt(abar) x0 + sqrt(1 - abar) noise`` (diffusers ``DDPMScheduler.add_noise``); the target is
-    ``noise`` ("epsilon") or ``v = sqrt(abar) noise - sqrt(1 - abar) x0`` ("v_prediction", diffusers
-    ``get_velocity``). Coefficients are computed in fp32 and outputs rounded once.
+    ``noise`` ("epsilon"), ``x0`` itself ("sample") or ``v = sqrt(abar) noise - sqrt(1 - abar) x0``
+    ("v_prediction", diffusers ``get_velocity``). Coefficients are computed in fp32 and outputs rounded once.
 
     Args:
         x0: (B, ...) clean samples (e.g. VAE latents), fp16 / bf16 / fp32 (fp64 on the torch backend).
         noise: (B, ...) same shape and dtype.
         alphas_cumprod_t: (B,) float, ``alphas_cumprod[timesteps]``, values in [0, 1].
-        prediction_type: "epsilon" or "v_prediction".
+        prediction_type: "epsilon", "sample" or "v_prediction".
         backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
 
     Returns:
-        ``(x_t, target)``, each (B, ...) in x0's dtype; for "epsilon" the target is ``noise`` itself.
+        ``(x_t, target)``, each (B, ...) in x0's dtype; for "epsilon" the target is ``noise`` itself,
+        for "sample" ``x0`` itself.
         Differentiable with respect to x0 and noise.
     """
     if prediction_type not in PREDICTION_TYPES:
@@ -431,10 +432,10 @@ def ddpm_training_pair(
     _check_pair_inputs(x0, noise, "alphas_cumprod_t", alphas_cumprod_t, backend)
     abar = alphas_cumprod_t.to(compute_dtype(x0))
     sqrt_a, sqrt_1ma = abar.sqrt(), (1 - abar).sqrt()
-    if prediction_type == "epsilon":
+    if prediction_type in ("epsilon", "sample"):
         coef = torch.stack([sqrt_a, sqrt_1ma, torch.zeros_like(abar), torch.zeros_like(abar)], dim=1)
         x_t, _ = _mix(x0, noise, coef, False, backend)
-        return x_t, noise
+        return x_t, noise if prediction_type == "epsilon" else x0
     coef = torch.stack([sqrt_a, sqrt_1ma, -sqrt_1ma, sqrt_a], dim=1)
     return _mix(x0, noise, coef, True, backend)
 

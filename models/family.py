@@ -74,6 +74,8 @@ class PipelineHooks:
         image_start: model -> the token after which the model writes an image (BOI), or None; text
             generation stops there.
         image_end: model -> the token that closes an image span (EOI), or None.
+        timestep_kwargs: model -> extra arguments of the scheduler's ``set_timesteps`` (e.g. the
+            dynamic shift's ``mu`` of a flow-matching model trained with it).
         image_span: (model, hidden (R, 1, dim) after BOI, starts (R,) int32, slot, draw) -> the image's
             latents (1, C, h, w), for interleaved generation: with the rows' KV cache open and BOI
             written at ``slot - 1``, write the image span into slots ``slot .. slot + n - 1`` (n =
@@ -94,6 +96,7 @@ class PipelineHooks:
     image_start: Callable[[nn.Module], int | None] = lambda model: None
     condition_layout: Callable[[nn.Module, Any, bool], ContextManager[Denoiser]] | None = None
     image_end: Callable[[nn.Module], int | None] = lambda model: None
+    timestep_kwargs: Callable[[nn.Module], dict] = lambda model: {}
     image_span: Callable[..., torch.Tensor] | None = None
 
 

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from mmfuse.engine.packing import PackedBatch, pack, packed_size
-from mmfuse.kernels.diffusion_loss import ddpm_training_pair, flow_matching_pair
+from mmfuse.kernels.diffusion_loss import PREDICTION_TYPES, ddpm_training_pair, flow_matching_pair
 from mmfuse.kernels.objectives import Objective, transfusion_objective
-from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, sample_sigmas
+from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, flow_mu, sample_sigmas
 
 from .decoder import Decoder, DecoderConfig, PromptLayout, padded_positions
 from .family import Denoiser, FamilySpec, Parts, PipelineHooks
@@ -55,6 +55,8 @@ class FusionConfig:
     objective: str = "ddpm"  # "ddpm" (noise prediction) or "flow" (rectified flow, velocity prediction)
     sigma_density: str = "uniform"  # flow: how training noise levels are drawn ("uniform", "logit_normal")
     flow_shift: float = 1.0  # flow: the SD3 resolution shift, in training and sampling
+    flow_dynamic_shift: bool = False  # flow: the resolution-dependent shift (mu from the image's patch count)
+    rescale_betas_zero_snr: bool = False  # ddpm: rescale the betas to zero terminal SNR (pair with v_prediction)
     lambda_diffusion: float = 5.0
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -67,6 +69,8 @@ class FusionConfig:
     unet_groups: int = 8
 
     def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.objective not in ("ddpm", "flow"):
             raise ValueError(f"objective must be 'ddpm' or 'flow', got {self.objective!r}")
         if self.sigma_density not in ("uniform", "logit_normal"):
@@ -78,6 +82,11 @@ class FusionConfig:
         if self.patchify == "unet" and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"patchify='unet' halves the resolution per level: patch_size must be a power of 2, "
                              f"got {self.patch_size}")
+
+    @property
+    def dynamic_mu(self) -> float | None:
+        """The dynamic shift's ``mu`` for this image size (None: the fixed ``flow_shift``)."""
+        return flow_mu(self.patches_per_image) if self.flow_dynamic_shift else None
 
     @property
     def num_experts(self) -> int:
@@ -172,13 +181,14 @@ class LlamaFusion(nn.Module):
         else:
             self.patch_in = nn.Linear(config.patch_dim, dim)
             self.patch_out = nn.Linear(dim, config.patch_dim)
-        betas = ddpm_betas(config.num_train_timesteps, config.beta_schedule, config.beta_start, config.beta_end)
+        betas = ddpm_betas(config.num_train_timesteps, config.beta_schedule, config.beta_start, config.beta_end,
+                           config.rescale_betas_zero_snr)
         self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(betas), persistent=False)
 
     def reset_buffers(self, device: torch.device | str) -> None:
         c = self.config
         if torch.device(device).type != "meta":
-            betas = ddpm_betas(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end)
+            betas = ddpm_betas(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end, c.rescale_betas_zero_snr)
             self.alphas_cumprod = ddpm_alphas_cumprod(betas).to(device)
 
     # ------------------------------------------------------------------ building
@@ -341,7 +351,7 @@ class LlamaFusion(nn.Module):
         c = self.config
         if c.objective == "ddpm":
             return (*ddpm_training_pair(latents, noise, self.alphas_cumprod[t], c.prediction_type), t)
-        sigmas = sample_sigmas(latents.shape[0], c.sigma_density, shift=c.flow_shift, generator=generator,
+        sigmas = sample_sigmas(latents.shape[0], c.sigma_density, shift=c.flow_shift, mu=c.dynamic_mu, generator=generator,
                                device=latents.device) if draw else t.float() / c.num_train_timesteps
         x_t, target = flow_matching_pair(latents, noise, sigmas)
         return x_t, target, sigmas * c.num_train_timesteps
@@ -409,9 +419,11 @@ def default_scheduler(model: LlamaFusion):
 
     c = model.config
     if c.objective == "flow":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=c.flow_shift)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=c.flow_shift,
+                                               use_dynamic_shifting=c.flow_dynamic_shift)
     return DDIMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
                          beta_start=c.beta_start, beta_end=c.beta_end, prediction_type=c.prediction_type,
+                         rescale_betas_zero_snr=c.rescale_betas_zero_snr,
                          clip_sample=False, set_alpha_to_one=False)
 
 
@@ -547,5 +559,6 @@ FAMILY = FamilySpec(
         image_start=lambda model: model.config.boi_token_id,
         image_end=lambda model: model.config.eoi_token_id,
         image_span=image_span,
+        timestep_kwargs=lambda model: {} if model.config.dynamic_mu is None else {"mu": model.config.dynamic_mu},
     ),
 )

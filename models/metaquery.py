@@ -23,7 +23,7 @@ from mmfuse.engine.packing import Image, segment_ids
 from mmfuse.kernels import mask_intervals, rope_cos_sin, rope_frequencies
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair, flow_matching_pair
 from mmfuse.kernels.objectives import Objective, metaquery_objective
-from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, sample_sigmas, sample_timesteps
+from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, flow_mu, sample_sigmas, sample_timesteps
 
 from .decoder import Decoder, DecoderConfig, DecoderLayer
 from .denoisers import DENOISER_CLASSES, build_denoiser, denoiser_config
@@ -49,11 +49,13 @@ class MetaQueryConfig:
     # flow matching (sana): sigma density and SD3/SANA resolution shift, in training and sampling
     sigma_density: str = "logit_normal"
     flow_shift: float = 3.0
+    flow_dynamic_shift: bool = False  # sana: the resolution-dependent shift (mu from the latent's token count)
     # DDPM (sd15): Stable Diffusion's schedule
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False  # sd15: rescale the betas to zero terminal SNR (pair with v_prediction)
     prompt_dropout: float = 0.0  # training rows whose prompt is hidden (what classifier-free guidance needs)
 
 
@@ -158,7 +160,7 @@ class MetaQuery(nn.Module):
     def reset_buffers(self, device: torch.device | str) -> None:
         c = self.config
         if torch.device(device).type != "meta":
-            betas = ddpm_betas(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end)
+            betas = ddpm_betas(c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end, c.rescale_betas_zero_snr)
             self.alphas_cumprod = ddpm_alphas_cumprod(betas).to(device)
 
     def freeze_llm(self) -> None:
@@ -242,7 +244,8 @@ class MetaQuery(nn.Module):
         cond = self.condition(prompt_ids, prompt_mask)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if c.decoder == "sana":
-            sigmas = sample_sigmas(B, c.sigma_density, shift=c.flow_shift, generator=generator, device=latents.device)
+            sigmas = sample_sigmas(B, c.sigma_density, shift=c.flow_shift, mu=self.dynamic_mu, generator=generator,
+                                   device=latents.device)
             x_t, target = flow_matching_pair(latents, noise, sigmas)
             timesteps = sigmas * c.num_train_timesteps
         else:
@@ -255,15 +258,25 @@ class MetaQuery(nn.Module):
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[:2] != (batch, channels):
             raise ValueError(f"latents must have shape ({batch}, {channels}, H, W), got {getattr(latents, 'shape', latents)}")
 
+    @property
+    def dynamic_mu(self) -> float | None:
+        """The dynamic shift's ``mu`` for the decoder's latent size (None: the fixed ``flow_shift``)."""
+        if not (self.config.flow_dynamic_shift and self.config.decoder == "sana"):
+            return None
+        c = self.diffusion.config
+        return flow_mu((c["sample_size"] // c.get("patch_size", 1)) ** 2)
+
     def make_scheduler(self):
         """The sampling scheduler: flow-matching Euler (sana) or DDIM with the training schedule (sd15)."""
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
         c = self.config
         if c.decoder == "sana":
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=c.flow_shift)
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=c.flow_shift,
+                                                   use_dynamic_shifting=c.flow_dynamic_shift)
         return DDIMScheduler(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
                              beta_schedule=c.beta_schedule, prediction_type=c.prediction_type, clip_sample=False,
+                             rescale_betas_zero_snr=c.rescale_betas_zero_snr,
                              set_alpha_to_one=False, steps_offset=1)
 
 
@@ -393,6 +406,7 @@ FAMILY = FamilySpec(
         condition=condition,
         text_decoder=lambda model: model.llm,
         image_positions=lambda model: model.config.num_queries,
+        timestep_kwargs=lambda model: {} if model.dynamic_mu is None else {"mu": model.dynamic_mu},
         guidance_scale=4.5,  # as SANA's pipeline
         num_inference_steps=20,
     ),

@@ -111,7 +111,7 @@ def _latents(B, dtype, seed):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_ddpm_pair_equals_diffusers(backend, device, prediction_type):
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012, prediction_type=prediction_type)
@@ -119,7 +119,8 @@ def test_ddpm_pair_equals_diffusers(backend, device, prediction_type):
     t = torch.tensor([0, 17, 500, 998, 999])
     x_t, target = ddpm_training_pair(x0.to(device), noise.to(device), sched.alphas_cumprod[t].to(device),
                                      prediction_type, backend=backend)
-    want_target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+    want_target = {"epsilon": noise, "sample": x0}.get(prediction_type)
+    want_target = sched.get_velocity(x0, noise, t) if want_target is None else want_target
     assert rel_err(x_t, sched.add_noise(x0, noise, t)) <= 1e-6
     assert rel_err(target, want_target) <= 1e-6
 
@@ -213,7 +214,7 @@ def test_non_finite_input_rejected_on_cpu(name, no_kernels):
     (lambda x, n, a: ddpm_training_pair(x, n.double(), a), TypeError, "noise"),
     (lambda x, n, a: ddpm_training_pair(x, n, a[:2]), ValueError, "alphas_cumprod_t"),
     (lambda x, n, a: ddpm_training_pair(x, n, a + 1.5), ValueError, "alphas_cumprod_t"),
-    (lambda x, n, a: ddpm_training_pair(x, n, a, "sample"), ValueError, "prediction_type"),
+    (lambda x, n, a: ddpm_training_pair(x, n, a, "x0"), ValueError, "prediction_type"),
     (lambda x, n, a: flow_matching_pair(x, n, a[None]), ValueError, "sigmas"),
     (lambda x, n, a: flow_matching_pair(x, n, -a), ValueError, "sigmas"),
     (lambda x, n, a: flow_matching_pair(x.long(), n, a), TypeError, "x0"),

@@ -7,6 +7,8 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from mmfuse.kernels.schedules import (
     ddpm_alphas_cumprod,
     ddpm_betas,
+    dynamic_shift_sigmas,
+    flow_mu,
     sample_sigmas,
     sample_timesteps,
     shift_sigmas,
@@ -30,6 +32,39 @@ def test_ddpm_schedule_equals_diffusers(schedule, beta_start, beta_end, num_trai
     betas = ddpm_betas(num_train_timesteps, schedule, beta_start, beta_end)
     assert_float_equal(betas, sched.betas)
     assert_float_equal(ddpm_alphas_cumprod(betas), sched.alphas_cumprod)
+
+
+@pytest.mark.parametrize("schedule,beta_start,beta_end", [
+    ("linear", 0.0001, 0.02), ("scaled_linear", 0.00085, 0.012), ("squaredcos_cap_v2", 0.0001, 0.02)])
+@pytest.mark.parametrize("num_train_timesteps", [1000, 37])
+def test_zero_terminal_snr_equals_diffusers(schedule, beta_start, beta_end, num_train_timesteps):
+    from diffusers import DDIMScheduler
+
+    kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=schedule, beta_start=beta_start,
+                  beta_end=beta_end, rescale_betas_zero_snr=True)
+    betas = ddpm_betas(num_train_timesteps, schedule, beta_start, beta_end, rescale_zero_snr=True)
+    for sched in (DDPMScheduler(**kwargs), DDIMScheduler(**kwargs)):
+        assert_float_equal(betas, sched.betas)
+        assert_float_equal(ddpm_alphas_cumprod(betas), sched.alphas_cumprod)
+    assert float(ddpm_alphas_cumprod(betas)[-1]) == 0.0  # the last step is pure noise
+
+
+@pytest.mark.parametrize("image_seq_len", [64, 256, 1024, 4096, 9000])
+@pytest.mark.parametrize("steps", [1, 7, 28])
+def test_dynamic_shift_equals_the_flow_match_scheduler(image_seq_len, steps):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = flow_mu(image_seq_len)
+    assert mu == pytest.approx(calculate_shift(image_seq_len), abs=1e-12)
+    assert flow_mu(image_seq_len, 64, 1024, 0.3, 1.2) == pytest.approx(calculate_shift(image_seq_len, 64, 1024, 0.3, 1.2))
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
+    sched.set_timesteps(steps, mu=mu)
+    plain = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    plain.set_timesteps(steps)
+    assert_float_equal(dynamic_shift_sigmas(plain.sigmas[:-1], mu), sched.sigmas[:-1])
+    drawn = sample_sigmas(513, "logit_normal", mu=mu, generator=torch.Generator().manual_seed(3))
+    u = compute_density_for_timestep_sampling("logit_normal", 513, 0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    assert_float_equal(drawn, torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / u - 1)))
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])

@@ -98,3 +98,50 @@ def test_bad_objective_is_named():
         FusionConfig(objective="edm")
     with pytest.raises(ValueError, match="sigma_density"):
         FusionConfig(sigma_density="cosine")
+
+
+def test_schedule_options_reach_training_and_sampling(base):  # noqa: F811
+    """Zero-terminal-SNR betas, x0 prediction and the dynamic (mu) flow shift: the model trains with the
+    schedule its sampling scheduler uses (each equal to diffusers in tests/kernels/test_schedules.py)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from mmfuse.kernels.schedules import flow_mu, sample_sigmas
+
+    zero_snr = LlamaFusion.from_decoder(base, dataclasses.replace(FUSION, rescale_betas_zero_snr=True,
+                                                                  prediction_type="v_prediction"))
+    sched = MMFusePipeline(zero_snr).scheduler
+    assert isinstance(sched, DDIMScheduler) and sched.config.rescale_betas_zero_snr
+    assert torch.allclose(zero_snr.alphas_cumprod, sched.alphas_cumprod) and float(zero_snr.alphas_cumprod[-1]) == 0
+    x0 = LlamaFusion.from_decoder(base, dataclasses.replace(FUSION, prediction_type="sample"))
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(x0._noised(latents, noise, torch.tensor([3, 900]), None, draw=False)[1], latents)
+    with pytest.raises(ValueError, match="prediction_type"):
+        FusionConfig(prediction_type="x0")
+    dynamic = LlamaFusion.from_decoder(base, dataclasses.replace(SHARED, objective="flow", flow_dynamic_shift=True))
+    with torch.no_grad():
+        torch.nn.init.normal_(dynamic.patch_out.weight, std=0.5)
+    mu = flow_mu(FUSION.patches_per_image)
+    drawn = dynamic._noised(latents, noise, None, torch.Generator().manual_seed(4), draw=True)[2]
+    assert torch.equal(drawn, sample_sigmas(2, "uniform", mu=mu, generator=torch.Generator().manual_seed(4)) * 1000)
+    pipe = MMFusePipeline(dynamic.eval())
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.use_dynamic_shifting
+    kwargs = dict(prompt_ids=[[7, 8, 9]], num_inference_steps=3, guidance_scale=2.0, seed=0, output_type="latent")
+    assert rel_err(pipe(**kwargs).latents, pipe(**kwargs, recompute=True).latents) <= 1e-5
+
+
+def test_metaquery_schedule_options(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from mmfuse.models import from_pretrained
+    from tests.models.test_decoder import tiny_qwen2
+    from tests.models.test_metaquery import QWEN, make_model
+
+    tiny_qwen2(**QWEN).save_pretrained(tmp_path)
+    llm = from_pretrained(tmp_path)
+    sana = make_model("sana", llm, flow_dynamic_shift=True)
+    assert sana.dynamic_mu is not None and sana.make_scheduler().config.use_dynamic_shifting
+    out = MMFusePipeline(sana.eval())(prompt_ids=[[5, 6]], num_inference_steps=2, output_type="latent", seed=0)
+    assert torch.isfinite(out.latents).all()
+    sd15 = make_model("sd15", llm, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    sched = sd15.make_scheduler()
+    assert isinstance(sched, DDIMScheduler) and torch.allclose(sd15.alphas_cumprod, sched.alphas_cumprod)
