@@ -44,7 +44,9 @@ class DataConfig:
             relative to the file; text may also be a list of token ids and an image a .safetensors
             file of ready tensors), or a Hugging Face ``datasets`` folder saved with ``save_to_disk``;
             or a mixture, ``[{"path": "understanding.jsonl", "weight": 7}, {"path": ..., "weight": 2}]``:
-            every micro-batch then takes documents from the sources in those proportions.
+            every micro-batch then takes documents from the sources in those proportions, and the
+            training log counts each source's documents and text tokens (``docs/<name>``,
+            ``tokens/<name>``; ``"name"`` defaults to the file's stem).
         row_len: positions per packed row (metaquery: the longest prompt).
         rows_per_batch: rows per micro-batch (metaquery: documents per micro-batch).
         num_workers: data-loader worker processes reading, tokenizing and resizing (0: in the main process).
@@ -71,19 +73,25 @@ class DataConfig:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         self.sources()
 
-    def sources(self) -> list[tuple[str, float]]:
-        """(path, weight) of every source: one for a plain ``path``."""
+    def sources(self) -> list[tuple[str, float, str]]:
+        """(path, weight, name) of every source: one for a plain ``path``. A mixture source's name is
+        its ``name``, or its file's stem (what the training log's per-source counts are keyed by)."""
         if isinstance(self.path, str):
-            return [(self.path, 1.0)]
+            return [(self.path, 1.0, Path(self.path).stem)]
         out = []
         for i, source in enumerate(self.path):
-            ok = isinstance(source, dict) and isinstance(source.get("path"), str) and set(source) <= {"path", "weight"}
+            ok = isinstance(source, dict) and isinstance(source.get("path"), str) and \
+                set(source) <= {"path", "weight", "name"} and isinstance(source.get("name", ""), str)
             weight = source.get("weight", 1.0) if isinstance(source, dict) else None
             if not ok or isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-                raise ValueError(f"path[{i}] must be {{\"path\": \"file\", \"weight\": w > 0}}, got {source!r}")
-            out.append((source["path"], float(weight)))
+                raise ValueError(f"path[{i}] must be {{\"path\": \"file\", \"weight\": w > 0, \"name\": optional}}, "
+                                 f"got {source!r}")
+            out.append((source["path"], float(weight), source.get("name") or Path(source["path"]).stem))
         if not out:
             raise ValueError("path: an empty mixture")
+        names = [name for _, _, name in out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"path: two sources share a name {names}; give each a distinct \"name\"")
         return out
 
 

@@ -76,16 +76,17 @@ class Record:
 
 @dataclass
 class Source:
-    """One source of a (possibly one-source) mixture: its records and its weight."""
+    """One source of a (possibly one-source) mixture: its records, its weight and its name."""
 
     records: Sequence[Record]
     weight: float = 1.0
+    name: str = "data"
 
 
 def read_sources(data: DataConfig, vocab_size: int | None = None, root: str | os.PathLike | None = None) -> list[Source]:
     """Every source of ``data.path`` (one, or a weighted mixture), read and checked."""
-    return [Source(read_records(path, vocab_size, root, data.text_column, data.image_column), weight)
-            for path, weight in data.sources()]
+    return [Source(read_records(path, vocab_size, root, data.text_column, data.image_column), weight, name)
+            for path, weight, name in data.sources()]
 
 
 def read_records(path: str | os.PathLike, vocab_size: int | None = None, root: str | os.PathLike | None = None,
@@ -337,6 +338,17 @@ class WorkerFailure:
         self.message = message
 
 
+class SourcedDocuments(list):
+    """A micro-batch's documents and, for a mixture, each source's share of them: ``counts``
+    (``docs/<name>``, ``tokens/<name>``: documents and text tokens), what the training log adds up."""
+
+    counts: dict
+
+    def __init__(self, documents=()):
+        super().__init__(documents)
+        self.counts = {}
+
+
 class MicroBatches(torch.utils.data.Dataset):
     """Micro-batch index -> the documents that fill it (see the module docstring, step 3)."""
 
@@ -362,12 +374,13 @@ class MicroBatches(torch.utils.data.Dataset):
         except DataError as exc:
             return WorkerFailure(str(exc))
 
-    def documents(self, index: int) -> list[list]:
+    def documents(self, index: int) -> "SourcedDocuments":
         gen = self.generator(index)
-        picked, filled = [], 0
+        picked, filled, counts = SourcedDocuments(), 0, {}
         turns = weighted_turns(self.shares)
         while filled < self.budget:
-            records = self.sources[next(turns)].records
+            source = self.sources[next(turns)]
+            records = source.records
             record = records[int(torch.randint(0, len(records), (1,), generator=gen))]
             doc = self.reader.read(record)
             problem = self.check(doc, self.row_len)
@@ -377,6 +390,11 @@ class MicroBatches(torch.utils.data.Dataset):
                 doc = drop_caption(doc)
             picked.append(doc)
             filled += max(1, self.size(doc))
+            docs, tokens = counts.get(source.name, (0, 0))
+            counts[source.name] = (docs + 1, tokens + sum(len(s) for s in doc if not isinstance(s, ImageData)))
+        if len(self.sources) > 1:
+            picked.counts = {**{f"docs/{n}": d for n, (d, _) in counts.items()},
+                             **{f"tokens/{n}": t for n, (_, t) in counts.items()}}
         return picked
 
 

@@ -185,8 +185,11 @@ def batch_stream(run: Run, cache=None) -> BatchStream:
     def finish(documents: list, index: int):
         seed = batches.generator(index).initial_seed()
         gen = torch.Generator(device=device).manual_seed(seed + 1)  # image posterior draws, on the device
+        counts = getattr(documents, "counts", {})  # a mixture's per-source documents and tokens, for the log
         documents = encode_images(documents, run.image_input, device, gen)
-        return spec.make_batch(model, documents, data.row_len, data.rows_per_batch, gen).to(device)
+        batch = spec.make_batch(model, documents, data.row_len, data.rows_per_batch, gen).to(device)
+        batch.source_counts = counts
+        return batch
 
     return BatchStream(batches, finish, cfg.train.grad_accum, data.num_workers)
 
@@ -226,7 +229,10 @@ def train_from_config(config_path: str | Path, device: str = "cpu", progress: bo
 
     stream = batch_stream(run, open_cache(cfg.data, run.image_input))
     spec, model = run.spec, run.model
-    trainer = Trainer(model, lambda batch, gen: spec.loss(model, batch, gen), stream, cfg.train, count=spec.count,
+    def count(batch) -> dict[str, int]:
+        return {**spec.count(batch), **getattr(batch, "source_counts", {})}
+
+    trainer = Trainer(model, lambda batch, gen: spec.loss(model, batch, gen), stream, cfg.train, count=count,
                       blocks=spec.blocks(model), meta={"family": spec.name, "model_type": spec.model_type})
     if checkpoint is not None:
         try:

@@ -102,7 +102,8 @@ class _LossModule(torch.nn.Module):
 def _report_line(record: dict, steps: int) -> str:
     """One line of a run's progress: step, losses, run-average throughput."""
     losses = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "lr", "grad_norm", "tokens",
-                                                                            "images") and not k.endswith("_per_s"))
+                                                                            "images") and not k.endswith("_per_s")
+                       and "/" not in k)  # per-source counts stay in the log file
     rates = "  ".join(f"{k.removesuffix('_per_s')}/s {v:.0f}" for k, v in record.items() if k.endswith("_per_s"))
     return f"step {record['step']}/{steps}  {losses}  {rates}"
 
@@ -265,7 +266,8 @@ class Trainer:
                 if log:
                     log.write(json.dumps(record) + "\n")
                 if self.step % c.log_every == 0 or self.step == c.steps:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "tokens", "images")})
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                                     if k not in ("step", "tokens", "images") and "/" not in k})  # not per-source
                 bar.update(1)
                 if report_every and (self.step % report_every == 0 or self.step == c.steps):
                     print(_report_line(record, c.steps), flush=True)

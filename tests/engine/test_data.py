@@ -223,6 +223,26 @@ def test_a_mixture_gives_every_micro_batch_its_sources_in_proportion(tmp_path):
     docs = stream.batches.documents(0)
     with_image = [any(isinstance(s, ImageData) for s in d) for d in docs]
     assert with_image[:8] == [True, True, False, True, True, True, False, True]  # 3 : 1, in every stretch
+    # the counts per source, keyed by name (the file's stem): documents and their text tokens
+    drawn, texts = [d for d, img in zip(docs, with_image) if img], [d for d, img in zip(docs, with_image) if not img]
+    text_tokens = lambda ds: sum(len(s) for d in ds for s in d if not isinstance(s, ImageData))  # noqa: E731
+    assert docs.counts == {"docs/draw": len(drawn), "docs/text": len(texts), "tokens/draw": text_tokens(drawn),
+                           "tokens/text": text_tokens(texts)}
+    # over many micro-batches each source's share of documents is its weight's, within a few percent
+    totals = [stream.batches.documents(i).counts for i in range(40)]
+    share = sum(t["docs/draw"] for t in totals) / sum(t["docs/draw"] + t["docs/text"] for t in totals)
+    assert abs(share - 0.75) < 0.03
+    # and the training log carries them, step by step
+    cfg["data"]["path"] = [{"path": "draw.jsonl", "weight": 3, "name": "pictures"}, {"path": "text.jsonl", "weight": 1}]
+    config.write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(config)]) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["docs/pictures"] > 0 and r["docs/text"] > 0 and r["tokens/text"] > 0 for r in log)
+    cfg["data"]["path"] = [{"path": "draw.jsonl", "name": "x"}, {"path": "text.jsonl", "name": "x"}]
+    cfg["train"]["out_dir"] = "run2"
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="share a name"):
+        main(["train", "--config", str(config)])
     for bad, message in (([], "an empty mixture"), ([{"path": "a.jsonl", "weight": 0}], r"path\[0\] must be")):
         cfg["data"]["path"] = bad
         config.write_text(json.dumps(cfg))
