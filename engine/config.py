@@ -6,6 +6,9 @@ config file's folder. The schema (``mmfuse train --help`` prints it)::
     {"family": "fusion" | "metamorph" | "metaquery",
      "base": "llm/",                 # an HF Llama / Qwen2 folder with its tokenizer ...
      "decoder": {...},               # ... or a decoder from scratch (DecoderConfig fields) with "tokenizer"
+     "init": "run/model/",           # ... or a model folder of this family to continue from (a later stage:
+                                     #     its model, tokenizer, VAE and processor; the family section's keys
+                                     #     override its config, e.g. {"metamorph": {"stage": "visualizer"}})
      "tokenizer": "tok/",            # a tokenizer folder (default: the base's)
      "vae": "vae/" | "pixels",       # a diffusers AutoencoderKL / AutoencoderDC folder, or pixel space
      "vision": "siglip/" | {...},    # metamorph: its SigLIP tower (HF folder, or SiglipVisionConfig fields)
@@ -105,6 +108,7 @@ class RunConfig:
     family_config: Any  # the family's config dataclass
     family_keys: set[str] = field(default_factory=set)  # the keys the config's family section set
     base: str | None = None
+    init: str | None = None  # a model folder of this family to continue from (a later training stage)
     decoder: DecoderConfig | None = None  # an LLM from scratch
     tokenizer: str | None = None
     vae: str | None = None
@@ -192,12 +196,12 @@ def load_run_config(path: str | Path) -> RunConfig:
     if name not in known_families:
         raise ConfigError(f"{path}: family {name!r} is not one mmfuse knows {tuple(sorted(known_families))}")
     spec = known_families[name]
-    allowed = {"family", "base", "decoder", "tokenizer", "vae", "data", "train", spec.name, *spec.parts}
+    allowed = {"family", "base", "decoder", "init", "tokenizer", "vae", "data", "train", spec.name, *spec.parts}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown} for family {name!r}; known: {sorted(allowed)}")
     root = path.parent
-    for key in ("base", "tokenizer", "vae"):
+    for key in ("base", "init", "tokenizer", "vae"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ConfigError(f"{path}: {key} must be a folder path (a string), got {json.dumps(raw[key])}")
     for key in ("vision", "diffusion"):
@@ -205,9 +209,11 @@ def load_run_config(path: str | Path) -> RunConfig:
             raise ConfigError(f"{path}: {key} must be a folder path or a config object, got {json.dumps(raw[key])}")
     if raw.get("decoder") is not None and not isinstance(raw["decoder"], dict):
         raise ConfigError(f"{path}: decoder must be an object of DecoderConfig fields, got {json.dumps(raw['decoder'])}")
-    if not raw.get("base") and raw.get("decoder") is None:
-        raise ConfigError(f"{path}: give 'base' (an HF checkpoint folder) or 'decoder' (DecoderConfig fields for an "
-                          "LLM from scratch)")
+    if raw.get("init") and (raw.get("base") or raw.get("decoder") is not None):
+        raise ConfigError(f"{path}: 'init' (a model folder to continue from) replaces 'base' / 'decoder': give one")
+    if not raw.get("base") and raw.get("decoder") is None and not raw.get("init"):
+        raise ConfigError(f"{path}: give 'base' (an HF checkpoint folder), 'decoder' (DecoderConfig fields for an "
+                          "LLM from scratch) or 'init' (a model folder of this family, e.g. an earlier stage's)")
     if raw.get("base") and raw.get("decoder") is not None:
         raise ConfigError(f"{path}: give 'base' or 'decoder', not both")
     if "data" not in raw:
@@ -225,6 +231,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     return RunConfig(
         family=name, data=data, train=train, family_config=family_config, family_keys=set(section),
         base=_resolve(root, raw.get("base")),
+        init=_resolve(root, raw.get("init")),
         decoder=None if raw.get("decoder") is None else parse_section(DecoderConfig, raw["decoder"], "decoder"),
         tokenizer=_resolve(root, raw.get("tokenizer")),
         vae=vae if vae in (None, "pixels") else _resolve(root, vae),

@@ -5,6 +5,7 @@ Nothing here knows a family: the spec says which parts to load, how to build, ba
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,8 @@ def _declared_llm(cfg: RunConfig) -> DecoderConfig:
 def set_up(cfg: RunConfig, device: torch.device) -> Run:
     """Read and check the records and the VAE, then load the parts and build the family's model
     (seeded by ``train.seed``): bad data or a bad VAE is reported before any LLM weights load."""
+    if cfg.init:
+        return _set_up_from_model_folder(cfg, device)
     spec = cfg.spec
     tokenizer = _tokenizer(cfg)
     llm = _declared_llm(cfg)
@@ -159,6 +162,31 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
         codec = load_codec(PIXEL_SPACE, pixel_channels=_latent_channels(spec, model))
     image_input = spec.image_input(model, codec, processor)
     return Run(cfg, spec, model, tokenizer, codec, processor, image_input, sources, device)
+
+
+def _set_up_from_model_folder(cfg: RunConfig, device: torch.device) -> Run:
+    """A later stage: the model, tokenizer, VAE and image processor of ``init`` (a model folder of the
+    family), its config overridden by the keys the run's family section sets (e.g. the stage)."""
+    spec = cfg.spec
+    index = read_config(cfg.init)
+    if index.get("model_type") != spec.model_type:
+        raise ConfigError(f"init: {cfg.init} holds a {index.get('model_type')!r} model, not a {spec.name} one "
+                          f"({spec.model_type})")
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    pipe = MMFusePipeline.from_pretrained(cfg.init, device=device)
+    tokenizer = tokenizer or pipe.tokenizer
+    sources = read_sources(cfg.data, vocab_size=len(tokenizer) if tokenizer is not None else None,
+                           root=cfg.path.parent if cfg.path else None)
+    check_structure(sources, spec.check_document)
+    model = pipe.model
+    try:
+        model.config = dataclasses.replace(model.config, **{k: getattr(cfg.family_config, k) for k in cfg.family_keys})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{spec.name}: {exc}") from exc
+    spec.set_trainable(model)
+    codec = load_codec(cfg.vae, device) if cfg.vae not in (None, PIXEL_SPACE) else pipe.vae
+    image_input = spec.image_input(model, codec, pipe.image_processor)
+    return Run(cfg, spec, model, tokenizer, codec, pipe.image_processor, image_input, sources, device)
 
 
 def _latent_channels(spec: FamilySpec, model: nn.Module) -> int | None:

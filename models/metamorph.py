@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfuse._progress import progress_bar
-from mmfuse.engine.packing import PackedBatch, pack, packed_size
+from mmfuse.engine.packing import Image, PackedBatch, pack, packed_size
 from mmfuse.kernels import mask_intervals
+from mmfuse.kernels import diffusion_loss
+from mmfuse.kernels.diffusion_loss import ddpm_training_pair
 from mmfuse.kernels.objectives import Objective, metamorph_objective
+from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, sample_timesteps
 
 from .decoder import Decoder, DecoderConfig, PromptLayout
 from .denoisers import build_denoiser, denoiser_config, denoiser_kind
@@ -52,10 +55,17 @@ class MetaMorphConfig:
     eoi_token: str = "<eoi>"
     vision_head: str = "linear"  # the paper's start; "mlp": Linear-GELU-Linear
     cosine_on_inputs: bool = False  # regress input images' visual tokens too (the official code: answers only)
+    stage: str = "llm"  # "llm": CE + cosine; "visualizer": SigLIP tokens -> sd_proj -> the SD1.5 UNet, DDPM
+    condition_dropout: float = 0.1  # visualizer: share of images trained unconditionally (zero tokens), for CFG
+    train_unet: bool = False  # visualizer: train the UNet too (else only the projection)
 
     def __post_init__(self):
         if self.vision_head not in ("linear", "mlp"):
             raise ValueError(f"vision_head must be 'linear' or 'mlp', got {self.vision_head!r}")
+        if self.stage not in ("llm", "visualizer"):
+            raise ValueError(f"stage must be 'llm' or 'visualizer', got {self.stage!r}")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must lie in [0, 1), got {self.condition_dropout}")
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -191,9 +201,83 @@ class MetaMorph(nn.Module):
             positions = torch.cat([positions, (L - first.long())[:, None]], dim=1)
         return torch.stack(tokens, dim=1)
 
+    def visualizer_loss(self, batch: "VisualizerBatch", generator: torch.Generator | None = None) -> Objective:
+        """The visualizer stage: each image's SigLIP tokens (zeros where the condition is dropped)
+        through ``sd_proj`` condition the SD1.5 UNet, trained with SD1.5's DDPM noise-prediction loss
+        on the image's VAE latents."""
+        unet, latents = _unet(self), batch.latents
+        betas = ddpm_betas(SD15_SCHEDULE["num_train_timesteps"], SD15_SCHEDULE["beta_schedule"],
+                           SD15_SCHEDULE["beta_start"], SD15_SCHEDULE["beta_end"])
+        abar = ddpm_alphas_cumprod(betas).to(latents.device)
+        t = sample_timesteps(latents.shape[0], len(abar), generator=generator, device=latents.device)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        x_t, target = ddpm_training_pair(latents, noise, abar[t], "epsilon")
+        tokens = batch.tokens * batch.keep[:, None, None].to(batch.tokens.dtype)
+        cond = self.sd_condition(tokens)
+        pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+        loss = diffusion_loss(pred.float(), target.float())
+        return Objective(loss, {"diffusion": loss})
+
     def sd_condition(self, visual_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, width) visual tokens -> (B, T, cross_attention_dim) prompt embeddings for the SD1.5 UNet."""
         return self.sd_proj(visual_tokens.to(self.sd_proj.weight.dtype))
+
+
+@dataclass
+class VisualizerBatch:
+    """The visualizer stage's batch: VAE latents (B, C, h, w), SigLIP tokens (B, T, width) of the same
+    images, and ``keep`` (B,) bool (False: the condition is dropped)."""
+
+    latents: torch.Tensor
+    tokens: torch.Tensor
+    keep: torch.Tensor
+
+    def to(self, device) -> "VisualizerBatch":
+        return VisualizerBatch(self.latents.to(device), self.tokens.to(device), self.keep.to(device))
+
+
+class VisualizerImages:
+    """The visualizer stage's image input: a picture at the UNet's resolution becomes its VAE latents
+    and its SigLIP tokens (the frozen tower's, on the picture resized to the tower's resolution with
+    the processor's normalisation), carried as one flat tensor per image (:func:`split_pair`)."""
+
+    tensor_name = "visualizer"  # no ready-tensor fast path: the pair is computed from the picture
+
+    def __init__(self, model: MetaMorph, codec, processor):
+        from .vae import ResizeCrop, check_codec
+
+        if codec is None:
+            raise CheckpointError("the MetaMorph visualizer stage trains on VAE latents: give 'vae' (the SD1.5 VAE)")
+        C, h, w = _latent_shape(model)
+        check_codec(codec, C)
+        self.model, self.codec, self.processor = model, codec, processor
+        self.preprocess = ResizeCrop(h * codec.downsample, w * codec.downsample, 3)
+        self.ready_shape = None
+
+    def moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.encode(pixels), None
+
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, 3, H, W) pictures in [-1, 1] -> (N, C * h * w + T * width): latents (posterior mean), then tokens."""
+        latents = self.codec.moments(pixels)[0]
+        size, mean, std = self.processor.size, self.processor.image_mean, self.processor.image_std
+        small = F.interpolate((pixels + 1) / 2, size=(size["height"], size["width"]), mode="bicubic", antialias=True,
+                              align_corners=False)
+        siglip = (small - torch.tensor(mean, device=small.device)[:, None, None]) / \
+            torch.tensor(std, device=small.device)[:, None, None]
+        tokens = self.model.visual_tokens(siglip)
+        return torch.cat([latents.flatten(1), tokens.flatten(1).to(latents.dtype)], dim=1)
+
+    def fingerprint(self) -> dict:
+        return {"codec": self.codec.describe(), "preprocess": self.preprocess.describe(), "tokens": "siglip"}
+
+
+def split_pair(model: MetaMorph, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) flat pairs of :class:`VisualizerImages` -> latents (N, C, h, w), tokens (N, T, width)."""
+    C, h, w = _latent_shape(model)
+    T, width = model.config.num_visual_tokens, model.vision.config.dim
+    latents, tokens = packed.split([C * h * w, T * width], dim=1)
+    return latents.reshape(-1, C, h, w), tokens.reshape(-1, T, width)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,17 +336,29 @@ def build(parts: Parts, config: MetaMorphConfig) -> MetaMorph:
 
 
 def set_trainable(model: MetaMorph) -> None:
-    """Everything trains but the SigLIP tower and the SD1.5 UNet."""
-    model.requires_grad_(True)
+    """The LLM stage: everything but the SigLIP tower and the SD1.5 UNet. The visualizer stage: only
+    the projection to the UNet's conditioning (and the UNet with ``train_unet``)."""
+    visualizer = model.config.stage == "visualizer"
+    model.requires_grad_(not visualizer)
     model.vision.requires_grad_(False)
+    model.sd_proj.requires_grad_(True)
     if model.diffusion is not None:
-        model.diffusion.requires_grad_(False)
+        model.diffusion.requires_grad_(visualizer and model.config.train_unet)
 
 
 def make_batch(model: MetaMorph, documents: list, row_len: int, rows: int | None = None,
-               generator: torch.Generator | None = None) -> PackedBatch:
-    """Interleaved documents packed into ``rows`` rows (images: SigLIP pixels); causal over visual tokens too."""
+               generator: torch.Generator | None = None) -> PackedBatch | VisualizerBatch:
+    """Interleaved documents packed into ``rows`` rows (images: SigLIP pixels); causal over visual tokens too.
+    The visualizer stage: the documents' generated (``diffuse``) images, conditions dropped by ``generator``."""
     c = model.config
+    if c.stage == "visualizer":
+        pairs = [s.tensor for doc in documents for s in doc if isinstance(s, Image) and s.diffuse]
+        if not pairs:
+            raise ValueError("the visualizer stage trains on images to generate: a micro-batch held none")
+        latents, tokens = split_pair(model, torch.stack(pairs))
+        keep = torch.rand(len(pairs), generator=generator, device=generator.device if generator else None) \
+            >= c.condition_dropout
+        return VisualizerBatch(latents, tokens, keep.to(latents.device))
     batch = pack(documents, row_len, c.num_visual_tokens, c.boi_token_id, c.eoi_token_id, max_rows=rows)
     batch.kv_start, batch.kv_end = mask_intervals(torch.zeros_like(batch.span_ids), batch.doc_ids)
     return batch
@@ -294,6 +390,8 @@ def condition_layout(model: MetaMorph, layout: PromptLayout | list[torch.Tensor]
     then only the UNet runs per step. ``recompute=True``: tokens by full recomputation, projection per step."""
     unet = _unet(model)
     tokens = model.generate_visual_tokens(layout, recompute=recompute)
+    rows = layout if isinstance(layout, PromptLayout) else PromptLayout.of_tokens(layout, model.decoder.embed)
+    tokens = _unconditional_as_zeros(tokens, rows.attention_mask.sum(dim=1) == 1)  # rows that are BOI alone
     cond = model.sd_condition(tokens)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -303,11 +401,22 @@ def condition_layout(model: MetaMorph, layout: PromptLayout | list[torch.Tensor]
     yield denoise
 
 
+def _unconditional_as_zeros(tokens: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance's unconditional rows (a prompt of BOI alone) condition the UNet with
+    zero tokens: what the visualizer's condition dropout trains."""
+    return tokens.masked_fill(unconditional[:, None, None].to(tokens.device), 0.0)
+
+
+def _whole_row(row_len: int, document: list) -> int:
+    return row_len  # the visualizer stage: one document (its image) per row
+
+
 def image_span(model: MetaMorph, hidden: torch.Tensor, starts: torch.Tensor, slot: int,
                draw: Callable[[Denoiser], torch.Tensor]) -> torch.Tensor:
     """Interleaved generation: after a BOI at ``slot - 1``, the visual tokens written one by one into
     the open KV cache (the text after them reads them), then drawn by the UNet conditioned on them."""
     tokens = model.visual_token_loop(hidden[:, -1], starts, slot, range(model.config.num_visual_tokens))
+    tokens = _unconditional_as_zeros(tokens, starts == slot - 1)  # a row that restarted at this BOI
     cond, unet = model.sd_condition(tokens), _unet(model)
     return draw(lambda x, t: unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample)
 
@@ -356,11 +465,16 @@ FAMILY = FamilySpec(
     set_trainable=set_trainable,
     llm=lambda model: model.decoder,
     blocks=lambda model: list(model.decoder.layers),
-    image_input=_image_input,
-    document_size=lambda model, row_len: functools.partial(packed_size, tokens_per_image=model.config.num_visual_tokens),
+    image_input=lambda model, codec, processor: VisualizerImages(model, codec, _image_input(model, codec, processor)
+                                                                 .processor) if model.config.stage == "visualizer"
+    else _image_input(model, codec, processor),
+    document_size=lambda model, row_len: functools.partial(_whole_row, row_len) if model.config.stage == "visualizer"
+    else functools.partial(packed_size, tokens_per_image=model.config.num_visual_tokens),
     make_batch=make_batch,
-    loss=lambda model, batch, generator: model.training_loss(batch, generator),
-    count=lambda b: {"tokens": b.num_text_tokens, "images": 0 if b.images is None else int(b.images.shape[0])},
+    loss=lambda model, batch, generator: model.visualizer_loss(batch, generator) if isinstance(batch, VisualizerBatch)
+    else model.training_loss(batch, generator),
+    count=lambda b: {"tokens": 0, "images": int(b.latents.shape[0])} if isinstance(b, VisualizerBatch) else
+    {"tokens": b.num_text_tokens, "images": 0 if b.images is None else int(b.images.shape[0])},
     pipeline=PipelineHooks(
         latent_shape=_latent_shape,
         scheduler=default_scheduler,
