@@ -4,7 +4,8 @@
    ``{"text": "a red square", "image": "img/0.png"}`` (an image-caption pair: the caption, then the
    image) or ``{"segments": [{"text": "..."}, {"image": "a.png", "diffuse": false}, {"text": "..."}]}``
    (interleaved; ``diffuse`` false: a clean conditioning image, e.g. one to caption; a text segment
-   with ``"loss": false`` is read but not trained on, e.g. the question of a question-answer pair) -- with image
+   with ``"loss": false`` -- or ``"role": "user"`` / ``"system"`` -- is read but not trained on, e.g. the
+   question of a question-answer pair; ``"role": "assistant"`` is the default) -- with image
    paths relative to the file. The fast path keeps working: text as a list of token ids, an image as
    a ``.safetensors`` file holding one ready tensor (``latent``, or ``pixels`` for MetaMorph). A
    Hugging Face ``datasets`` folder (``save_to_disk``) with a text and an image column reads the same
@@ -37,6 +38,7 @@ from mmfuse.engine.text import text_ids
 from mmfuse.models.vae import sample_latents
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+ROLES = {"system": False, "user": False, "assistant": True}  # a text segment's role -> whether it is trained on
 TENSOR_SUFFIX = ".safetensors"
 
 
@@ -124,15 +126,18 @@ def _parse_line(path: Path, n: int, line: str, vocab_size: int | None, root: Pat
 
 def _parse_segment(path: Path, where: str, seg, vocab_size: int | None, root: Path):
     keys = set(seg) if isinstance(seg, dict) else set()
-    if len({"text", "image"} & keys) != 1 or keys - ({"text", "loss"} if "text" in keys else {"image", "diffuse"}):
-        raise DataError(f'{where}: a segment is {{"text": ..., "loss": bool}} or {{"image": "file", "diffuse": bool}}, '
-                        f"got {json.dumps(seg)}")
+    text_keys = {"text", "loss", "role"}
+    if len({"text", "image"} & keys) != 1 or keys - (text_keys if "text" in keys else {"image", "diffuse"}) or \
+            {"loss", "role"} <= keys:
+        raise DataError(f'{where}: a segment is {{"text": ..., "loss": bool}} (or "role": "user" / "assistant") or '
+                        f'{{"image": "file", "diffuse": bool}}, got {json.dumps(seg)}')
     if "text" in seg:
-        if not isinstance(seg.get("loss", True), bool):
-            raise DataError(f"{where}: loss must be a boolean (false: text the model reads but is not trained on), "
-                            f"got {json.dumps(seg)}")
+        loss = seg.get("loss", ROLES.get(seg.get("role", "assistant")))
+        if not isinstance(loss, bool):
+            raise DataError(f"{where}: loss must be a boolean (false: text the model reads but is not trained on) and "
+                            f"role one of {sorted(ROLES)}, got {json.dumps(seg)}")
         value = _parse_text(where, seg["text"], vocab_size)
-        return value if seg.get("loss", True) else Untrained(value)
+        return value if loss else Untrained(value)
     name, diffuse = seg["image"], seg.get("diffuse", True)
     if not isinstance(name, str) or not isinstance(diffuse, bool):
         raise DataError(f"{where}: image must be a file name and diffuse a boolean, got {json.dumps(seg)}")

@@ -68,7 +68,13 @@ def test_text_with_loss_false_is_read_but_not_trained_on(tmp_path):
     question, answer = len(doc[1]), doc[2].numel() + 1  # the answer and EOS
     targets = batch.labels[0, 1:1 + question + answer].tolist()
     assert targets[:question] == [-100] * question and -100 not in targets[question:]
-    for bad in ({"text": "x", "loss": "no"}, {"image": "a.png", "loss": False}):
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"segments": [{"text": "hi", "role": "system"},
+                                                                  {"text": "what is this", "role": "user"},
+                                                                  {"text": "a square", "role": "assistant"}]}) + "\n")
+    chat, = read_records(tmp_path / "chat.jsonl")
+    assert chat.segments == (Untrained("hi"), Untrained("what is this"), "a square")  # roles: who is trained
+    for bad in ({"text": "x", "loss": "no"}, {"image": "a.png", "loss": False}, {"text": "x", "role": "robot"},
+                {"text": "x", "role": "user", "loss": True}):
         (tmp_path / "bad.jsonl").write_text(json.dumps({"segments": [bad]}) + "\n")
         with pytest.raises(Exception, match="bad.jsonl:1"):
             read_records(tmp_path / "bad.jsonl")
