@@ -8,8 +8,8 @@
 #    wheels in DIR first -- e.g. diffusers, which GPU images often lack), never touching the image's
 #    torch / triton;
 # 3. runs the CUDA tests, `pytest -m cuda` (log: OUT/pytest.log, OUT/pytest.xml);
-# 4. runs `mmfuse bench --quick --device cuda` into OUT/results, packed as OUT/results.tar.gz
-#    (log: OUT/bench.log);
+# 4. runs `mmfuse bench --quick --device cuda`, appending to this tree's bench/results (the earlier
+#    runs stay), and packs that folder as OUT/results.tar.gz (log: OUT/bench.log);
 # 5. writes OUT/SUMMARY.md (device, versions, test counts, each benchmark module's status).
 #
 # The default timeouts (240 s of tests, 270 s of benchmarks) keep the whole check within 8 minutes.
@@ -54,7 +54,7 @@ PY="${PYTHON:-python3}"
 SITE="${TMPDIR:-/tmp}/mmfuse-gpu-check-site"
 install_cmd="$PY -m pip install -q --no-index --no-deps --no-build-isolation --target $SITE"
 tests_cmd="timeout $TESTS_TIMEOUT $PY -m pytest -m cuda -q -p no:cacheprovider --junitxml=$OUT/pytest.xml"
-bench_cmd="timeout $BENCH_TIMEOUT $PY -m mmfuse bench --quick --device cuda --out $OUT/results"
+bench_cmd="timeout $BENCH_TIMEOUT $PY -m mmfuse bench --quick --device cuda"
 
 if [ "$DRY" = 1 ]; then
   {
@@ -64,7 +64,7 @@ if [ "$DRY" = 1 ]; then
     echo "install: $install_cmd ."
     echo "tests: PYTHONPATH=$SITE $tests_cmd"
     echo "bench: PYTHONPATH=$SITE $bench_cmd"
-    echo "pack: tar -czf $OUT/results.tar.gz -C $OUT results"
+    echo "pack: tar -czf $OUT/results.tar.gz -C bench results"
     echo "summary: $OUT/SUMMARY.md"
   } > "$OUT/plan.txt"
   cat "$OUT/plan.txt"
@@ -104,7 +104,7 @@ tests_rc=${PIPESTATUS[0]}
 # 4. the benchmarks
 $bench_cmd 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
-if [ -d "$OUT/results" ]; then tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"; fi
+tar -czf "$OUT/results.tar.gz" -C bench results  # the earlier runs and this machine's, as bench/results
 
 # 5. the summary
 {
@@ -118,7 +118,7 @@ if [ -d "$OUT/results" ]; then tar -czf "$OUT/results.tar.gz" -C "$OUT" results 
   echo "- benchmarks (\`mmfuse bench --quick --device cuda\`, exit $bench_rc):"
   grep -E '^  [a-z_]+ +(ok|failed|skipped|error)' "$OUT/bench.log" | sed 's/^  /  - /' || true
   if [ -f "$OUT/results.tar.gz" ]; then
-    echo "- results: results.tar.gz (the bench/results layout: one JSON per module, SUMMARY.md, plots)"
+    echo "- results: results.tar.gz (bench/results with this machine's runs appended: one JSON per module, SUMMARY.md, plots)"
   fi
 } > "$OUT/SUMMARY.md"
 cat "$OUT/SUMMARY.md"
