@@ -2,11 +2,17 @@
 
 ``register()`` (run by ``import mmfuse``) adds mmfuse's attention to transformers' attention registry,
 with transformers' SDPA mask builder, so the function receives a boolean mask (or None when the mask
-is purely causal). Every mask transformers builds for Llama / Qwen2 (causal, left or right padding,
-a KV cache) is one key interval per query, which :func:`mixed_attention` takes directly.
+is purely causal). The masks transformers builds for Llama / Qwen2 (causal, left or right padding,
+packed sequences, a KV cache, static or dynamic) are one key interval per query, which
+:func:`mixed_attention` takes directly -- in whatever form they come: bool, or float additive
+(0 / -inf), 4D custom masks included. Any other valid mask (padding holes inside a row, an additive
+bias, a mask under ``torch.compile``, where the interval check would be a host sync) is computed by
+transformers' own SDPA attention, with a one-time warning naming the reason: the same result, never
+an exception.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -17,32 +23,53 @@ ATTN_IMPLEMENTATION = "mmfuse"
 # transformers hands every layer of a forward the same mask tensor: its intervals (and their
 # contiguity check, a host sync) are worked out once, for the first layer. (mask weakref, key, result)
 _last_intervals: tuple | None = None
+_warned: set[str] = set()
+
+
+class MaskNotIntervals(ValueError):
+    """A valid attention mask that is not one key interval per query (the caller falls back to SDPA)."""
+
+
+def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as is; a float additive one (0 = attend, -inf or the dtype's minimum = blocked) as bool."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise ValueError(f"attention_mask must be a bool or float mask, got {mask.dtype}")
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool(((mask == 0) | blocked).all()):
+        raise MaskNotIntervals("a float attention_mask with values other than 0 and -inf (an additive bias)")
+    return ~blocked
 
 
 def mask_to_intervals(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
                       causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """A boolean mask (B or 1, 1, Lq, Lk) -> int32 (B, Lq) ``kv_start, kv_end``.
+    """A bool or float-additive mask (B or 1, 1, Lq, Lk) -> int32 (B, Lq) ``kv_start, kv_end``.
 
     ``None`` means causal over the cache (query i is key ``kv_len - q_len + i``), or full attention
-    when ``causal`` is False. A row whose allowed keys are not one contiguous run is an error.
+    when ``causal`` is False.
+
+    Raises:
+        MaskNotIntervals: a row whose allowed keys are not one contiguous run, or an additive bias.
+        ValueError: a mask of another shape or dtype.
     """
     device = mask.device if mask is not None else None
     if mask is None:
         steps = torch.arange(q_len, device=device)
         end = steps + kv_len - q_len + 1 if causal else torch.full_like(steps, kv_len)
         return torch.zeros(batch, q_len, dtype=torch.int32, device=device), end.to(torch.int32).expand(batch, q_len)
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
-        raise ValueError(f"attention_mask must be a bool (B, 1, {q_len}, {kv_len}) mask, got {mask.dtype} "
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
+        raise ValueError(f"attention_mask must be a (B, 1, {q_len}, {kv_len}) mask, got {mask.dtype} "
                          f"{tuple(mask.shape)}")
-    allowed = mask[:, 0].expand(batch, q_len, kv_len)
+    allowed = _bool_mask(mask)[:, 0].expand(batch, q_len, kv_len)
     count = allowed.sum(-1)
     cols = torch.arange(kv_len, device=mask.device)
     start = torch.where(allowed, cols, kv_len).amin(-1)
     end = torch.where(allowed, cols + 1, 0).amax(-1)
     nonempty = count > 0
     if not torch.compiler.is_compiling() and bool((nonempty & (end - start != count)).any()):
-        raise ValueError("attention_mask is not one contiguous key interval per query, which the mmfuse "
-                         "attention needs (use attn_implementation='sdpa' for this mask)")
+        raise MaskNotIntervals("an attention_mask that is not one contiguous key interval per query (padding "
+                               "inside a row)")
     start = torch.where(nonempty, start, 0)
     end = torch.where(nonempty, end, 0)
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
@@ -50,15 +77,24 @@ def mask_to_intervals(mask: torch.Tensor | None, batch: int, q_len: int, kv_len:
 
 def _intervals_of(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`mask_to_intervals`, reused while the same mask object comes back unmodified."""
+    """:func:`mask_to_intervals`, reused while the same mask object comes back unmodified (a mask that
+    is not intervals too: every layer then falls back without checking again)."""
     global _last_intervals
-    if mask is None or torch.compiler.is_compiling():
+    if mask is None:
         return mask_to_intervals(mask, batch, q_len, kv_len, causal)
+    if torch.compiler.is_compiling():
+        raise MaskNotIntervals("an explicit attention_mask under torch.compile (checking it would sync with the host)")
     key = (mask._version, batch, q_len, kv_len, causal)
     last = _last_intervals
     if last is not None and last[0]() is mask and last[1] == key:
+        if isinstance(last[2], MaskNotIntervals):
+            raise last[2]
         return last[2]
-    result = mask_to_intervals(mask, batch, q_len, kv_len, causal)
+    try:
+        result = mask_to_intervals(mask, batch, q_len, kv_len, causal)
+    except MaskNotIntervals as why:
+        _last_intervals = (weakref.ref(mask), key, why)
+        raise
     _last_intervals = (weakref.ref(mask), key, result)
     return result
 
@@ -72,9 +108,24 @@ def mmfuse_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise ValueError("the mmfuse attention has no dropout; set attention_dropout=0")
     B, _, q_len, _ = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    kv_start, kv_end = _intervals_of(attention_mask, B, q_len, key.shape[2], causal)
+    try:
+        kv_start, kv_end = _intervals_of(attention_mask, B, q_len, key.shape[2], causal)
+    except MaskNotIntervals as why:
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, str(why), **kwargs)
     out = mixed_attention(query, key, value, kv_start.to(query.device), kv_end.to(query.device), scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, reason: str, **kwargs):
+    """transformers' own SDPA attention for a mask the intervals cannot express (warned once per reason)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if reason not in _warned and not torch.compiler.is_compiling():
+        _warned.add(reason)
+        warnings.warn(f"mmfuse attention: {reason}; computing it with transformers' SDPA attention instead",
+                      stacklevel=3)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
 
 
 def register() -> None:

@@ -5,7 +5,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 
 import mmfuse  # noqa: F401  (registers the attention implementation)
 from mmfuse.kernels import default_backend
-from mmfuse.models.hf_integration import ATTN_IMPLEMENTATION, mask_to_intervals
+from mmfuse.models.hf_integration import ATTN_IMPLEMENTATION, MaskNotIntervals, mask_to_intervals
 from tests.helpers import rel_err, triton_devices
 from tests.models.test_decoder import tiny_llama, tiny_qwen2
 
@@ -75,10 +75,16 @@ def test_mask_to_intervals():
     mask = torch.tensor([[[[False, True, True], [False, False, False]]]])
     start, end = mask_to_intervals(mask, 1, 2, 3)
     assert start.tolist() == [[1, 0]] and end.tolist() == [[3, 0]]  # the empty row gets an empty interval
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(MaskNotIntervals, match="contiguous"):
         mask_to_intervals(torch.tensor([[[[True, False, True]]]]), 1, 1, 3)
-    with pytest.raises(ValueError, match="bool"):
-        mask_to_intervals(torch.zeros(1, 1, 1, 3), 1, 1, 3)
+    # a float additive mask: 0 attends, -inf (or the dtype's minimum) blocks
+    additive = torch.tensor([[[[float("-inf"), 0.0, 0.0], [torch.finfo(torch.float32).min, 0.0, float("-inf")]]]])
+    start, end = mask_to_intervals(additive, 1, 2, 3)
+    assert start.tolist() == [[1, 1]] and end.tolist() == [[3, 2]]
+    with pytest.raises(MaskNotIntervals, match="additive bias"):
+        mask_to_intervals(torch.tensor([[[[0.0, -1.5, 0.0]]]]), 1, 1, 3)
+    with pytest.raises(ValueError, match="bool or float"):
+        mask_to_intervals(torch.ones(1, 1, 1, 3, dtype=torch.long), 1, 1, 3)
 
 
 def test_a_padded_mask_becomes_intervals_once_per_forward(pair, monkeypatch):
