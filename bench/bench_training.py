@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mmfuse.bench import baselines
+from mmfuse.engine.profile import PEAK_BF16_TFLOPS, device_peak
 from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table
 from mmfuse.engine.packing import Image, PackedBatch
 from mmfuse.engine.train import Trainer, TrainConfig
@@ -44,7 +45,6 @@ SPEC_NAMES = {"llamafusion": "fusion", "metamorph": "metamorph", "metaquery": "m
 BOI, EOI = 3, 4  # token ids of the image markers; text tokens are drawn above them
 
 # Dense bf16 tensor-core peaks (TFLOP/s), matched in order against torch.cuda.get_device_name.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -347,14 +347,6 @@ def _diffusion_forward_flops(model: MetaQuery, latents: torch.Tensor) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.denoise(latents, t, cond)
     return float(counter.get_total_flops())
-
-
-def device_peak(table: tuple[tuple[str, float], ...], device: torch.device) -> float | None:
-    """The first value of ``table`` whose key is in the CUDA device's name; None on CPU or if unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in table if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``mmfuse`` command line: ``demo``, ``train``, ``prepare``, ``generate``, ``bench``.
+"""The ``mmfuse`` command line: ``demo``, ``train``, ``prepare``, ``generate``, ``profile``, ``bench``.
 
 Each subcommand is one module with ``add_arguments(parser)`` and ``run(args) -> exit code``; its
 ``DESCRIPTION`` (default: its docstring) is its ``--help`` text, and its one-line summary is listed
@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "prepare": ("mmfuse.engine.commands.prepare", "encode a run's images once into a cache of latents (safetensors) "
                                                   "that training reads"),
     "generate": ("mmfuse.engine.commands.generate", "generate images (PNG) or text from a trained model folder"),
+    "profile": ("mmfuse.engine.commands.profile", "profile a few training steps of a run config (time by group, "
+                                                  "throughput, memory; a Chrome trace)"),
     "bench": ("mmfuse.bench.cli", "benchmarks vs the baselines users would otherwise run; plots, report"),
 }
 DESCRIPTION = ("Fast kernels and an engine for unified multimodal transformers (LlamaFusion / Transfusion, "
