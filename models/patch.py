@@ -1,6 +1,8 @@
-"""``mmfuse.patch(model)``: mmfuse's kernels inside a loaded transformers Llama / Qwen2, in place.
+"""``mmfuse.patch(model)``: mmfuse's kernels inside a loaded transformers Llama / Qwen2 / Mistral / Qwen3, in place.
 
-Supported: ``LlamaForCausalLM``, ``LlamaModel``, ``Qwen2ForCausalLM``, ``Qwen2Model`` (transformers 5).
+Supported: ``LlamaForCausalLM``, ``LlamaModel``, ``Qwen2ForCausalLM``, ``Qwen2Model``, ``MistralForCausalLM``,
+``MistralModel``, ``Qwen3ForCausalLM``, ``Qwen3Model`` (transformers 5; Qwen3's per-head q / k norms
+are swapped too, Mistral's and Qwen3's sliding windows pass on to the attention).
 What is swapped, each kind switchable:
 
 * ``rms_norm``: every ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` -> :class:`~mmfuse.models.layers.RMSNorm`
@@ -55,7 +57,10 @@ logger = logging.getLogger(__name__)
 KINDS = ("rms_norm", "mlp", "rope", "loss")
 # The transformers classes patch() takes -> the class-name prefix of their modules (LlamaRMSNorm, ...).
 SUPPORTED_CLASSES = {"LlamaForCausalLM": "Llama", "LlamaModel": "Llama",
-                     "Qwen2ForCausalLM": "Qwen2", "Qwen2Model": "Qwen2"}
+                     "Qwen2ForCausalLM": "Qwen2", "Qwen2Model": "Qwen2",
+                     "MistralForCausalLM": "Mistral", "MistralModel": "Mistral",
+                     "Qwen3ForCausalLM": "Qwen3", "Qwen3Model": "Qwen3"}
+FUSION_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # what to_fusion converts (mmfuse's Decoder)
 _STATE = "_mmfuse_patch"  # instance attribute holding what unpatch() restores
 
 
@@ -113,8 +118,11 @@ def _attention_forward(cls_forward, eager, cache_kwargs: bool, backend: str | No
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        if getattr(self, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin, backend=backend)
@@ -342,6 +350,9 @@ def to_fusion(model: nn.Module, fusion_config: FusionConfig | None = None) -> Ll
         ValueError: an unsupported model or configuration (``CheckpointError`` for the config).
     """
     _arch(model, causal_lm=True)
+    if type(model).__name__ not in FUSION_CLASSES:  # mmfuse's decoder has no sliding window, no q / k norms
+        raise ValueError(f"model: to_fusion takes transformers' {', '.join(FUSION_CLASSES)}, not "
+                         f"{type(model).__name__} (mmfuse.patch supports it)")
     config = DecoderConfig.from_hf(model.config.to_dict())
     hf = {k: v.detach() for k, v in model.state_dict().items()}
     shared = {t.data_ptr() for t in hf.values()}

@@ -33,6 +33,29 @@ def tiny_qwen2(**overrides) -> Qwen2ForCausalLM:
     return model
 
 
+def tiny_mistral(**overrides):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, sliding_window=5, tie_word_embeddings=False)
+    cfg.update(overrides)
+    return MistralForCausalLM(MistralConfig(**cfg)).eval()
+
+
+def tiny_qwen3(**overrides):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    cfg.update(overrides)
+    model = Qwen3ForCausalLM(Qwen3Config(**cfg)).eval()
+    with torch.no_grad():  # the q / k norms start at 1: random ones make the test meaningful
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def hf_checkpoint(request, tmp_path):
     model = tiny_llama() if request.param == "llama" else tiny_qwen2()

@@ -1,13 +1,14 @@
 """attn_implementation="mmfuse" takes every mask transformers hands over: interval masks natively (bool,
-float additive, 4D custom), any other valid mask through transformers' SDPA (one warning, never an
-exception); generation (greedy, sampling, beam search, static cache, from inputs_embeds), logits_to_keep,
-classification heads and compiled forwards, each compared with SDPA on tiny random Llama / Qwen2."""
+float additive, 4D custom, Mistral's sliding window), any other valid mask through transformers' SDPA
+(one warning, never an exception); generation (greedy, sampling, beam search, static cache, from
+inputs_embeds), logits_to_keep, classification heads and compiled forwards, each compared with SDPA on
+tiny random Llama / Qwen2 / Mistral / Qwen3."""
 import warnings
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import mmfuse  # noqa: F401  (registers the attention)
 from mmfuse.models import hf_integration
@@ -18,10 +19,12 @@ FIELDS = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_l
 
 
 def pair(kind: str = "llama", head=None):
-    classes = {"llama": (LlamaConfig, head or LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    classes = {"llama": (LlamaConfig, head or LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "mistral": (MistralConfig, MistralForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     config_class, model_class = classes[kind]
     torch.manual_seed(0)
     extra = {"num_labels": 3} if head is LlamaForSequenceClassification else {}
+    extra.update({"mistral": {"sliding_window": 4}, "qwen3": {"head_dim": 16}}.get(kind, {}))  # a window: an interval
     sdpa = model_class(config_class(**FIELDS, **extra, attn_implementation="sdpa")).eval()
     ours = model_class(config_class(**FIELDS, **extra, attn_implementation="mmfuse")).eval()
     ours.load_state_dict(sdpa.state_dict())
@@ -46,7 +49,7 @@ def fallbacks(fn):
     return [str(w.message) for w in caught if "mmfuse attention" in str(w.message)]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3"])
 def test_padding_holes_fall_back_to_sdpa_with_one_warning_and_the_same_gradients(kind):
     sdpa, ours = pair(kind)
     ids, _, holes = inputs()
@@ -83,7 +86,7 @@ def test_custom_4d_masks_bool_and_float_run_natively_and_biases_fall_back():
     assert rel_err(got["x"], sdpa(ids, attention_mask=bias).logits) <= 1e-5
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam", "beam_sample", "static", "embeds", "holes"])
 def test_generation_matches_sdpa_token_for_token(kind, mode):
     sdpa, ours = pair(kind)

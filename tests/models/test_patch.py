@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, LlamaModel, Qwen2Model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import mmfuse
 from mmfuse.kernels import default_backend, mask_intervals
@@ -13,10 +13,11 @@ from mmfuse.models import RMSNorm
 from mmfuse.models.fusion import FusionConfig
 from mmfuse.models.patch import SwiGLUMLP, patch, to_fusion, unpatch
 from tests.helpers import count_calls, rel_err, triton_devices
-from tests.models.test_decoder import tiny_llama, tiny_qwen2
+from tests.models.test_decoder import tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3
 
 needs_triton = pytest.mark.skipif("cpu" not in triton_devices(), reason="needs the Triton interpreter")
-MAKERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}  # llama: tied head, llama3 RoPE; qwen2: QKV biases, GQA 4:1
+# llama: tied head, llama3 RoPE; qwen2: QKV biases, GQA 4:1; mistral: a sliding window (5); qwen3: per-head q / k norms
+MAKERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral, "qwen3": tiny_qwen3}
 # The forward launcher of each op's Triton backend: counting their calls shows which backend ran.
 TRITON_LAUNCHERS = {"rms_norm": ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_triton"),
                     "swiglu": ("mmfuse.kernels.swiglu", "_swiglu_fwd_triton"),
@@ -24,7 +25,7 @@ TRITON_LAUNCHERS = {"rms_norm": ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_trito
                     "loss": ("mmfuse.kernels.linear_cross_entropy", "_chunk_triton")}
 
 
-@pytest.fixture(params=["llama", "qwen2"])
+@pytest.fixture(params=list(MAKERS))
 def arch(request):
     return request.param
 
@@ -96,30 +97,31 @@ def test_patched_matches_unpatched(arch, backend, how, triton_launches):
 
 def test_report_counts_and_the_ops_that_run(arch, caplog):
     ref, ours, report = pair(arch)
-    assert report.counts == {"rms_norm": 5, "mlp": 2, "rope": 2, "loss": 1}  # 2 layers x 2 norms + final norm
-    assert str(report) == f"mmfuse.patch({type(ref).__name__}): rms_norm 5, mlp 2, rope 2, loss 1 (backend auto)"
+    norms = 5 + 4 * (arch == "qwen3")  # 2 layers x 2 norms + final norm (+ Qwen3's q / k norms per layer)
+    assert report.counts == {"rms_norm": norms, "mlp": 2, "rope": 2, "loss": 1}
+    assert str(report) == f"mmfuse.patch({type(ref).__name__}): rms_norm {norms}, mlp 2, rope 2, loss 1 (backend auto)"
     ids, labels = batch(ref)
     ops = mmfuse_ops(lambda: ours(ids, labels=labels))
-    assert ops == {"mmfuse::rms_norm_fwd": 5, "mmfuse::swiglu_fwd": 2, "mmfuse::rope": 2,
+    assert ops == {"mmfuse::rms_norm_fwd": norms, "mmfuse::swiglu_fwd": 2, "mmfuse::rope": 2,
                    "mmfuse::linear_cross_entropy_fwd": 1}
     assert not mmfuse_ops(lambda: ref(ids, labels=labels))
 
     partial = copy.deepcopy(ref)
     with caplog.at_level(logging.INFO, logger="mmfuse.models.patch"):
         report = patch(partial, mlp=False, loss=False)
-    assert report.counts == {"rms_norm": 5, "mlp": 0, "rope": 2, "loss": 0}
+    assert report.counts == {"rms_norm": norms, "mlp": 0, "rope": 2, "loss": 0}
     assert str(report) in caplog.text
     assert type(partial.model.layers[0].mlp) is type(ref.model.layers[0].mlp)
-    assert mmfuse_ops(lambda: partial(ids, labels=labels)) == {"mmfuse::rms_norm_fwd": 5, "mmfuse::rope": 2}
+    assert mmfuse_ops(lambda: partial(ids, labels=labels)) == {"mmfuse::rms_norm_fwd": norms, "mmfuse::rope": 2}
 
 
 def test_bare_model_has_no_loss_to_swap(arch):
     causal = MAKERS[arch]()
-    bare = (LlamaModel if arch == "llama" else Qwen2Model)(causal.config).eval()
+    bare = type(causal.model)(causal.config).eval()  # LlamaModel, Qwen2Model, MistralModel, Qwen3Model
     ids, _ = batch(causal)
     with torch.no_grad():
         want = bare(ids).last_hidden_state
-        assert patch(bare).counts == {"rms_norm": 5, "mlp": 2, "rope": 2, "loss": 0}
+        assert patch(bare).counts == {"rms_norm": 5 + 4 * (arch == "qwen3"), "mlp": 2, "rope": 2, "loss": 0}
         assert rel_err(bare(ids).last_hidden_state, want) <= 1e-4
 
 
@@ -270,6 +272,10 @@ FUSION = FusionConfig(latent_channels=4, latent_size=4, patch_size=2)
 
 def test_to_fusion_keeps_text_logits_and_freezes_text(arch):
     hf = MAKERS[arch]()
+    if arch in ("mistral", "qwen3"):  # mmfuse's decoder has neither sliding windows nor q / k norms
+        with pytest.raises(ValueError, match="to_fusion takes transformers' LlamaForCausalLM, Qwen2ForCausalLM"):
+            to_fusion(hf, FUSION)
+        return
     fusion = to_fusion(hf, FUSION)
     ids, _ = batch(hf)
     modality = torch.zeros_like(ids)
