@@ -61,6 +61,9 @@ SUPPORTED_CLASSES = {"LlamaForCausalLM": "Llama", "LlamaModel": "Llama",
                      "MistralForCausalLM": "Mistral", "MistralModel": "Mistral",
                      "Qwen3ForCausalLM": "Qwen3", "Qwen3Model": "Qwen3"}
 FUSION_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # what to_fusion converts (mmfuse's Decoder)
+# VLM wrappers whose language model (``model.model.language_model``) patch() patches
+VLM_WRAPPERS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                "LlavaOnevisionForConditionalGeneration")
 _STATE = "_mmfuse_patch"  # instance attribute holding what unpatch() restores
 
 
@@ -83,6 +86,7 @@ class _PatchState:
     report: PatchReport
     swapped: list[tuple[nn.Module, str, nn.Module]]  # (parent, attribute, original child)
     forwards: list[nn.Module]  # modules given an instance-level forward
+    inner: nn.Module | None = None  # a VLM wrapper's patched language model
 
 
 class SwiGLUMLP(nn.Module):
@@ -204,8 +208,20 @@ def _arch(model: object, causal_lm: bool = False) -> tuple[str, types.ModuleType
     # The transformers class itself: a subclass may have changed the forwards patch() replaces.
     if cls.__name__ not in supported or not cls.__module__.startswith("transformers.") or \
             getattr(module, cls.__name__, None) is not cls:
-        raise ValueError(f"model: {cls.__name__} is not supported, only transformers' {', '.join(supported)}")
+        wrappers = "" if causal_lm else f", and the VLMs {', '.join(VLM_WRAPPERS)}"
+        raise ValueError(f"model: {cls.__name__} is not supported, only transformers' {', '.join(supported)}{wrappers}")
     return SUPPORTED_CLASSES[cls.__name__], module
+
+
+def _vlm_language_model(model: object) -> nn.Module | None:
+    """The language model of a supported transformers VLM wrapper, else None."""
+    cls = type(model)
+    if cls.__name__ not in VLM_WRAPPERS or not cls.__module__.startswith("transformers."):
+        return None
+    inner = getattr(getattr(model, "model", None), "language_model", None)
+    if inner is None:
+        raise ValueError(f"model: {cls.__name__} without model.language_model (an older transformers layout?)")
+    return inner
 
 
 def _children_of_type(model: nn.Module, cls: type) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -265,6 +281,13 @@ def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bo
         ValueError: unsupported model or configuration (nothing is changed then), or already patched.
         TypeError: ``model`` is not an ``nn.Module``.
     """
+    inner = _vlm_language_model(model)
+    if inner is not None:  # a LLaVA-family VLM: its language model is patched (its lm_head loss is the wrapper's)
+        _check_free(model, [])
+        report = patch(inner, rms_norm=rms_norm, mlp=mlp, rope=rope, loss=False, backend=backend)
+        report.model = f"{type(model).__name__} ({type(inner).__name__})"
+        model.__dict__[_STATE] = _PatchState(report, swapped=[], forwards=[], inner=inner)
+        return report
     prefix, module = _arch(model)
     check_backend_name(backend)
     norms = _children_of_type(model, getattr(module, f"{prefix}RMSNorm")) if rms_norm else []
@@ -322,6 +345,8 @@ def unpatch(model: nn.Module) -> None:
     state = model.__dict__.pop(_STATE, None) if isinstance(model, nn.Module) else None
     if state is None:
         raise ValueError("model: not patched by mmfuse.patch (nothing to undo)")
+    if state.inner is not None:
+        unpatch(state.inner)
     for parent, name, original in reversed(state.swapped):
         setattr(parent, name, original)
     for m in state.forwards:

@@ -303,3 +303,38 @@ def test_to_fusion_of_a_patched_model_and_bad_input():
     assert text and all(torch.equal(got[k], want[k]) for k in text)
     with pytest.raises(ValueError, match="LlamaModel is not supported"):
         to_fusion(hf.model)
+
+
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_a_llava_family_vlm_gets_its_language_model_patched(kind):
+    from tests.models.test_llava import PICTURES, inputs, tiny, tokenizer
+
+    tok = tokenizer()
+    ref = tiny(kind, tok)
+    ours = copy.deepcopy(ref)
+    enc = inputs("next" if kind == "next" else "onevision", tok, None if kind == "next" else _ours(ref),
+                 ["what is this <image>", "<image> a red"], PICTURES[:2])
+    report = patch(ours)
+    inner = type(ref.model.language_model).__name__
+    assert report.model == f"{type(ref).__name__} ({inner})" and report.counts["loss"] == 0
+    assert report.counts["rms_norm"] == 5 and report.counts["mlp"] == 2 and report.counts["rope"] == 2
+    with torch.no_grad():
+        assert rel_err(ours(**enc).logits, ref(**enc).logits) <= 1e-5
+        kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert torch.equal(ours.generate(**enc, **kwargs), ref.generate(**enc, **kwargs))
+    with pytest.raises(ValueError, match="already patched"):
+        patch(ours)
+    unpatch(ours)
+    assert type(ours.model.language_model.norm) is type(ref.model.language_model.norm)
+    assert "_mmfuse_patch" not in ours.__dict__ and "_mmfuse_patch" not in ours.model.language_model.__dict__
+
+
+def _ours(hf):
+    """mmfuse's VLM on the same weights: it counts the image features that expand the placeholders."""
+    import tempfile
+
+    from mmfuse.models import from_pretrained
+
+    with tempfile.TemporaryDirectory() as path:
+        hf.save_pretrained(path)
+        return from_pretrained(path)
