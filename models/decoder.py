@@ -145,6 +145,26 @@ class PromptLayout:
         tensors = (getattr(self, f.name) for f in dataclasses.fields(self))
         return PromptLayout(*(t.repeat(times, *[1] * (t.dim() - 1)) for t in tensors))
 
+    @classmethod
+    def causal(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> "PromptLayout":
+        """Left-padded prompts (a processor's ``input_ids`` / ``attention_mask``) read causally, e.g. a
+        VLM's prompt with its image features already in ``inputs_embeds``; ``position_ids`` default
+        to each row's count of real tokens so far.
+
+        Raises:
+            ValueError: ``attention_mask`` is not left padding.
+        """
+        B, L = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        first = (L - mask.sum(dim=1)).to(torch.int32)
+        if not torch.equal(mask, (torch.arange(L, device=mask.device)[None] >= first[:, None].long()).long()):
+            raise ValueError("attention_mask must be left padding (1s after 0s in every row): use padding_side='left'")
+        kv_end = (torch.arange(L, device=input_ids.device) + 1).to(torch.int32).expand(B, L).contiguous()
+        positions = (mask.cumsum(1) - 1).clamp(min=0) if position_ids is None else position_ids
+        return cls(input_ids, inputs_embeds, torch.zeros_like(input_ids), first[:, None].expand(B, L).contiguous(),
+                   kv_end, positions, first)
+
     @property
     def attention_mask(self) -> torch.Tensor:
         """(B, P) 1 on real positions, 0 on the left padding."""
@@ -349,6 +369,18 @@ def _split_sizes(c: DecoderConfig):
 def decoder_state_from_hf(c: DecoderConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # A tied checkpoint may still carry lm_head.weight (a copy of the embeddings): ignore it then.
     return hf_to_native(hf, hf_key_map(c), optional_hf=("lm_head.weight",) if c.tie_embeddings else ())
+
+
+def load_language_model(path, config: DecoderConfig, to_decoder_names: Callable[[list[str]], dict[str, str]],
+                        dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Decoder:
+    """The decoder inside a larger checkpoint (a VLM's language model): ``to_decoder_names`` maps the
+    file's tensor names to the decoder's HF names (``model.*``, ``lm_head.*``); only those are read."""
+    from .hf_io import build_from_state, checkpoint_files, load_tensors, tensor_names
+
+    files = checkpoint_files(path)
+    names = to_decoder_names(tensor_names(files))
+    tensors = load_tensors(files, torch.device(device or "cpu"), dtype, keep=lambda k: k in names)
+    return build_from_state(lambda: Decoder(config), decoder_state_from_hf(config, {names[k]: v for k, v in tensors.items()}))
 
 
 def decoder_state_to_hf(model: Decoder) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoder import Decoder, DecoderConfig, PromptLayout, decoder_state_from_hf
+from .decoder import load_language_model as read_language_model
 from .hf_io import (CheckpointError, build_from_state, checkpoint_files, hf_to_native, load_tensors, read_config,
                     rename)
 from .siglip import SiglipVisionConfig, SiglipVisionTower, siglip_state_from_hf
@@ -161,14 +162,7 @@ class LlavaVLM(nn.Module):
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> PromptLayout:
         """Left-padded processor output -> the causal :class:`PromptLayout` that ``generate`` prefills."""
-        B, L = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        first = (L - mask.sum(dim=1)).to(torch.int32)
-        if not torch.equal(mask, (torch.arange(L, device=mask.device)[None] >= first[:, None].long()).long()):
-            raise ValueError("attention_mask must be left padding (1s after 0s in every row): use padding_side='left'")
-        kv_end = (torch.arange(L, device=input_ids.device) + 1).to(torch.int32).expand(B, L).contiguous()
-        return PromptLayout(input_ids, self.embed(input_ids, pixel_values, image_sizes), torch.zeros_like(input_ids),
-                            first[:, None].expand(B, L).contiguous(), kv_end, (mask.cumsum(1) - 1).clamp(min=0), first)
+        return PromptLayout.causal(input_ids, attention_mask, self.embed(input_ids, pixel_values, image_sizes))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_sizes: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,13 +219,8 @@ def language_model_names(names: list[str], where) -> dict[str, str]:
 def load_language_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> Decoder:
     """Only the language model of a VLM checkpoint (the tower and projector stay in the file)."""
-    config = text_config(read_config(path))
-    from .hf_io import tensor_names
-
-    files = checkpoint_files(path)
-    names = language_model_names(tensor_names(files), path)
-    tensors = load_tensors(files, torch.device(device or "cpu"), dtype, keep=lambda k: k in names)
-    return build_from_state(lambda: Decoder(config), decoder_state_from_hf(config, {names[k]: v for k, v in tensors.items()}))
+    return read_language_model(path, text_config(read_config(path)), lambda names: language_model_names(names, path),
+                               dtype, device)
 
 
 def load_llava(path: str | os.PathLike, dtype: torch.dtype | None = None,

@@ -29,6 +29,7 @@ from torch import nn
 from mmfuse.kernels import apply_rope, mixed_attention, rms_norm
 
 from .decoder import Decoder, DecoderConfig, PromptLayout, decoder_state_from_hf
+from .decoder import load_language_model as read_language_model
 from .hf_io import CheckpointError, KeyRule, build_from_state, checkpoint_files, hf_to_native, load_tensors, read_config, rename
 
 MODEL_TYPE = "qwen2_5_vl"
@@ -216,15 +217,9 @@ class Qwen25VL(nn.Module):
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> PromptLayout:
         """Left-padded processor output -> the causal :class:`PromptLayout` (3D positions) ``generate`` prefills."""
-        B, L = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        first = (L - mask.sum(dim=1)).to(torch.int32)
-        if not torch.equal(mask, (torch.arange(L, device=mask.device)[None] >= first[:, None].long()).long()):
-            raise ValueError("attention_mask must be left padding (1s after 0s in every row): use padding_side='left'")
-        kv_end = (torch.arange(L, device=input_ids.device) + 1).to(torch.int32).expand(B, L).contiguous()
-        return PromptLayout(input_ids, self.embed(input_ids, pixel_values, image_grid_thw), torch.zeros_like(input_ids),
-                            first[:, None].expand(B, L).contiguous(), kv_end,
-                            self.positions(input_ids, mask, image_grid_thw), first)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return PromptLayout.causal(input_ids, attention_mask, self.embed(input_ids, pixel_values, image_grid_thw),
+                                   self.positions(input_ids, mask, image_grid_thw))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,13 +271,7 @@ def _language_model_names(names: list[str]) -> dict[str, str]:
 def load_language_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> Decoder:
     """Only the language model (M-RoPE decoder) of a Qwen2.5-VL checkpoint."""
-    from .hf_io import tensor_names
-
-    config = text_config(read_config(path))
-    files = checkpoint_files(path)
-    names = _language_model_names(tensor_names(files))
-    tensors = load_tensors(files, torch.device(device or "cpu"), dtype, keep=lambda k: k in names)
-    return build_from_state(lambda: Decoder(config), decoder_state_from_hf(config, {names[k]: v for k, v in tensors.items()}))
+    return read_language_model(path, text_config(read_config(path)), _language_model_names, dtype, device)
 
 
 def load_qwen25_vl(path: str | os.PathLike, dtype: torch.dtype | None = None,
