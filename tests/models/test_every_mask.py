@@ -129,3 +129,28 @@ def test_compiled_full_graph_forward_matches_sdpa():
     real = left.bool()
     assert rel_err(got[real], sdpa(ids, attention_mask=left).logits[real]) <= 1e-5
     assert rel_err(plain, sdpa(ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("tower", ["siglip", "clip"])
+def test_bidirectional_vision_towers_match_sdpa(tower):
+    """SigLIP / CLIP vision models: no mask, not causal -- every patch sees every patch on mixed_attention."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    config_class, model_class = {"siglip": (SiglipVisionConfig, SiglipVisionModel),
+                                 "clip": (CLIPVisionConfig, CLIPVisionModel)}[tower]
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=7)
+    torch.manual_seed(0)
+    sdpa = model_class(config_class(**fields, attn_implementation="sdpa"))
+    ours = model_class(config_class(**fields, attn_implementation="mmfuse"))
+    ours.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    assert fallbacks(lambda: ours(x)) == []
+    want, got = sdpa(x).last_hidden_state, ours(x).last_hidden_state
+    assert rel_err(got, want) <= 1e-5
+    probe = torch.randn_like(want)  # a random projection: the LayerNorm'd states' mean square has ~0 gradient
+    (want * probe).sum().backward()
+    (got * probe).sum().backward()
+    name = next(n for n, _ in ours.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight"))
+    grads = [dict(m.named_parameters())[name].grad for m in (ours, sdpa)]
+    assert rel_err(*grads) <= 1e-4
