@@ -154,3 +154,34 @@ def test_bidirectional_vision_towers_match_sdpa(tower):
     name = next(n for n, _ in ours.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight"))
     grads = [dict(m.named_parameters())[name].grad for m in (ours, sdpa)]
     assert rel_err(*grads) <= 1e-4
+
+
+def test_vlms_with_images_match_sdpa(tmp_path):
+    """Qwen2.5-VL (its ViT's windows and whole-image blocks, the M-RoPE LLM) and LLaVA-NeXT (CLIP tower,
+    Llama) on attn_implementation="mmfuse", images in the prompt: logits and greedy generation as SDPA."""
+    from transformers import LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+    from tests.models.test_llava import PICTURES as LLAVA_PICTURES
+    from tests.models.test_llava import inputs as llava_inputs
+    from tests.models.test_llava import tiny as tiny_llava
+    from tests.models.test_llava import tokenizer
+    from tests.models.test_qwen_vl import PICTURES, TEXTS, prompts_with_images
+    from tests.models.test_qwen_vl import tiny as tiny_qwen
+
+    tiny_qwen(tmp_path / "qwen")
+    tok = tokenizer()
+    tiny_llava("next", tok).save_pretrained(tmp_path / "next")
+    cases = [(Qwen2_5_VLForConditionalGeneration, tmp_path / "qwen", prompts_with_images(PICTURES, TEXTS), 0),
+             (LlavaNextForConditionalGeneration, tmp_path / "next",
+              llava_inputs("next", tok, None, ["what is this <image>", "<image> a red"], LLAVA_PICTURES[:2]),
+              tok.pad_token_id)]
+    for model_class, folder, enc, pad in cases:
+        sdpa = model_class.from_pretrained(folder, attn_implementation="sdpa").eval()
+        ours = model_class.from_pretrained(folder, attn_implementation="mmfuse").eval()
+        real = enc["attention_mask"].bool()
+        with torch.no_grad():
+            got = {}
+            assert fallbacks(lambda: got.setdefault("x", ours(**enc).logits)) == [], model_class.__name__
+            assert rel_err(got["x"][real], sdpa(**enc).logits[real]) <= 1e-5
+            kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=pad, eos_token_id=None)
+            assert torch.equal(ours.generate(**enc, **kwargs), sdpa.generate(**enc, **kwargs)), model_class.__name__
