@@ -286,7 +286,7 @@ class MMFusePipeline:
         count = len(prompts if prompts is not None else rows)
         per_prompt = images_per_prompt(images, count)
         negatives = _broadcast(negative_prompt, count)
-        image_input = family.image_input(model, self.vae, self.image_processor)
+        image_input = self._prompt_image_input(family)
         read = functools.partial(prompt_documents, self.tokenizer, images=per_prompt, image_input=image_input,
                                  device=self.device)
         docs = {"full": lambda: read(prompts, rows), "image": lambda: read(negatives, None),
@@ -561,9 +561,14 @@ class MMFusePipeline:
         prompts = None if prompt is None else _strings(prompt)
         rows = self._prompt_rows(None, ids) if ids is not None else None
         per_prompt = images_per_prompt(images, len(prompts if prompts is not None else rows))
-        image_input = family.image_input(self.model, self.vae, self.image_processor)
+        image_input = self._prompt_image_input(family)
         documents = prompt_documents(self.tokenizer, prompts, rows, per_prompt, image_input, self.device)
         return lay_out(family, self.model, documents, self.device)
+
+    def _prompt_image_input(self, family: FamilySpec):
+        """How a picture in a prompt becomes the model's input (the family's training input by default)."""
+        make = family.pipeline.prompt_image_input or family.image_input
+        return make(self.model, self.vae, self.image_processor)
 
     def _image_family(self) -> FamilySpec:
         """The family, when its prompts can hold images (a named error otherwise)."""

@@ -76,6 +76,9 @@ class PipelineHooks:
         image_end: model -> the token that closes an image span (EOI), or None.
         timestep_kwargs: model -> extra arguments of the scheduler's ``set_timesteps`` (e.g. the
             dynamic shift's ``mu`` of a flow-matching model trained with it).
+        prompt_image_input: (model, codec, processor) -> how a picture in a prompt becomes the model's
+            input, where that differs from the training one (``FamilySpec.image_input``, the default;
+            e.g. MetaMorph's visualizer stage trains on (latents, tokens) pairs but reads SigLIP pixels).
         image_span: (model, hidden (R, 1, dim) after BOI, starts (R,) int32, slot, draw) -> the image's
             latents (1, C, h, w), for interleaved generation: with the rows' KV cache open and BOI
             written at ``slot - 1``, write the image span into slots ``slot .. slot + n - 1`` (n =
@@ -97,6 +100,7 @@ class PipelineHooks:
     condition_layout: Callable[[nn.Module, Any, bool], ContextManager[Denoiser]] | None = None
     image_end: Callable[[nn.Module], int | None] = lambda model: None
     timestep_kwargs: Callable[[nn.Module], dict] = lambda model: {}
+    prompt_image_input: Callable[[nn.Module, Any, Any], Any] | None = None
     image_span: Callable[..., torch.Tensor] | None = None
 
 

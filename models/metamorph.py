@@ -351,10 +351,8 @@ def make_batch(model: MetaMorph, documents: list, row_len: int, rows: int | None
     """Interleaved documents packed into ``rows`` rows (images: SigLIP pixels); causal over visual tokens too.
     The visualizer stage: the documents' generated (``diffuse``) images, conditions dropped by ``generator``."""
     c = model.config
-    if c.stage == "visualizer":
-        pairs = [s.tensor for doc in documents for s in doc if isinstance(s, Image) and s.diffuse]
-        if not pairs:
-            raise ValueError("the visualizer stage trains on images to generate: a micro-batch held none")
+    pairs = [s.tensor for doc in documents for s in doc if isinstance(s, Image) and s.diffuse]
+    if c.stage == "visualizer" and pairs:  # (a prompt to lay out for generation holds no image to generate)
         latents, tokens = split_pair(model, torch.stack(pairs))
         keep = torch.rand(len(pairs), generator=generator, device=generator.device if generator else None) \
             >= c.condition_dropout
@@ -407,8 +405,19 @@ def _unconditional_as_zeros(tokens: torch.Tensor, unconditional: torch.Tensor) -
     return tokens.masked_fill(unconditional[:, None, None].to(tokens.device), 0.0)
 
 
-def _whole_row(row_len: int, document: list) -> int:
-    return row_len  # the visualizer stage: one document (its image) per row
+def _document_size(row_len: int, tokens_per_image: int, visualizer: bool, document: list) -> int:
+    """The positions a document takes; the visualizer stage: a whole row per document with an image to generate."""
+    if visualizer and any(isinstance(s, Image) and s.diffuse for s in document):
+        return row_len
+    return packed_size(document, tokens_per_image)
+
+
+def _loss(model: MetaMorph, batch, generator) -> Objective:
+    if isinstance(batch, VisualizerBatch):
+        return model.visualizer_loss(batch, generator)
+    if model.config.stage == "visualizer":
+        raise ValueError("the visualizer stage trains on images to generate: a micro-batch held none")
+    return model.training_loss(batch, generator)
 
 
 def image_span(model: MetaMorph, hidden: torch.Tensor, starts: torch.Tensor, slot: int,
@@ -468,11 +477,10 @@ FAMILY = FamilySpec(
     image_input=lambda model, codec, processor: VisualizerImages(model, codec, _image_input(model, codec, processor)
                                                                  .processor) if model.config.stage == "visualizer"
     else _image_input(model, codec, processor),
-    document_size=lambda model, row_len: functools.partial(_whole_row, row_len) if model.config.stage == "visualizer"
-    else functools.partial(packed_size, tokens_per_image=model.config.num_visual_tokens),
+    document_size=lambda model, row_len: functools.partial(_document_size, row_len, model.config.num_visual_tokens,
+                                                           model.config.stage == "visualizer"),
     make_batch=make_batch,
-    loss=lambda model, batch, generator: model.visualizer_loss(batch, generator) if isinstance(batch, VisualizerBatch)
-    else model.training_loss(batch, generator),
+    loss=lambda model, batch, generator: _loss(model, batch, generator),
     count=lambda b: {"tokens": 0, "images": int(b.latents.shape[0])} if isinstance(b, VisualizerBatch) else
     {"tokens": b.num_text_tokens, "images": 0 if b.images is None else int(b.images.shape[0])},
     pipeline=PipelineHooks(
@@ -487,5 +495,6 @@ FAMILY = FamilySpec(
         image_start=lambda model: model.config.boi_token_id,
         image_end=lambda model: model.config.eoi_token_id,
         image_span=image_span,
+        prompt_image_input=_image_input,  # SigLIP pixels, whatever stage the model was trained in
     ),
 )

@@ -37,6 +37,12 @@ def test_the_visualizer_stage_trains_the_projection_alone_and_draws_with_guidanc
     from PIL import Image
 
     assert Image.open(out).size == (16, 16)
+    # the stage-2 folder still reads pictures in its prompts (as SigLIP pixels, not training pairs)
+    png = tmp_path / "img" / "0.png"
+    assert main(["generate", "--checkpoint", str(second), "--image", str(png), "--prompt", "what is this",
+                 "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--checkpoint", str(second), "--image", str(png), "--prompt", "make it blue",
+                 "--out", str(tmp_path / "edit.png"), "--steps", "2"]) == 0
 
 
 def test_the_visualizer_loss_falls_and_guidance_is_unconditional_on_zero_tokens(tmp_path):
