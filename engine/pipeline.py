@@ -281,11 +281,8 @@ class MMFusePipeline:
         """One layout of every branch's rows: prompts with their source pictures, the negative prompt
         with them, the negative prompt alone (each row ``copies`` times, asking for an image)."""
         family, model = self._image_family(), self.model
-        prompts = None if prompt is None else _strings(prompt)
-        rows = self._prompt_rows(None, ids) if ids is not None else None
-        count = len(prompts if prompts is not None else rows)
-        per_prompt = images_per_prompt(images, count)
-        negatives = _broadcast(negative_prompt, count)
+        prompts, rows, per_prompt = self._picture_prompts(prompt, ids, images)
+        negatives = _broadcast(negative_prompt, len(per_prompt))
         image_input = self._prompt_image_input(family)
         read = functools.partial(prompt_documents, self.tokenizer, images=per_prompt, image_input=image_input,
                                  device=self.device)
@@ -294,7 +291,7 @@ class MMFusePipeline:
         ask = torch.tensor(family.pipeline.image_prompt(model, []), dtype=torch.long)
         documents = [doc + [ask] for branch in branches for doc in docs[branch]() for _ in range(copies)]
         layout = lay_out(family, model, documents, self.device)
-        self._check_layout_context(layout)
+        self._check_context(list(layout.input_ids))  # every row: its text, source images and BOI
         return layout
 
     def _prompt_rows(self, prompt, ids) -> list[list[int]]:
@@ -317,8 +314,8 @@ class MMFusePipeline:
         for r in rows:
             check_values_in_range("prompt_ids", r, 0, vocab - 1, f"[0, {vocab}) (the vocabulary)")
             if limit and r.numel() + extra > limit:
-                raise ValueError(f"prompt: {r.numel()} tokens + {extra} image positions exceed the model's context "
-                                 f"of {limit} positions")
+                raise ValueError(f"prompt: {r.numel()} positions + {extra} image positions exceed the model's "
+                                 f"context of {limit} positions")
 
     def _initial_latents(self, n: int, latents, generator, scheduler) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
@@ -556,14 +553,18 @@ class MMFusePipeline:
     def _image_prompt_layout(self, prompt, ids, images) -> PromptLayout:
         """Check and lay out prompts with pictures in them (see :mod:`mmfuse.engine.prompts`)."""
         family = self._image_family()
+        prompts, rows, per_prompt = self._picture_prompts(prompt, ids, images)
+        documents = prompt_documents(self.tokenizer, prompts, rows, per_prompt, self._prompt_image_input(family),
+                                     self.device)
+        return lay_out(family, self.model, documents, self.device)
+
+    def _picture_prompts(self, prompt, ids, images) -> tuple[list[str] | None, list[list[int]] | None, list[list]]:
+        """(prompt strings or None, token-id rows or None, one list of pictures per prompt), checked."""
         if (prompt is None) == (ids is None):
             raise ValueError("give exactly one of prompt (strings) and prompt_ids (token ids)")
         prompts = None if prompt is None else _strings(prompt)
         rows = self._prompt_rows(None, ids) if ids is not None else None
-        per_prompt = images_per_prompt(images, len(prompts if prompts is not None else rows))
-        image_input = self._prompt_image_input(family)
-        documents = prompt_documents(self.tokenizer, prompts, rows, per_prompt, image_input, self.device)
-        return lay_out(family, self.model, documents, self.device)
+        return prompts, rows, images_per_prompt(images, len(prompts if prompts is not None else rows))
 
     def _prompt_image_input(self, family: FamilySpec):
         """How a picture in a prompt becomes the model's input (the family's training input by default)."""
@@ -577,12 +578,6 @@ class MMFusePipeline:
             name = self.family.name if self.family else type(self.model).__name__
             raise ValueError(f"images: this checkpoint's model ({name}) cannot read images in its prompt")
         return self.family
-
-    def _check_layout_context(self, layout: PromptLayout) -> None:
-        limit, extra = self.family.llm(self.model).config.max_seq_len, self.family.pipeline.image_positions(self.model)
-        if limit and layout.input_ids.shape[1] + extra > limit:
-            raise ValueError(f"prompt: {layout.input_ids.shape[1]} positions (source images included) + {extra} image "
-                             f"positions exceed the model's context of {limit} positions")
 
 
 def denoising_loop(denoise: Denoiser, x: torch.Tensor, scheduler, branches: list[str], guidance: float,

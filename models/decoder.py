@@ -135,10 +135,8 @@ class PromptLayout:
     def of_tokens(cls, rows: Sequence[torch.Tensor], embed: Callable[[torch.Tensor], torch.Tensor]) -> "PromptLayout":
         """Text-only prompts (1-D id tensors of any lengths), left-padded and causal; ``embed``: ids -> embeddings."""
         ids, first = left_pad(rows)
-        R, P = ids.shape
-        kv_end = (torch.arange(P, device=ids.device) + 1).to(torch.int32).expand(R, P).contiguous()
-        return cls(ids, embed(ids), torch.zeros_like(ids), first[:, None].expand(R, P).contiguous(), kv_end,
-                   padded_positions(first, P), first)
+        mask = torch.arange(ids.shape[1], device=ids.device)[None] >= first[:, None]
+        return cls.causal(ids, mask, embed(ids))
 
     def repeat(self, times: int) -> "PromptLayout":
         """Every row ``times`` times, in blocks (rows 0..B-1, then 0..B-1 again, ...)."""

@@ -6,7 +6,8 @@ keeps the text expert, the embeddings and the LM head frozen (``train_text=False
 ``train_text`` everything trains. ``shared_weights`` is the Transfusion paper's own model: one set of
 weights for text and image tokens, everything trained. The image objective is DDPM noise prediction
 (``objective="ddpm"``) or rectified flow (``"flow"``: ``x_t = (1 - s) x0 + s eps``, the model predicts
-``eps - x0`` at timestep ``s * num_train_timesteps``, sampled with diffusers' flow-matching schedulers). Images enter as noised VAE latents (:func:`encode_latents`), are patchified with a
+``eps - x0`` at timestep ``s * num_train_timesteps``, sampled with diffusers' flow-matching schedulers).
+Images enter as noised VAE latents (:func:`encode_latents`), are patchified with a
 timestep embedding -- linearly, or by U-Net down blocks as in Transfusion (``patchify="unet"``, whose
 up blocks take the skip connections across the transformer) -- attend bidirectionally within their
 span (the mixed mask), and leave as a noise prediction.

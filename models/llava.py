@@ -147,17 +147,9 @@ class LlavaVLM(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids with expanded ``<image>`` tokens -> (B, L, dim) embeddings, image features in place."""
-        x = self.decoder.embed(input_ids)
-        slots = input_ids == self.config.image_token_id
-        if pixel_values is None:
-            if slots.any():
-                raise ValueError(f"input_ids hold {int(slots.sum())} <image> tokens but no pixel_values were given")
-            return x
-        features = torch.cat(self.image_features(pixel_values, image_sizes))
-        if int(slots.sum()) != features.shape[0]:
-            raise ValueError(f"input_ids hold {int(slots.sum())} <image> tokens but the images give {features.shape[0]} "
-                             "features: expand the placeholders with the checkpoint's processor")
-        return x.masked_scatter(slots[..., None], features.to(x.dtype))
+        features = None if pixel_values is None else (lambda: torch.cat(self.image_features(pixel_values, image_sizes)))
+        return fill_image_tokens(self.decoder.embed(input_ids), input_ids == self.config.image_token_id, features,
+                                 "<image>")
 
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> PromptLayout:
@@ -171,6 +163,20 @@ class LlavaVLM(nn.Module):
         hidden = self.decoder(inputs_embeds=layout.inputs_embeds, position_ids=layout.position_ids,
                               kv_start=layout.kv_start, kv_end=layout.kv_end)
         return self.decoder.logits(hidden)
+
+
+def fill_image_tokens(embeds: torch.Tensor, slots: torch.Tensor, features, token: str) -> torch.Tensor:
+    """A VLM prompt's embeddings (B, L, dim) with its image tokens' slots (B, L) filled, in order, by
+    ``features()`` (N, dim) -- None when no pixels were given; the counts must agree."""
+    if features is None:
+        if slots.any():
+            raise ValueError(f"input_ids hold {int(slots.sum())} {token} tokens but no pixel_values were given")
+        return embeds
+    values = features()
+    if int(slots.sum()) != values.shape[0]:
+        raise ValueError(f"input_ids hold {int(slots.sum())} {token} tokens but the images give {values.shape[0]} "
+                         "features: expand the placeholders with the checkpoint's processor")
+    return embeds.masked_scatter(slots[..., None], values.to(embeds.dtype))
 
 
 def _unpad(grid: torch.Tensor, size: list[int]) -> torch.Tensor:

@@ -376,20 +376,21 @@ def image_prompt(model: MetaMorph, ids: list[int]) -> list[int]:
 @contextlib.contextmanager
 def condition(model: MetaMorph, prompts: list[torch.Tensor], negatives: list[torch.Tensor],
               recompute: bool = False) -> Iterator[Denoiser]:
-    """Text prompts: :func:`condition_layout` of their tokens (rows ending in BOI checked there)."""
-    with condition_layout(model, list(prompts) + list(negatives), recompute) as denoise:
+    """Text prompts (each ending in BOI; left-padded together): :func:`condition_layout` of their tokens."""
+    rows, boi = list(prompts) + list(negatives), model.config.boi_token_id
+    if not rows or any(r.dim() != 1 or r.numel() == 0 or int(r[-1]) != boi for r in rows):
+        raise ValueError(f"prompts must be non-empty 1-D id tensors, each ending in BOI ({boi})")
+    with condition_layout(model, PromptLayout.of_tokens(rows, model.decoder.embed), recompute) as denoise:
         yield denoise
 
 
 @contextlib.contextmanager
-def condition_layout(model: MetaMorph, layout: PromptLayout | list[torch.Tensor],
-                     recompute: bool = False) -> Iterator[Denoiser]:
+def condition_layout(model: MetaMorph, layout: PromptLayout, recompute: bool = False) -> Iterator[Denoiser]:
     """Visual tokens generated once for every row (KV-cached), projected to the UNet's conditioning;
     then only the UNet runs per step. ``recompute=True``: tokens by full recomputation, projection per step."""
     unet = _unet(model)
     tokens = model.generate_visual_tokens(layout, recompute=recompute)
-    rows = layout if isinstance(layout, PromptLayout) else PromptLayout.of_tokens(layout, model.decoder.embed)
-    tokens = _unconditional_as_zeros(tokens, rows.attention_mask.sum(dim=1) == 1)  # rows that are BOI alone
+    tokens = _unconditional_as_zeros(tokens, layout.attention_mask.sum(dim=1) == 1)  # rows that are BOI alone
     cond = model.sd_condition(tokens)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

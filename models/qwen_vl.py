@@ -30,6 +30,7 @@ from mmfuse.kernels import apply_rope, mixed_attention, rms_norm
 
 from .decoder import Decoder, DecoderConfig, PromptLayout, decoder_state_from_hf
 from .decoder import load_language_model as read_language_model
+from .llava import fill_image_tokens
 from .hf_io import CheckpointError, KeyRule, build_from_state, checkpoint_files, hf_to_native, load_tensors, read_config, rename
 
 MODEL_TYPE = "qwen2_5_vl"
@@ -178,19 +179,11 @@ class Qwen25VL(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.decoder.embed(input_ids)
-        slots = input_ids == self.config.image_token_id
         if (input_ids == self.config.video_token_id).any():
             raise ValueError("input_ids hold video tokens: videos are not supported")
-        if pixel_values is None:
-            if slots.any():
-                raise ValueError(f"input_ids hold {int(slots.sum())} image tokens but no pixel_values were given")
-            return x
-        tokens = self.vision(pixel_values, image_grid_thw)
-        if int(slots.sum()) != tokens.shape[0]:
-            raise ValueError(f"input_ids hold {int(slots.sum())} image tokens but the images give {tokens.shape[0]}: "
-                             "expand the placeholders with the checkpoint's processor")
-        return x.masked_scatter(slots[..., None], tokens.to(x.dtype))
+        features = None if pixel_values is None else (lambda: self.vision(pixel_values, image_grid_thw))
+        return fill_image_tokens(self.decoder.embed(input_ids), input_ids == self.config.image_token_id, features,
+                                 "image")
 
     def positions(self, input_ids: torch.Tensor, mask: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
         """(3, B, L) multimodal RoPE positions (padding 0), as transformers' ``get_rope_index`` for images."""
