@@ -13,7 +13,8 @@ per step. Schedulers are diffusers', chosen by name.
 
 A model folder holds everything generation needs: ``config.json`` + ``model.safetensors`` (the model),
 ``tokenizer/``, ``vae/`` (the codec, with ``model_index.json`` recording the channels and scaling the
-model was trained with), ``scheduler/`` and, for MetaMorph, ``image_processor/``.
+model was trained with), ``scheduler/``, for MetaMorph ``image_processor/``, and for a model built on a
+VLM (LlavaFusion) ``processor/``: the VLM's transformers processor, which lays out pictures to understand.
 """
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ from mmfuse.models.family import Denoiser, FamilySpec, family_of
 from mmfuse.models.hf_io import CheckpointError, read_config
 from mmfuse.models.loading import VLM_MODEL_TYPES
 from mmfuse.models.vae import ImageCodec, check_codec, load_codec
+from mmfuse.models.vlm import is_vlm, read_prompt
 
 INDEX_FILE = "model_index.json"
 VAE_DIR, SCHEDULER_DIR, PROCESSOR_DIR = "vae", "scheduler", "image_processor"
+VLM_PROCESSOR_DIR = "processor"  # a VLM base's transformers processor, where the model reads with its tower
 # Short names for diffusers schedulers (any diffusers scheduler class name works too).
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
@@ -119,6 +122,8 @@ class MMFusePipeline:
                  image_processor=None, processor=None):
         if processor is not None and tokenizer is None:
             tokenizer = processor.tokenizer
+        elif processor is not None:
+            processor.tokenizer = tokenizer  # one tokenizer: the model's (with the family's BOI / EOI)
         self.model, self.tokenizer, self.vae, self.image_processor = model.eval(), tokenizer, vae, image_processor
         self.processor = processor  # a VLM's transformers processor (placeholders, tiles, chat template)
         self.family: FamilySpec | None = family_of(model)
@@ -143,10 +148,11 @@ class MMFusePipeline:
             raise CheckpointError(f"no checkpoint folder at {path}")
         index = json.loads((path / INDEX_FILE).read_text()) if (path / INDEX_FILE).is_file() else {}
         cfg = read_config(path)  # a missing / broken config.json is reported before any weights load
-        processor = _load_vlm_processor(path) if cfg.get("model_type") in VLM_MODEL_TYPES else None
+        if cfg.get("model_type") in VLM_MODEL_TYPES:
+            processor = load_vlm_processor(path)
+            return cls(load_model(path, dtype=dtype, device=device), processor=processor)
+        processor = load_vlm_processor(path / VLM_PROCESSOR_DIR) if (path / VLM_PROCESSOR_DIR).is_dir() else None
         model = load_model(path, dtype=dtype, device=device)
-        if processor is not None:
-            return cls(model, processor=processor)
         family = family_of(model)
         tokenizer = load_tokenizer(path) if has_tokenizer(path / TOKENIZER_DIR) or has_tokenizer(path) else None
         vae = None
@@ -154,7 +160,7 @@ class MMFusePipeline:
             vae = load_codec(path / VAE_DIR, device or "cpu")
             check_codec(vae, family.pipeline.latent_shape(model)[0], index.get("vae"), where=f"{path / VAE_DIR}")
         scheduler = _load_scheduler(path / SCHEDULER_DIR) if (path / SCHEDULER_DIR).is_dir() else None
-        return cls(model, tokenizer, vae, scheduler, _load_processor(path / PROCESSOR_DIR))
+        return cls(model, tokenizer, vae, scheduler, _load_processor(path / PROCESSOR_DIR), processor)
 
     def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the model folder atomically: into a temporary folder beside ``path``, then renamed into
@@ -177,6 +183,9 @@ class MMFusePipeline:
             self.scheduler.save_pretrained(str(tmp / SCHEDULER_DIR))
             if self.image_processor is not None:
                 self.image_processor.save_pretrained(str(tmp / PROCESSOR_DIR))
+            if self.processor is not None:
+                self.processor.save_pretrained(str(tmp / VLM_PROCESSOR_DIR))
+                index["processor"] = VLM_PROCESSOR_DIR
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return Path(path)
 
@@ -357,8 +366,8 @@ class MMFusePipeline:
             generator = torch.Generator(self.device).manual_seed(seed)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=stops, generator=generator,
                         compile=compile, progress=progress)
-        if self.processor is not None:  # a VLM: its own processor lays the prompt out
-            layout = self._processor_layout(prompt, images, chat)
+        if self.processor is not None and (images is not None or is_vlm(self.model)):
+            layout = self._processor_layout(prompt, images, chat)  # read as the VLM reads: its processor
             out = generate(decoder, None, max_new_tokens, layout=layout, **sampling)
         elif images is not None:
             layout = self._image_prompt_layout(prompt, prompt_ids, images)
@@ -519,7 +528,7 @@ class MMFusePipeline:
     def _text_decoder(self) -> Decoder:
         if isinstance(self.model, Decoder):
             return self.model
-        if self.processor is not None:
+        if is_vlm(self.model):
             return self.model.decoder
         decoder = self.family.pipeline.text_decoder(self.model) if self.family is not None else None
         if decoder is None:
@@ -547,8 +556,8 @@ class MMFusePipeline:
         self.processor.tokenizer.padding_side = "left"  # generation continues every row at the same slot
         enc = self.processor(images=pictures or None, text=texts, return_tensors="pt", padding=True)
         to = {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        images = {k: to[k] for k in self.model.PROCESSOR_INPUTS if k in to}
-        return self.model.layout(to["input_ids"], to.get("attention_mask"), **images)
+        reader = self.model if is_vlm(self.model) else self.model.reader
+        return read_prompt(reader, self._text_decoder().embed, to)
 
     def _image_prompt_layout(self, prompt, ids, images) -> PromptLayout:
         """Check and lay out prompts with pictures in them (see :mod:`mmfuse.engine.prompts`)."""
@@ -702,7 +711,7 @@ def _load_scheduler(path: Path):
     return getattr(diffusers, name).from_config(config)
 
 
-def _load_vlm_processor(path: Path):
+def load_vlm_processor(path: Path):
     """A VLM checkpoint's transformers processor (AutoProcessor), before any weights load."""
     from transformers import AutoProcessor
 

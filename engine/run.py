@@ -17,14 +17,14 @@ from torch import nn
 from mmfuse.engine.config import ConfigError, RunConfig, load_run_config, parse_section
 from mmfuse.engine.data import (BatchStream, DocumentReader, MicroBatches, Source, check_structure, encode_images,
                                 read_sources)
-from mmfuse.engine.pipeline import MMFusePipeline
+from mmfuse.engine.pipeline import MMFusePipeline, load_vlm_processor
 from mmfuse.engine.text import add_family_tokens, fit_vocabulary, has_tokenizer, load_tokenizer
 from mmfuse.engine.train import Trainer, init_distributed, rank_and_world
 from mmfuse.models import Decoder, DecoderConfig, from_pretrained
 from mmfuse.models.denoisers import build_denoiser, load_denoiser
 from mmfuse.models.family import FamilySpec, Parts
 from mmfuse.models.hf_io import CheckpointError, read_config
-from mmfuse.models.loading import LLM_MODEL_TYPES, decoder_config, language_model
+from mmfuse.models.loading import LLM_MODEL_TYPES, VLM_MODEL_TYPES, decoder_config, language_model
 from mmfuse.models.siglip import SiglipVisionConfig, SiglipVisionTower, load_siglip_processor
 from mmfuse.models.vae import PIXEL_SPACE, ImageCodec, load_codec
 
@@ -42,9 +42,11 @@ class Run:
     image_input: Any
     sources: list[Source]  # the data: one source, or a weighted mixture
     device: torch.device
+    vlm_processor: Any = None  # a VLM base's transformers processor, when the model keeps its reader
 
     def pipeline(self) -> MMFusePipeline:
-        return MMFusePipeline(self.model, self.tokenizer, self.codec, image_processor=self.vision_processor)
+        return MMFusePipeline(self.model, self.tokenizer, self.codec, image_processor=self.vision_processor,
+                              processor=self.vlm_processor)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -71,6 +73,19 @@ def _tokenizer(cfg: RunConfig):
     return load_tokenizer(source, where="tokenizer" if cfg.tokenizer else "base")
 
 
+def _keeps_reader(cfg: RunConfig, spec: FamilySpec) -> bool:
+    """Whether the family is built on a whole VLM (its image side kept as the reader)."""
+    return bool(cfg.base) and spec.keeps_vlm_reader and read_config(cfg.base).get("model_type") in VLM_MODEL_TYPES
+
+
+def _base_parts(cfg: RunConfig, spec: FamilySpec, device: torch.device) -> Parts:
+    """The base: its LLM, and a VLM base's image side where the family keeps it."""
+    if _keeps_reader(cfg, spec):
+        vlm = from_pretrained(cfg.base, device=device)
+        return Parts(vlm.decoder, reader=vlm.reader())
+    return Parts(_decoder(cfg, device))
+
+
 def _decoder(cfg: RunConfig, device: torch.device) -> Decoder:
     if cfg.base:
         if read_config(cfg.base).get("model_type") not in LLM_MODEL_TYPES:
@@ -86,7 +101,7 @@ def _decoder(cfg: RunConfig, device: torch.device) -> Decoder:
 def load_parts(cfg: RunConfig, spec: FamilySpec, device: torch.device) -> tuple[Parts, Any]:
     """The decoder and the optional parts the family names (``vision``, ``diffusion``), and the vision
     tower's image processor."""
-    parts, processor = Parts(_decoder(cfg, device)), None
+    parts, processor = _base_parts(cfg, spec, device), None
     if "vision" in spec.parts and isinstance(cfg.vision, dict):  # a fresh tower (random init), e.g. a tiny run
         config = parse_section(SiglipVisionConfig, cfg.vision, "vision")
         with torch.device(device):
@@ -146,6 +161,8 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
     problem = spec.check_parts(cfg.family_config, _part_configs(cfg, spec))
     if problem:
         raise ConfigError(f"{spec.name}: {problem}")
+    # a VLM base's processor (its placeholders, tiling, chat template) is read before any weights
+    vlm_processor = load_vlm_processor(cfg.base) if _keeps_reader(cfg, spec) else None
     torch.manual_seed(cfg.train.seed)  # a fresh decoder and the family's new layers: a function of the seed
     parts, processor = load_parts(cfg, spec, device)
     family_config = cfg.family_config
@@ -161,7 +178,7 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
     if cfg.vae == PIXEL_SPACE:
         codec = load_codec(PIXEL_SPACE, pixel_channels=_latent_channels(spec, model))
     image_input = spec.image_input(model, codec, processor)
-    return Run(cfg, spec, model, tokenizer, codec, processor, image_input, sources, device)
+    return Run(cfg, spec, model, tokenizer, codec, processor, image_input, sources, device, vlm_processor)
 
 
 def _set_up_from_model_folder(cfg: RunConfig, device: torch.device) -> Run:
@@ -186,7 +203,7 @@ def _set_up_from_model_folder(cfg: RunConfig, device: torch.device) -> Run:
     spec.set_trainable(model)
     codec = load_codec(cfg.vae, device) if cfg.vae not in (None, PIXEL_SPACE) else pipe.vae
     image_input = spec.image_input(model, codec, pipe.image_processor)
-    return Run(cfg, spec, model, tokenizer, codec, pipe.image_processor, image_input, sources, device)
+    return Run(cfg, spec, model, tokenizer, codec, pipe.image_processor, image_input, sources, device, pipe.processor)
 
 
 def _latent_channels(spec: FamilySpec, model: nn.Module) -> int | None:

@@ -38,11 +38,14 @@ class Parts:
         decoder: the LLM (a one-expert :class:`Decoder`).
         vision: a vision tower (MetaMorph's SigLIP), when the family names ``"vision"`` in its parts.
         diffusion: a diffusers denoiser (SANA transformer, SD1.5 UNet), when it names ``"diffusion"``.
+        reader: the image side of a VLM base (its tower and projector, :mod:`mmfuse.models.vlm`), when
+            the family keeps it (``FamilySpec.keeps_vlm_reader``); ``decoder`` is then that VLM's LLM.
     """
 
     decoder: Decoder
     vision: nn.Module | None = None
     diffusion: nn.Module | None = None
+    reader: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,10 @@ class FamilySpec:
         name: the ``family`` of a training config, and the name of its config section.
         model_type: ``config.json``'s ``model_type`` of its checkpoints.
         config_class: its config dataclass (the training config's section is parsed into it).
-        parts: the optional :class:`Parts` it is built from, beside the decoder ("vision", "diffusion").
+        parts: the optional :class:`Parts` it is built from, beside the decoder ("vision", "diffusion"),
+            each a key of the run config.
+        keeps_vlm_reader: on a VLM base, the family keeps the VLM's image side (``Parts.reader``) and
+            reads pictures in prompts with it, through the VLM's processor (saved in the model folder).
         description: one line for ``--help``: the model and what trains.
         special_tokens: id field -> text field of its config, for the tokens it adds to the tokenizer
             (BOI / EOI); the engine adds the texts and fills the id fields.
@@ -159,6 +165,7 @@ class FamilySpec:
     count: Callable[[Any], dict[str, int]]
     pipeline: PipelineHooks
     parts: tuple[str, ...] = ()
+    keeps_vlm_reader: bool = False
     description: str = ""
     special_tokens: Mapping[str, str] = field(default_factory=dict)
     denoiser_kind: Callable[[Any], str] | None = None

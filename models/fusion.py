@@ -12,6 +12,13 @@ timestep embedding -- linearly, or by U-Net down blocks as in Transfusion (``pat
 up blocks take the skip connections across the transformer) -- attend bidirectionally within their
 span (the mixed mask), and leave as a noise prediction.
 
+LlavaFusion: built on a VLM base (LLaVA / LLaVA-NeXT / LLaVA-OneVision, Qwen2.5-VL), the VLM's language
+model gets the image expert and its tower + projector become the frozen ``reader``
+(:mod:`mmfuse.models.vlm`): a picture to *understand* is read as that VLM reads it (its processor's
+placeholders filled with the tower's features, through the frozen text path), so captioning and VQA
+stay the VLM's own; pictures to *generate* (and source pictures in an image prompt, as in training)
+are VAE latents through the image expert.
+
 Sequence layout (built by the packer): ``... BOI [patches of image 0] EOI ... BOI [image 1] EOI``,
 ``modality`` 1 on patch positions, 0 elsewhere; images appear in ``latents`` in the order of their
 spans (row by row).
@@ -38,6 +45,8 @@ from .family import Denoiser, FamilySpec, Parts, PipelineHooks
 from .hf_io import build_from_state, load_native, save_checkpoint
 from .modality import IMAGE
 from .vae import LatentImages
+from .vlm import build_reader, reader_config
+from .vlm import freeze as freeze_reader
 
 MODEL_TYPE = "mmfuse_fusion"
 
@@ -167,7 +176,9 @@ class UNetPatcher(nn.Module):
 
 
 class LlamaFusion(nn.Module):
-    def __init__(self, decoder_config: DecoderConfig, config: FusionConfig):
+    def __init__(self, decoder_config: DecoderConfig, config: FusionConfig, reader: nn.Module | None = None):
+        """``reader``: a VLM base's image side (LlavaFusion, :mod:`mmfuse.models.vlm`), frozen: the
+        model reads pictures for understanding as that VLM does, through its text path."""
         super().__init__()
         if decoder_config.num_experts != config.num_experts:
             raise ValueError(f"this fusion model needs a decoder with num_experts={config.num_experts} "
@@ -185,6 +196,7 @@ class LlamaFusion(nn.Module):
         betas = ddpm_betas(config.num_train_timesteps, config.beta_schedule, config.beta_start, config.beta_end,
                            config.rescale_betas_zero_snr)
         self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(betas), persistent=False)
+        self.reader = reader
 
     def reset_buffers(self, device: torch.device | str) -> None:
         c = self.config
@@ -195,9 +207,10 @@ class LlamaFusion(nn.Module):
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_decoder(cls, decoder: Decoder, config: FusionConfig) -> "LlamaFusion":
+    def from_decoder(cls, decoder: Decoder, config: FusionConfig, reader: nn.Module | None = None) -> "LlamaFusion":
         """Add the image expert to a one-expert decoder (a copy of every text weight) and freeze per
-        config; with ``shared_weights`` the decoder's own weights serve both modalities."""
+        config; with ``shared_weights`` the decoder's own weights serve both modalities. ``reader``:
+        the image side of the VLM the decoder comes from (LlavaFusion), kept frozen as it is."""
         if decoder.config.num_experts != 1:
             raise ValueError(f"from_decoder needs a one-expert decoder, got num_experts={decoder.config.num_experts}")
         dec_cfg = dataclasses.replace(decoder.config, num_experts=config.num_experts)
@@ -213,8 +226,15 @@ class LlamaFusion(nn.Module):
             state[name] = torch.empty_like(t, device=device, dtype=decoder.embed.weight.dtype)
         model = build_from_state(lambda: cls(dec_cfg, config), state)
         model._init_image_path()
+        model.reader = reader
         model.freeze_text(not model.trains_text)
         return model
+
+    @classmethod
+    def from_vlm(cls, vlm: nn.Module, config: FusionConfig) -> "LlamaFusion":
+        """LlavaFusion: a whole VLM's language model gets the image expert; its tower and projector
+        become the frozen reader (understanding stays the VLM's own)."""
+        return cls.from_decoder(vlm.decoder, config, vlm.reader())
 
     @property
     def trains_text(self) -> bool:
@@ -224,18 +244,20 @@ class LlamaFusion(nn.Module):
     def _init_image_path(self) -> None:
         """Default init for every layer outside the decoder (they were built on the meta device)."""
         for name, module in self.named_modules():
-            if not name.startswith("decoder") and hasattr(module, "reset_parameters") and module is not self:
+            if not name.startswith(("decoder", "reader")) and hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()
         out = self.unet.conv_out if self.config.patchify == "unet" else self.patch_out
         nn.init.zeros_(out.weight)  # start by predicting zero noise, as DiT does
         nn.init.zeros_(out.bias)
 
     def freeze_text(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the text expert of every layer, the embeddings and the LM head."""
+        """Freeze (or unfreeze) the text expert of every layer, the embeddings and the LM head; the
+        reader (a VLM's tower and projector) stays frozen either way."""
         for name, p in self.decoder.named_parameters():
             is_text = name.endswith((".weights.0", ".biases.0")) or name.startswith(("embed.", "lm_head."))
             if is_text:
                 p.requires_grad_(not frozen)
+        freeze_reader(self.reader)
 
     # ------------------------------------------------------------------ forward
 
@@ -376,6 +398,8 @@ def save_fusion(model: LlamaFusion, path: str | os.PathLike, state_dict: dict[st
     """Write ``model`` (or ``state_dict``, e.g. a sharded model's gathered state) and its configs."""
     dec = dataclasses.asdict(model.decoder.config)
     cfg = {"model_type": MODEL_TYPE, "decoder": dec, "fusion": dataclasses.asdict(model.config)}
+    if model.reader is not None:
+        cfg["reader"] = reader_config(model.reader)
     save_checkpoint(path, cfg, model.state_dict() if state_dict is None else state_dict)
 
 
@@ -383,7 +407,8 @@ def load_fusion(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 device: torch.device | str | None = None) -> LlamaFusion:
     def builder(cfg: dict):
         dec_cfg, fusion_cfg = DecoderConfig(**cfg["decoder"]), FusionConfig(**cfg["fusion"])
-        return lambda: LlamaFusion(dec_cfg, fusion_cfg)
+        reader = cfg.get("reader")
+        return lambda: LlamaFusion(dec_cfg, fusion_cfg, None if reader is None else build_reader(reader))
 
     model = load_native(path, MODEL_TYPE, builder, dtype, device)
     model.freeze_text(not model.trains_text)
@@ -396,8 +421,9 @@ def load_fusion(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
 
 def build(parts: Parts, config: FusionConfig) -> LlamaFusion:
-    """LlamaFusion from a one-expert base decoder (its weights copied into the image expert)."""
-    return LlamaFusion.from_decoder(parts.decoder, config)
+    """LlamaFusion from a one-expert base decoder (its weights copied into the image expert); on a VLM
+    base, with the VLM's image side as the frozen reader (LlavaFusion)."""
+    return LlamaFusion.from_decoder(parts.decoder, config, parts.reader)
 
 
 def make_batch(model: LlamaFusion, documents: list, row_len: int, rows: int | None = None,
@@ -536,6 +562,7 @@ FAMILY = FamilySpec(
                  "weights, all trained, with shared_weights), DDPM or flow matching"),
     config_class=FusionConfig,
     special_tokens={"boi_token_id": "boi_token", "eoi_token_id": "eoi_token"},
+    keeps_vlm_reader=True,
     build=build,
     load=load_fusion,
     save=save_fusion,

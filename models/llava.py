@@ -18,6 +18,7 @@ The forward is transformers' ``*ForConditionalGeneration`` on the same inputs (`
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -76,10 +77,11 @@ class LlavaConfig:
 class LlavaVLM(nn.Module):
     PROCESSOR_INPUTS = ("pixel_values", "image_sizes")  # what :meth:`layout` takes of a processor's output
 
-    def __init__(self, config: LlavaConfig, vision: SiglipVisionTower, decoder: Decoder):
+    def __init__(self, config: LlavaConfig, vision: SiglipVisionTower, decoder: Decoder | None, dim: int | None = None):
+        """``decoder`` None: the image side alone (a family's reader, see :meth:`reader`), projecting to ``dim``."""
         super().__init__()
         self.config, self.vision, self.decoder = config, vision, decoder
-        width, dim, bias = vision.config.dim, decoder.config.dim, config.projector_bias
+        width, dim, bias = vision.config.dim, decoder.config.dim if decoder is not None else dim, config.projector_bias
         self.projector = nn.Sequential(nn.Linear(width, dim, bias=bias), nn.GELU(), nn.Linear(dim, dim, bias=bias))
         self.image_newline = nn.Parameter(torch.zeros(dim)) if config.model_type in _ANYRES else None
 
@@ -145,16 +147,38 @@ class LlavaVLM(nn.Module):
     # ------------------------------------------------------------------ the language model
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids with expanded ``<image>`` tokens -> (B, L, dim) embeddings, image features in place."""
+              image_sizes: torch.Tensor | None = None, token_embed: nn.Module | None = None) -> torch.Tensor:
+        """(B, L) ids with expanded ``<image>`` tokens -> (B, L, dim) embeddings, image features in place.
+        ``token_embed``: the token embedding (default the VLM's own language model's)."""
         features = None if pixel_values is None else (lambda: torch.cat(self.image_features(pixel_values, image_sizes)))
-        return fill_image_tokens(self.decoder.embed(input_ids), input_ids == self.config.image_token_id, features,
-                                 "<image>")
+        embed = token_embed if token_embed is not None else self.decoder.embed
+        return fill_image_tokens(embed(input_ids), input_ids == self.config.image_token_id, features, "<image>")
 
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> PromptLayout:
+               pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+               token_embed: nn.Module | None = None) -> PromptLayout:
         """Left-padded processor output -> the causal :class:`PromptLayout` that ``generate`` prefills."""
-        return PromptLayout.causal(input_ids, attention_mask, self.embed(input_ids, pixel_values, image_sizes))
+        return PromptLayout.causal(input_ids, attention_mask,
+                                   self.embed(input_ids, pixel_values, image_sizes, token_embed))
+
+    # ------------------------------------------------------------------ as a family's reader
+
+    def reader(self) -> "LlavaVLM":
+        """The image side alone (tower, projector, newline; no language model), sharing these weights:
+        what a family built on this VLM (LlavaFusion, MetaQuery) reads pictures with."""
+        with torch.device("meta"):
+            part = LlavaVLM(self.config, SiglipVisionTower(self.vision.config), None, self.decoder.config.dim)
+        part.vision, part.projector, part.image_newline = self.vision, self.projector, self.image_newline
+        return part
+
+    def reader_config(self) -> dict:
+        """What :meth:`from_reader_config` rebuilds the image side from (a family checkpoint's config.json)."""
+        return {"kind": "llava", "llava": dataclasses.asdict(self.config),
+                "vision": dataclasses.asdict(self.vision.config), "dim": self.projector[-1].out_features}
+
+    @classmethod
+    def from_reader_config(cls, cfg: dict) -> "LlavaVLM":
+        return cls(LlavaConfig(**cfg["llava"]), SiglipVisionTower(SiglipVisionConfig(**cfg["vision"])), None, cfg["dim"])
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_sizes: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,11 +261,22 @@ def load_llava(path: str | os.PathLike, dtype: torch.dtype | None = None,
         CheckpointError: an unsupported config, a missing, unexpected or mis-shaped tensor (named).
     """
     cfg = read_config(path)
+    _configs(cfg)  # a bad config is named before any tensor is read
+    return llava_from_hf(cfg, load_tensors(checkpoint_files(path), torch.device(device or "cpu"), dtype), path)
+
+
+def _configs(cfg: dict) -> tuple[LlavaConfig, DecoderConfig, SiglipVisionConfig]:
     config, dec_cfg = LlavaConfig.from_hf(cfg), text_config(cfg)
     vision_cfg = SiglipVisionConfig.from_hf(cfg.get("vision_config") or {"model_type": "clip_vision_model"})
     if config.model_type in _ANYRES and not config.image_grid_pinpoints:
         raise CheckpointError(f"config model_type {config.model_type!r} needs image_grid_pinpoints")
-    tensors = load_tensors(checkpoint_files(path), torch.device(device or "cpu"), dtype)
+    return config, dec_cfg, vision_cfg
+
+
+def llava_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> LlavaVLM:
+    """The VLM from a transformers ``config.json`` dict and its tensors (a file's, or a model's
+    ``state_dict()``), mapped strictly; ``path`` names them in errors."""
+    config, dec_cfg, vision_cfg = _configs(cfg)
     lm = language_model_names(list(tensors), path)
     state = {f"decoder.{k}": v for k, v in decoder_state_from_hf(dec_cfg, {lm[k]: tensors[k] for k in lm}).items()}
     rest = {k: v for k, v in tensors.items() if k not in lm}

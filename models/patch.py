@@ -64,6 +64,7 @@ FUSION_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # what to_fusion conv
 # VLM wrappers whose language model (``model.model.language_model``) patch() patches
 VLM_WRAPPERS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                 "LlavaOnevisionForConditionalGeneration")
+FUSION_VLM_CLASSES = (*VLM_WRAPPERS, "Qwen2_5_VLForConditionalGeneration")  # what to_fusion makes LlavaFusion of
 _STATE = "_mmfuse_patch"  # instance attribute holding what unpatch() restores
 
 
@@ -359,29 +360,46 @@ def unpatch(model: nn.Module) -> None:
 
 
 def to_fusion(model: nn.Module, fusion_config: FusionConfig | None = None) -> LlamaFusion:
-    """A transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` as mmfuse's LlamaFusion.
+    """A transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` as mmfuse's LlamaFusion, or a
+    transformers VLM (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL) as LlavaFusion.
 
     The text weights come from ``model`` (through the decoder's transformers key map), copied, so
     ``model`` is left as it was; LlamaFusion adds the image expert of every layer as a copy of the
     text weights and freezes the text side unless ``fusion_config.train_text`` (see
-    :meth:`LlamaFusion.from_decoder`). On text-only input its logits equal ``model``'s.
+    :meth:`LlamaFusion.from_decoder`). On text-only input its logits equal ``model``'s; a VLM's tower
+    and projector become the frozen reader, so its logits on prompts with pictures (laid out by the
+    VLM's processor, :func:`mmfuse.models.vlm.read_prompt`) equal the VLM's too.
 
     Args:
-        model: the causal LM (patched or not), on any device / dtype; the result has the same.
+        model: the causal LM or VLM (patched or not), on any device / dtype; the result has the same.
         fusion_config: image-path settings (latent shape, patch size, BOI/EOI ids, ...); default
             ``FusionConfig()``.
 
     Raises:
         ValueError: an unsupported model or configuration (``CheckpointError`` for the config).
     """
+    fusion_config = fusion_config or FusionConfig()
+    if type(model).__name__ in FUSION_VLM_CLASSES and type(model).__module__.startswith("transformers."):
+        return LlamaFusion.from_vlm(_vlm_from_transformers(model), fusion_config)
     _arch(model, causal_lm=True)
     if type(model).__name__ not in FUSION_CLASSES:  # mmfuse's decoder has no sliding window, no q / k norms
-        raise ValueError(f"model: to_fusion takes transformers' {', '.join(FUSION_CLASSES)}, not "
-                         f"{type(model).__name__} (mmfuse.patch supports it)")
+        raise ValueError(f"model: to_fusion takes transformers' {', '.join(FUSION_CLASSES + FUSION_VLM_CLASSES)}, "
+                         f"not {type(model).__name__} (mmfuse.patch supports it)")
     config = DecoderConfig.from_hf(model.config.to_dict())
-    hf = {k: v.detach() for k, v in model.state_dict().items()}
-    shared = {t.data_ptr() for t in hf.values()}
-    native = {k: v.clone() if v.data_ptr() in shared else v  # renamed tensors would alias model's
-              for k, v in decoder_state_from_hf(config, hf).items()}
+    native = decoder_state_from_hf(config, _own_tensors(model))
     decoder = build_from_state(lambda: Decoder(config), native)
-    return LlamaFusion.from_decoder(decoder, fusion_config or FusionConfig())
+    return LlamaFusion.from_decoder(decoder, fusion_config)
+
+
+def _own_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s tensors, detached and copied: the mmfuse model must not alias ``model``'s weights."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _vlm_from_transformers(model: nn.Module) -> nn.Module:
+    from .llava import llava_from_hf
+    from .qwen_vl import qwen_vl_from_hf
+
+    cfg = model.config.to_dict()
+    build = qwen_vl_from_hf if cfg.get("model_type") == "qwen2_5_vl" else llava_from_hf
+    return build(cfg, _own_tensors(model), f"model ({type(model).__name__})")

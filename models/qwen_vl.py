@@ -18,6 +18,7 @@ Loading is strict (every tensor consumed); videos are not supported.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -173,17 +174,31 @@ class Qwen25VL(nn.Module):
 
     PROCESSOR_INPUTS = ("pixel_values", "image_grid_thw")
 
-    def __init__(self, config: QwenVLConfig, vision: QwenVisionTower, decoder: Decoder):
+    def __init__(self, config: QwenVLConfig, vision: QwenVisionTower, decoder: Decoder | None):
+        """``decoder`` None: the image side alone (a family's reader, see :meth:`reader`)."""
         super().__init__()
         self.config, self.vision, self.decoder = config, vision, decoder
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+              image_grid_thw: torch.Tensor | None = None, token_embed: nn.Module | None = None) -> torch.Tensor:
+        """(B, L) ids with expanded image tokens -> (B, L, dim); ``token_embed`` default the VLM's own."""
         if (input_ids == self.config.video_token_id).any():
             raise ValueError("input_ids hold video tokens: videos are not supported")
         features = None if pixel_values is None else (lambda: self.vision(pixel_values, image_grid_thw))
-        return fill_image_tokens(self.decoder.embed(input_ids), input_ids == self.config.image_token_id, features,
-                                 "image")
+        embed = token_embed if token_embed is not None else self.decoder.embed
+        return fill_image_tokens(embed(input_ids), input_ids == self.config.image_token_id, features, "image")
+
+    def reader(self) -> "Qwen25VL":
+        """The image side alone (the tower and the 3D positions; no language model), sharing its weights."""
+        return Qwen25VL(self.config, self.vision, None)
+
+    def reader_config(self) -> dict:
+        return {"kind": MODEL_TYPE, "qwen_vl": dataclasses.asdict(self.config),
+                "vision": dataclasses.asdict(self.vision.config)}
+
+    @classmethod
+    def from_reader_config(cls, cfg: dict) -> "Qwen25VL":
+        return cls(QwenVLConfig(**cfg["qwen_vl"]), QwenVisionTower(QwenVisionConfig(**cfg["vision"])), None)
 
     def positions(self, input_ids: torch.Tensor, mask: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
         """(3, B, L) multimodal RoPE positions (padding 0), as transformers' ``get_rope_index`` for images."""
@@ -208,10 +223,12 @@ class Qwen25VL(nn.Module):
         return out
 
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> PromptLayout:
+               pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+               token_embed: nn.Module | None = None) -> PromptLayout:
         """Left-padded processor output -> the causal :class:`PromptLayout` (3D positions) ``generate`` prefills."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return PromptLayout.causal(input_ids, attention_mask, self.embed(input_ids, pixel_values, image_grid_thw),
+        return PromptLayout.causal(input_ids, attention_mask,
+                                   self.embed(input_ids, pixel_values, image_grid_thw, token_embed),
                                    self.positions(input_ids, mask, image_grid_thw))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -275,11 +292,22 @@ def load_qwen25_vl(path: str | os.PathLike, dtype: torch.dtype | None = None,
         CheckpointError: an unsupported config, a missing, unexpected or mis-shaped tensor (named).
     """
     cfg = read_config(path)
+    _configs(cfg)  # a bad config is named before any tensor is read
+    return qwen_vl_from_hf(cfg, load_tensors(checkpoint_files(path), torch.device(device or "cpu"), dtype), path)
+
+
+def _configs(cfg: dict) -> tuple[QwenVLConfig, DecoderConfig, QwenVisionConfig]:
     dec_cfg, vision_cfg = text_config(cfg), QwenVisionConfig.from_hf(cfg.get("vision_config") or {})
     if not dec_cfg.mrope_section:
         raise CheckpointError("config text_config.rope_parameters has no mrope_section")
     config = QwenVLConfig(image_token_id=cfg.get("image_token_id", 151655), video_token_id=cfg.get("video_token_id", 151656))
-    tensors = load_tensors(checkpoint_files(path), torch.device(device or "cpu"), dtype)
+    return config, dec_cfg, vision_cfg
+
+
+def qwen_vl_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> Qwen25VL:
+    """The VLM from a transformers ``config.json`` dict and its tensors (a file's, or a model's
+    ``state_dict()``), mapped strictly; ``path`` names them in errors."""
+    config, dec_cfg, vision_cfg = _configs(cfg)
     lm = _language_model_names(list(tensors))
     state = {f"decoder.{k}": v for k, v in decoder_state_from_hf(dec_cfg, {lm[k]: tensors[k] for k in lm}).items()}
     rest = {k: v for k, v in tensors.items() if k not in lm}
