@@ -13,7 +13,9 @@
    files present, ids in the vocabulary); no image is read until a worker needs it.
 2. **Documents** (:class:`DocumentReader`, in the workers): text tokenized (BOS / EOS added, see
    :mod:`mmfuse.engine.text`), images opened with PIL and resized / cropped by the family's image
-   input -- or taken encoded from the ``mmfuse prepare`` cache (:mod:`mmfuse.engine.prepare`).
+   input -- or taken encoded from the ``mmfuse prepare`` cache (:mod:`mmfuse.engine.prepare`). A
+   model built on a VLM that reads source pictures with its tower (MetaQuery on a VLM base) gets a
+   ``diffuse`` false picture as the VLM's image processor gives it (:class:`mmfuse.models.vlm.ReaderImages`).
 3. **Micro-batches** (:class:`MicroBatches`): micro-batch ``i`` draws documents with a generator
    seeded from ``(seed, i, rank)`` until they fill its rows, so its content is a function of ``i``
    alone -- the same with any number of workers, and a resumed run reads what the uninterrupted one
@@ -231,9 +233,10 @@ def image_refs(sources: Sequence[Source]) -> Iterator[ImageRef]:
 @dataclass
 class ImageData(Image):
     """An image as a worker delivers it: ``tensor`` holds pixels to encode, the posterior mean of a
-    cached one (``std`` beside it), or the ready model input (``kind`` says which)."""
+    cached one (``std`` beside it), the ready model input, or (``"source"``) a source picture as a
+    VLM reader's image processor gives it, a dict of tensors (``kind`` says which)."""
 
-    kind: str = "ready"  # "pixels" | "moments" | "ready"
+    kind: str = "ready"  # "pixels" | "moments" | "ready" | "source"
     std: torch.Tensor | None = None
 
 
@@ -259,6 +262,8 @@ class DocumentReader:
         self.tokenizer = tokenizer
         self._ids: dict[str, torch.Tensor] = {}  # text -> ids, for the texts documents repeat (prompts, labels)
         self.preprocess = image_input.preprocess if image_input is not None else None
+        # a source picture (diffuse false) that a VLM reader reads, where the model has one
+        self.source = getattr(image_input, "source", None)
         self.tensor_name = getattr(image_input, "tensor_name", "latent")
         self.ready_shape = getattr(image_input, "ready_shape", None)
         self.cache = cache
@@ -290,6 +295,8 @@ class DocumentReader:
         return ids
 
     def _image(self, ref: ImageRef, where: str) -> ImageData:
+        if self.source is not None and not ref.diffuse:
+            return ImageData(self.source(open_image(ref, where)), False, "source")
         if self.cache is not None and ref.key in self.cache:
             mean, std = self.cache.get(ref.key)
             return ImageData(mean, ref.diffuse, "moments", std)
@@ -418,7 +425,8 @@ def encode_images(documents: list[list], image_input, device: torch.device,
     """Documents with every :class:`ImageData` replaced by an :class:`Image` of its model input on
     ``device``: pixels encoded in one batched call, cached moments sampled, ready tensors moved."""
     images = [s for doc in documents for s in doc if isinstance(s, ImageData)]
-    encoded: dict[int, torch.Tensor] = {id(im): im.tensor.to(device) for im in images if im.kind != "pixels"}
+    encoded: dict[int, Any] = {id(im): im.tensor if im.kind == "source" else im.tensor.to(device)
+                               for im in images if im.kind != "pixels"}  # a source: the reader moves it
     pixels = [im for im in images if im.kind == "pixels"]
     if pixels:
         batch = image_input.encode(torch.stack([im.tensor for im in pixels]).to(device), generator)

@@ -13,8 +13,10 @@ per step. Schedulers are diffusers', chosen by name.
 
 A model folder holds everything generation needs: ``config.json`` + ``model.safetensors`` (the model),
 ``tokenizer/``, ``vae/`` (the codec, with ``model_index.json`` recording the channels and scaling the
-model was trained with), ``scheduler/``, for MetaMorph ``image_processor/``, and for a model built on a
-VLM (LlavaFusion) ``processor/``: the VLM's transformers processor, which lays out pictures to understand.
+model was trained with), ``scheduler/``, ``image_processor/`` for MetaMorph (SigLIP's) and for a model
+built on a VLM (the VLM's, which its reader reads pictures with), and ``processor/`` for a model built on
+a VLM whose transformers processor loads (LlavaFusion: it lays out pictures to understand, chat template
+included).
 """
 from __future__ import annotations
 
@@ -583,7 +585,8 @@ class MMFusePipeline:
     def _image_family(self) -> FamilySpec:
         """The family, when its prompts can hold images (a named error otherwise)."""
         hooks = self.family.pipeline if self.family is not None else None
-        if hooks is None or hooks.embed_prompt is None or hooks.condition_layout is None:
+        if hooks is None or (hooks.embed_prompt is None and hooks.layout_prompts is None) or \
+                hooks.condition_layout is None or not hooks.reads_images(self.model):
             name = self.family.name if self.family else type(self.model).__name__
             raise ValueError(f"images: this checkpoint's model ({name}) cannot read images in its prompt")
         return self.family
@@ -729,6 +732,6 @@ def load_vlm_processor(path: Path):
 def _load_processor(path: Path):
     if not (path / "preprocessor_config.json").is_file():
         return None
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers import AutoImageProcessor
 
-    return SiglipImageProcessorPil.from_pretrained(str(path))
+    return AutoImageProcessor.from_pretrained(str(path), local_files_only=True)

@@ -86,6 +86,8 @@ def open_picture(image: Any, where: str):
 
 def read_images(pictures: list, image_input, device: torch.device) -> list[torch.Tensor]:
     """Pictures -> the model's clean image inputs on ``device``, in one batched encode."""
+    if hasattr(image_input, "read"):  # a VLM reader's pictures: its image processor's inputs, read with its tower
+        return image_input.read(pictures, device)
     if image_input is None or getattr(image_input, "preprocess", None) is None:
         raise CheckpointError("images: this model folder has nothing to encode pictures with (no vae/ for a "
                               "latent model)")
@@ -126,6 +128,8 @@ def prompt_documents(tokenizer, prompts: Sequence[str] | None, ids: Sequence[Seq
 
 def lay_out(spec: FamilySpec, model: nn.Module, documents: list[list], device: torch.device) -> PromptLayout:
     """Documents (token tensors and clean :class:`Image` segments) -> the left-padded prefill layout."""
+    if spec.pipeline.layout_prompts is not None:
+        return spec.pipeline.layout_prompts(model, documents, device)
     if spec.pipeline.embed_prompt is None:
         raise ValueError(f"images: a {spec.name} model cannot read images in its prompt")
     size = spec.document_size(model, 0)

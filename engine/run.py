@@ -9,7 +9,7 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +76,35 @@ def _tokenizer(cfg: RunConfig):
 def _keeps_reader(cfg: RunConfig, spec: FamilySpec) -> bool:
     """Whether the family is built on a whole VLM (its image side kept as the reader)."""
     return bool(cfg.base) and spec.keeps_vlm_reader and read_config(cfg.base).get("model_type") in VLM_MODEL_TYPES
+
+
+def document_check(spec: FamilySpec, has_reader: bool) -> Callable[[list, int], str | None]:
+    """The family's document check, and whether the model can read the document's pictures."""
+    def check(document: list, row_len: int) -> str | None:
+        problem = spec.check_document(document, row_len)
+        if problem is None and not has_reader and spec.needs_reader(document):
+            return (f"a {spec.name} document with source images (\"diffuse\": false) needs a VLM base, whose tower "
+                    "reads them: give a VLM folder (e.g. LLaVA-OneVision, Qwen2.5-VL) as 'base'")
+        return problem
+
+    return check
+
+
+def _vlm_processors(cfg: RunConfig, spec: FamilySpec) -> tuple[Any, Any]:
+    """A VLM base's transformers processor (None where AutoProcessor cannot load it, e.g. without
+    torchvision) and its image processor, which the reader reads source pictures with."""
+    if not _keeps_reader(cfg, spec):
+        return None, None
+    try:
+        processor = load_vlm_processor(cfg.base)
+        return processor, processor.image_processor
+    except CheckpointError as exc:
+        from transformers import AutoImageProcessor
+
+        try:
+            return None, AutoImageProcessor.from_pretrained(str(cfg.base), local_files_only=True)
+        except (OSError, ValueError, KeyError, ImportError) as again:
+            raise ConfigError(f"base: {exc}; nor does its image processor load: {again}") from again
 
 
 def _base_parts(cfg: RunConfig, spec: FamilySpec, device: torch.device) -> Parts:
@@ -154,7 +183,7 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
         raise ConfigError(f"data.row_len={cfg.data.row_len} exceeds the LLM's context of {llm.max_seq_len}")
     vocab = max(llm.vocab_size, len(tokenizer) if tokenizer is not None else 0)
     sources = read_sources(cfg.data, vocab_size=vocab, root=cfg.path.parent if cfg.path else None)
-    check_structure(sources, spec.check_document)
+    check_structure(sources, document_check(spec, _keeps_reader(cfg, spec)))
     if tokenizer is None and any(isinstance(s, str) for src in sources for r in _sample(src.records) for s in r.segments):
         raise ConfigError("the data hold text but the run has no tokenizer: give 'tokenizer', or a 'base' that has one")
     codec = None if cfg.vae in (None, PIXEL_SPACE) else load_codec(cfg.vae, device)
@@ -162,7 +191,7 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
     if problem:
         raise ConfigError(f"{spec.name}: {problem}")
     # a VLM base's processor (its placeholders, tiling, chat template) is read before any weights
-    vlm_processor = load_vlm_processor(cfg.base) if _keeps_reader(cfg, spec) else None
+    vlm_processor, reader_processor = _vlm_processors(cfg, spec)
     torch.manual_seed(cfg.train.seed)  # a fresh decoder and the family's new layers: a function of the seed
     parts, processor = load_parts(cfg, spec, device)
     family_config = cfg.family_config
@@ -177,6 +206,7 @@ def set_up(cfg: RunConfig, device: torch.device) -> Run:
     spec.set_trainable(model)
     if cfg.vae == PIXEL_SPACE:
         codec = load_codec(PIXEL_SPACE, pixel_channels=_latent_channels(spec, model))
+    processor = processor if processor is not None else reader_processor
     image_input = spec.image_input(model, codec, processor)
     return Run(cfg, spec, model, tokenizer, codec, processor, image_input, sources, device, vlm_processor)
 
@@ -194,7 +224,7 @@ def _set_up_from_model_folder(cfg: RunConfig, device: torch.device) -> Run:
     tokenizer = tokenizer or pipe.tokenizer
     sources = read_sources(cfg.data, vocab_size=len(tokenizer) if tokenizer is not None else None,
                            root=cfg.path.parent if cfg.path else None)
-    check_structure(sources, spec.check_document)
+    check_structure(sources, document_check(spec, getattr(pipe.model, "reader", None) is not None))
     model = pipe.model
     try:
         model.config = dataclasses.replace(model.config, **{k: getattr(cfg.family_config, k) for k in cfg.family_keys})

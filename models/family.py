@@ -88,6 +88,11 @@ class PipelineHooks:
             ``image_positions - 1``; row r attends from ``starts[r]``: the prompt's start, or the BOI
             itself for the unconditional row), ``draw(denoiser)`` running the pipeline's guided
             denoising loop; None: the family does not interleave.
+        layout_prompts: (model, documents, device) -> the :class:`~mmfuse.models.decoder.PromptLayout`
+            of prompt documents with pictures, where the family lays them out itself (MetaQuery: through
+            its VLM reader); None: packed by ``make_batch`` and filled by ``embed_prompt``.
+        reads_images: model -> whether this model can read pictures in its prompt (e.g. MetaQuery
+            only on a VLM base).
     """
 
     latent_shape: Callable[[nn.Module], tuple[int, int, int]]
@@ -105,6 +110,8 @@ class PipelineHooks:
     timestep_kwargs: Callable[[nn.Module], dict] = lambda model: {}
     prompt_image_input: Callable[[nn.Module, Any, Any], Any] | None = None
     image_span: Callable[..., torch.Tensor] | None = None
+    layout_prompts: Callable[[nn.Module, list, torch.device], Any] | None = None
+    reads_images: Callable[[nn.Module], bool] = lambda model: True
 
 
 def accept_any_document(document: list, row_len: int) -> None:
@@ -124,6 +131,8 @@ class FamilySpec:
             each a key of the run config.
         keeps_vlm_reader: on a VLM base, the family keeps the VLM's image side (``Parts.reader``) and
             reads pictures in prompts with it, through the VLM's processor (saved in the model folder).
+        needs_reader: document -> whether only a model with a reader can train on it (MetaQuery:
+            source pictures); checked with the data, before weights load.
         description: one line for ``--help``: the model and what trains.
         special_tokens: id field -> text field of its config, for the tokens it adds to the tokenizer
             (BOI / EOI); the engine adds the texts and fills the id fields.
@@ -171,6 +180,7 @@ class FamilySpec:
     denoiser_kind: Callable[[Any], str] | None = None
     check_parts: Callable[[Any, dict[str, dict]], str | None] = lambda config, parts: None
     check_document: Callable[[list, int], str | None] = accept_any_document
+    needs_reader: Callable[[list], bool] = lambda document: False
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

@@ -171,6 +171,29 @@ class LlavaVLM(nn.Module):
         part.vision, part.projector, part.image_newline = self.vision, self.projector, self.image_newline
         return part
 
+    def collate(self, pictures: list[dict]) -> dict[str, torch.Tensor]:
+        """Single pictures as the image processor gives them (``pixel_values`` (1, [tiles,] 3, S, S),
+        ``image_sizes`` (1, 2)) -> one batch of them (tiles zero-padded, as the processor pads)."""
+        pixels = [p["pixel_values"] for p in pictures]
+        if pixels[0].dim() == 5:
+            most = max(t.shape[1] for t in pixels)
+            pixels = [F.pad(t, (0, 0, 0, 0, 0, 0, 0, most - t.shape[1])) for t in pixels]
+        out = {"pixel_values": torch.cat(pixels)}
+        if self.config.model_type in _ANYRES:
+            out["image_sizes"] = torch.cat([p["image_sizes"] for p in pictures])
+        return out
+
+    def features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each picture's features (T_i, dim) (see :meth:`image_features`)."""
+        return self.image_features(pixel_values, image_sizes)
+
+    def image_tokens(self, count: int) -> list[int]:
+        """The prompt tokens of a picture with ``count`` features: that many ``<image>`` tokens."""
+        return [self.config.image_token_id] * count
+
+    def rope_positions(self, input_ids: torch.Tensor, mask: torch.Tensor, **images) -> None:
+        return None  # one position per token, counted causally
+
     def reader_config(self) -> dict:
         """What :meth:`from_reader_config` rebuilds the image side from (a family checkpoint's config.json)."""
         return {"kind": "llava", "llava": dataclasses.asdict(self.config),

@@ -6,6 +6,13 @@ then Linear-GELU-Linear-RMSNorm) and become the cross-attention conditioning of 
 ``SanaTransformer2DModel`` (rectified flow) or ``UNet2DConditionModel`` (Stable Diffusion 1.5, DDPM).
 Only the queries, the connector and the diffusion decoder train. When sampling, the prompt and the
 queries go through the LLM and the connector once; only the diffusion decoder runs every step.
+
+On a VLM base (LLaVA-OneVision: the paper's Base model; Qwen2.5-VL: Large / X-Large) the model keeps
+the VLM's image side as its frozen ``reader`` (:mod:`mmfuse.models.vlm`), and prompts may hold source
+pictures: instruction tuning trains on ``source pictures + instruction -> target`` documents, and
+editing samples from them. Each source picture, as the VLM's image processor gives it, becomes as many
+image tokens as the tower gives it features (Qwen2.5-VL: between its vision start / end tokens, with
+3D positions), and the queries follow the prompt.
 """
 from __future__ import annotations
 
@@ -25,12 +32,14 @@ from mmfuse.kernels.diffusion_loss import ddpm_training_pair, flow_matching_pair
 from mmfuse.kernels.objectives import Objective, metaquery_objective
 from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, flow_mu, sample_sigmas, sample_timesteps
 
-from .decoder import Decoder, DecoderConfig, DecoderLayer
+from .decoder import Decoder, DecoderConfig, DecoderLayer, PromptLayout
 from .denoisers import DENOISER_CLASSES, build_denoiser, denoiser_config
 from .family import Denoiser, FamilySpec, Parts, PipelineHooks
 from .hf_io import CheckpointError, load_native, save_checkpoint
 from .layers import BatchContext, RoutedRMSNorm
 from .vae import LatentImages
+from .vlm import ReaderImages, build_reader, layout_pieces, reader_config
+from .vlm import freeze as freeze_reader
 
 MODEL_TYPE = "mmfuse_metaquery"
 DECODER_KINDS = tuple(DENOISER_CLASSES)
@@ -107,14 +116,20 @@ class Connector(nn.Module):
 
 @dataclass
 class PromptImageBatch:
-    """MetaQuery's batch: left-padded prompts (B, P) and their bool mask, one clean latent (B, C, H, W) each."""
+    """MetaQuery's batch: left-padded prompts (B, P) and their bool mask, one clean latent (B, C, H, W) each.
+
+    ``pieces``: with source pictures (instruction tuning on a VLM base), each row's prompt as pieces --
+    token tensors and pictures as the reader's image processor gives them -- which the model lays
+    out through its reader (``prompt_ids`` then hold the rows' text alone, for counting)."""
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     images: torch.Tensor
+    pieces: list | None = None
 
     def to(self, device) -> "PromptImageBatch":
-        return PromptImageBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.images.to(device))
+        return PromptImageBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.images.to(device),
+                                self.pieces)
 
 
 def prompt_batch(prompts: list[torch.Tensor], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +145,10 @@ def prompt_batch(prompts: list[torch.Tensor], device: torch.device | str | None 
 
 
 class MetaQuery(nn.Module):
-    def __init__(self, llm: Decoder, diffusion: nn.Module | dict, config: MetaQueryConfig):
+    def __init__(self, llm: Decoder, diffusion: nn.Module | dict, config: MetaQueryConfig,
+                 reader: nn.Module | None = None):
+        """``reader``: a VLM base's image side (:mod:`mmfuse.models.vlm`), frozen: the MLLM then reads
+        source pictures in its prompts (editing, instruction tuning) through its own tower."""
         super().__init__()
         if llm.config.num_experts != 1:
             raise ValueError(f"MetaQuery needs a one-expert decoder, got num_experts={llm.config.num_experts}")
@@ -150,6 +168,7 @@ class MetaQuery(nn.Module):
             self.connector = Connector(llm.config.dim, connector_layer_config(llm.config, config), config.cond_dim)
         self.register_buffer("alphas_cumprod", torch.empty(config.num_train_timesteps), persistent=False)
         self.reset_buffers(self.queries.device)
+        self.reader = reader
         self.freeze_llm()
 
     def _check_diffusion_decoder(self) -> None:
@@ -164,8 +183,10 @@ class MetaQuery(nn.Module):
             self.alphas_cumprod = ddpm_alphas_cumprod(betas).to(device)
 
     def freeze_llm(self) -> None:
+        """The MLLM stays frozen: its language model and its reader."""
         for p in self.llm.parameters():
             p.requires_grad_(False)
+        freeze_reader(self.reader)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -190,9 +211,38 @@ class MetaQuery(nn.Module):
         hidden = self.llm(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end)
         return hidden[:, P:]
 
+    def layout_query_states(self, layout: PromptLayout) -> torch.Tensor:
+        """The LLM's final hidden states (B, N, llm_dim) at the queries after laid-out prompts (e.g.
+        with source pictures read by the reader, :func:`mmfuse.models.vlm.layout_pieces`); the
+        queries continue each row's positions (past every stream's largest, for 3D positions)."""
+        (B, P), N = layout.input_ids.shape, self.config.num_queries
+        pos = layout.position_ids
+        after = (pos.amax(dim=-1) if pos.dim() == 2 else pos.amax(dim=(0, -1))) + 1  # (B,)
+        after = torch.where(layout.first < P, after, 0)  # an empty prompt: the queries from 0
+        query_pos = after[:, None] + torch.arange(N, device=pos.device)
+        if pos.dim() == 3:
+            query_pos = query_pos.expand(pos.shape[0], B, N)
+        embeds = torch.cat([layout.inputs_embeds, self.queries.to(layout.inputs_embeds.dtype).expand(B, N, -1)], dim=1)
+        mask = torch.cat([layout.attention_mask, layout.attention_mask.new_ones(B, N)], dim=1)
+        ids = torch.cat([layout.input_ids, layout.input_ids.new_zeros(B, N)], dim=1)
+        full = PromptLayout.causal(ids, mask, embeds, torch.cat([pos, query_pos], dim=-1))
+        hidden = self.llm(inputs_embeds=full.inputs_embeds, position_ids=full.position_ids, kv_start=full.kv_start,
+                          kv_end=full.kv_end)
+        return hidden[:, P:]
+
     def condition(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, cond_dim): the diffusion decoder's ``encoder_hidden_states`` for these prompts."""
-        hidden = self.query_states(prompt_ids, prompt_mask)
+        return self.connect(self.query_states(prompt_ids, prompt_mask))
+
+    def condition_pieces(self, pieces: list) -> torch.Tensor:
+        """(B, N, cond_dim) for prompts given as pieces with source pictures (read by the reader)."""
+        if self.reader is None:
+            raise ValueError("source pictures in a MetaQuery prompt need a VLM base (a model with a reader), "
+                             "e.g. LLaVA-OneVision or Qwen2.5-VL as 'base'")
+        layout = layout_pieces(self.reader, self.llm.embed, pieces, self.queries.device)
+        return self.connect(self.layout_query_states(layout))
+
+    def connect(self, hidden: torch.Tensor) -> torch.Tensor:
         # The frozen LLM may run in a lower precision than the trained connector.
         return self.connector(hidden.to(self.connector.norm.weights[0].dtype))
 
@@ -238,10 +288,14 @@ class MetaQuery(nn.Module):
         prompt_mask = self._prompt_mask(prompt_ids, batch.prompt_mask)
         B = prompt_ids.shape[0]
         self._check_latents(latents, B)
+        dropped = torch.zeros(B, dtype=torch.bool, device=latents.device)
         if self.training and c.prompt_dropout > 0:
             dropped = torch.rand(B, generator=generator, device=latents.device) < c.prompt_dropout
             prompt_mask = prompt_mask & ~dropped[:, None].to(prompt_mask.device)
-        cond = self.condition(prompt_ids, prompt_mask)
+        if batch.pieces is not None:  # source pictures: the prompts through the reader (dropped: the queries alone)
+            cond = self.condition_pieces([[] if drop else row for row, drop in zip(batch.pieces, dropped.tolist())])
+        else:
+            cond = self.condition(prompt_ids, prompt_mask)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if c.decoder == "sana":
             sigmas = sample_sigmas(B, c.sigma_density, shift=c.flow_shift, mu=self.dynamic_mu, generator=generator,
@@ -290,6 +344,8 @@ def save_metaquery(model: MetaQuery, path: str | os.PathLike, state_dict: dict[s
     state) and the three configs to one checkpoint folder."""
     cfg = {"model_type": MODEL_TYPE, "llm": dataclasses.asdict(model.llm.config),
            "metaquery": dataclasses.asdict(model.config), "diffusion": denoiser_config(model.diffusion)}
+    if model.reader is not None:
+        cfg["reader"] = reader_config(model.reader)
     save_checkpoint(path, cfg, model.state_dict() if state_dict is None else state_dict)
 
 
@@ -297,7 +353,8 @@ def load_metaquery(path: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> MetaQuery:
     def builder(cfg: dict):
         llm_cfg, mq_cfg, diffusion_cfg = DecoderConfig(**cfg["llm"]), MetaQueryConfig(**cfg["metaquery"]), dict(cfg["diffusion"])
-        return lambda: MetaQuery(Decoder(llm_cfg), diffusion_cfg, mq_cfg)
+        reader = cfg.get("reader")
+        return lambda: MetaQuery(Decoder(llm_cfg), diffusion_cfg, mq_cfg, None if reader is None else build_reader(reader))
 
     model = load_native(path, MODEL_TYPE, builder, dtype, device)
     model.freeze_llm()
@@ -327,18 +384,26 @@ def build(parts: Parts, config: MetaQueryConfig) -> MetaQuery:
     if parts.diffusion is None:
         raise CheckpointError("family 'metaquery' needs 'diffusion': a diffusers SANA transformer / SD1.5 UNet "
                               "folder, or its config")
-    model = MetaQuery(parts.decoder, parts.diffusion, config)
+    model = MetaQuery(parts.decoder, parts.diffusion, config, parts.reader)
     return model.to(parts.decoder.embed.weight.device)
 
 
 def make_batch(model: MetaQuery, documents: list, row_len: int, rows: int | None = None,
                generator: torch.Generator | None = None) -> PromptImageBatch:
-    """Each document is a prompt (its text) and one image: ``rows`` of them, prompts left-padded, latents stacked."""
+    """Each document is a prompt and one target image: ``rows`` of them, prompts left-padded, latents
+    stacked. A prompt may hold source pictures (instruction tuning, on a VLM base): then its pieces
+    go to the batch as they are, for the reader."""
     documents = documents[:rows]
-    prompts = [torch.cat([segment_ids(s) for s in doc[:-1]] or [torch.zeros(0, dtype=torch.long)])
-               for doc in documents]
+    prompts = [torch.cat([segment_ids(s) for s in doc[:-1] if not isinstance(s, Image)] or
+                         [torch.zeros(0, dtype=torch.long)]) for doc in documents]
     ids, mask = prompt_batch(prompts)
-    return PromptImageBatch(ids, mask, torch.stack([doc[-1].tensor for doc in documents]))
+    pieces = None
+    if any(isinstance(s, Image) for doc in documents for s in doc[:-1]):
+        if model.reader is None:
+            raise ValueError("a metaquery document with source pictures needs a VLM base (the model reads them "
+                             "with the VLM's tower): give a LLaVA-OneVision or Qwen2.5-VL folder as 'base'")
+        pieces = [[s.tensor if isinstance(s, Image) else segment_ids(s) for s in doc[:-1]] for doc in documents]
+    return PromptImageBatch(ids, mask, torch.stack([doc[-1].tensor for doc in documents]), pieces)
 
 
 def _whole_row(row_len: int, document: list) -> int:
@@ -346,9 +411,12 @@ def _whole_row(row_len: int, document: list) -> int:
 
 
 def check_document(document: list, row_len: int) -> str | None:
-    if not document or not isinstance(document[-1], Image) or any(isinstance(s, Image) for s in document[:-1]):
-        return "a metaquery document is a prompt followed by exactly one image"
-    if sum(len(s) for s in document[:-1]) > row_len:
+    """A prompt (text, and source pictures marked ``"diffuse": false``) followed by one target image."""
+    if not document or not isinstance(document[-1], Image) or not document[-1].diffuse or \
+            any(isinstance(s, Image) and s.diffuse for s in document[:-1]):
+        return ("a metaquery document is a prompt (text, and source images with \"diffuse\": false) followed by "
+                "exactly one target image")
+    if sum(len(s) for s in document[:-1] if not isinstance(s, Image)) > row_len:
         return f"its prompt is longer than data.row_len ({row_len})"
     return None
 
@@ -374,8 +442,34 @@ def _latent_shape(model: MetaQuery) -> tuple[int, int, int]:
     return c["in_channels"], c["sample_size"], c["sample_size"]
 
 
-def _image_input(model: MetaQuery, codec, vision_processor=None) -> LatentImages:
-    return LatentImages(codec, _latent_shape(model))
+def _image_input(model: MetaQuery, codec, processor=None) -> LatentImages:
+    """Targets as latents; on a VLM base, source pictures through ``processor`` (the VLM's)."""
+    if model.reader is None:
+        return LatentImages(codec, _latent_shape(model))
+    if processor is None:
+        raise CheckpointError("a MetaQuery on a VLM base reads source pictures with the VLM's processor, and there is "
+                              "none (a model folder keeps it in processor/)")
+    return ReaderImages(codec, _latent_shape(model), getattr(processor, "image_processor", processor))
+
+
+def _layout_prompts(model: MetaQuery, documents: list, device) -> PromptLayout:
+    """Prompts with source pictures (documents of token tensors and clean :class:`Image` pictures) through the reader."""
+    if model.reader is None:
+        raise ValueError("images: this MetaQuery was built on an LLM, not a VLM: it cannot read pictures")
+    pieces = [[s.tensor if isinstance(s, Image) else segment_ids(s) for s in doc] for doc in documents]
+    return layout_pieces(model.reader, model.llm.embed, pieces, device)
+
+
+@contextlib.contextmanager
+def condition_layout(model: MetaQuery, layout: PromptLayout, recompute: bool = False) -> Iterator[Denoiser]:
+    """As :func:`condition`, for prompts laid out with source pictures (editing)."""
+    cond = None if recompute else model.connect(model.layout_query_states(layout))
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = model.connect(model.layout_query_states(layout)) if recompute else cond
+        return model.denoise(x, t, c).float()
+
+    yield denoise
 
 
 FAMILY = FamilySpec(
@@ -385,6 +479,7 @@ FAMILY = FamilySpec(
                  "trains the queries, the connector and the decoder"),
     config_class=MetaQueryConfig,
     parts=("diffusion",),
+    keeps_vlm_reader=True,
     denoiser_kind=lambda config: config.decoder,
     check_parts=check_parts,
     build=build,
@@ -396,6 +491,7 @@ FAMILY = FamilySpec(
     image_input=_image_input,
     document_size=lambda model, row_len: functools.partial(_whole_row, row_len),  # one document per row
     check_document=check_document,
+    needs_reader=lambda document: any(isinstance(s, Image) for s in document[:-1]),
     make_batch=make_batch,
     loss=lambda model, batch, generator: model.training_loss(batch, generator),
     count=lambda b: {"tokens": int(b.prompt_mask.sum()), "images": int(b.images.shape[0])},
@@ -404,6 +500,9 @@ FAMILY = FamilySpec(
         scheduler=lambda model: model.make_scheduler(),
         image_prompt=lambda model, ids: list(ids),
         condition=condition,
+        condition_layout=condition_layout,
+        layout_prompts=_layout_prompts,
+        reads_images=lambda model: model.reader is not None,
         text_decoder=lambda model: model.llm,
         image_positions=lambda model: model.config.num_queries,
         timestep_kwargs=lambda model: {} if model.dynamic_mu is None else {"mu": model.dynamic_mu},

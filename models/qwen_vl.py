@@ -167,6 +167,8 @@ def _intervals(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 class QwenVLConfig:
     image_token_id: int = 151655
     video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
 
 
 class Qwen25VL(nn.Module):
@@ -191,6 +193,26 @@ class Qwen25VL(nn.Module):
     def reader(self) -> "Qwen25VL":
         """The image side alone (the tower and the 3D positions; no language model), sharing its weights."""
         return Qwen25VL(self.config, self.vision, None)
+
+    def collate(self, pictures: list[dict]) -> dict[str, torch.Tensor]:
+        """Single pictures as the image processor gives them (``pixel_values`` (n_i, patch_dim),
+        ``image_grid_thw`` (1, 3)) -> one batch of them."""
+        return {"pixel_values": torch.cat([p["pixel_values"] for p in pictures]),
+                "image_grid_thw": torch.cat([p["image_grid_thw"] for p in pictures])}
+
+    def features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Each picture's tokens (T_i, dim), T_i = t * h * w / merge^2."""
+        counts = (image_grid_thw.prod(dim=1) // self.vision.config.spatial_merge_size**2).tolist()
+        return list(self.vision(pixel_values, image_grid_thw).split(counts))
+
+    def image_tokens(self, count: int) -> list[int]:
+        """The prompt tokens of a picture with ``count`` tokens, as the chat template and processor write it."""
+        c = self.config
+        return [c.vision_start_token_id, *[c.image_token_id] * count, c.vision_end_token_id]
+
+    def rope_positions(self, input_ids: torch.Tensor, mask: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                       **images) -> torch.Tensor:
+        return self.positions(input_ids, mask, image_grid_thw)
 
     def reader_config(self) -> dict:
         return {"kind": MODEL_TYPE, "qwen_vl": dataclasses.asdict(self.config),
@@ -300,7 +322,9 @@ def _configs(cfg: dict) -> tuple[QwenVLConfig, DecoderConfig, QwenVisionConfig]:
     dec_cfg, vision_cfg = text_config(cfg), QwenVisionConfig.from_hf(cfg.get("vision_config") or {})
     if not dec_cfg.mrope_section:
         raise CheckpointError("config text_config.rope_parameters has no mrope_section")
-    config = QwenVLConfig(image_token_id=cfg.get("image_token_id", 151655), video_token_id=cfg.get("video_token_id", 151656))
+    d = QwenVLConfig()
+    config = QwenVLConfig(**{f: cfg.get(f, getattr(d, f)) for f in ("image_token_id", "video_token_id",
+                                                                     "vision_start_token_id", "vision_end_token_id")})
     return config, dec_cfg, vision_cfg
 
 

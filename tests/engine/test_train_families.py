@@ -80,8 +80,11 @@ def test_train_metaquery_keeps_the_llm_frozen(tmp_path, diffusion_from):
 @pytest.mark.parametrize(
     "segments,message",
     [
-        ([{"image": "img0.safetensors"}, {"text": [5]}], "docs.jsonl:2: a metaquery document is a prompt followed by "
-                                                          "exactly one image"),
+        ([{"image": "img0.safetensors"}, {"text": [5]}], "docs.jsonl:2: a metaquery document is a prompt "
+                                                          r"\(text, and source images .* followed by exactly one "
+                                                          "target image"),
+        ([{"image": "img0.safetensors"}, {"image": "img0.safetensors"}], "docs.jsonl:2: a metaquery document is a "
+                                                                         "prompt .* followed by exactly one target"),
         ([{"text": list(range(9))}, {"image": "img0.safetensors"}], "docs.jsonl:1: its prompt is longer than "
                                                                     r"data.row_len \(8\)"),
     ],
