@@ -720,6 +720,8 @@ def load_vlm_processor(path: Path):
 
     why = f"{path}: a VLM checkpoint generates through its transformers processor (processor_config.json, the " \
           "tokenizer and the image processor), which AutoProcessor cannot load"
+    if not (Path(path) / "processor_config.json").is_file():  # else AutoProcessor may assemble one half-configured
+        raise CheckpointError(f"{why}: {Path(path) / 'processor_config.json'} is missing")
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, AttributeError, ImportError) as exc:

@@ -93,8 +93,10 @@ def trained(tmp_path_factory):
     offline.sana(root / "sana")
     offline.dc_vae(root / "vae")
     offline.captioned_pictures(root)
-    edits = [{"segments": [{"image": f"img/{i}.png", "diffuse": False}, {"text": "the same in another color"},
-                           {"image": f"img/{(i + 2) % 8}.png"}]} for i in range(4)]
+    sources = [[{"image": f"img/{i}.png", "diffuse": False}] + [{"image": f"img/{i + 4}.png", "diffuse": False}] * (i % 2)
+               for i in range(4)]  # one source picture, or two (subject-driven: several sources -> one target)
+    edits = [{"segments": [*src, {"text": "the same in another color"}, {"image": f"img/{(i + 2) % 8}.png"}]}
+             for i, src in enumerate(sources)]
     captions = (root / "captions.jsonl").read_text().splitlines()
     (root / "mixed.jsonl").write_text("\n".join(captions[:4] + [json.dumps(e) for e in edits]) + "\n")
     config = offline.write_config(root, family="metaquery", base="vlm", diffusion="sana", vae="vae", metaquery=METAQUERY,
@@ -148,8 +150,21 @@ def test_editing_reads_the_source_through_the_tower(trained, tmp_path):
     assert torch.allclose(cached, recomputed, atol=1e-5)
     other = pipe("the same in another color", images=str(blue), **kw).latents
     assert not torch.allclose(cached, other, atol=1e-4)  # the MLLM sees the picture
+    # two sources at their placeholders
+    both = pipe("<image> and <image> together", images=[str(red), str(blue)], **kw).latents
+    assert both.shape == cached.shape and not torch.allclose(both, cached, atol=1e-4)
     # the MetaQuery's MLLM answers about a picture too, read by the same tower
     assert isinstance(pipe.generate_text("what is this", images=str(red), max_new_tokens=3)[0], str)
+
+
+def test_editing_from_the_cli_writes_a_png(trained, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "src.png"
+    offline.picture("green", "square", size=(30, 30)).save(src)
+    assert main(["generate", "--checkpoint", str(trained["model"]), "--image", str(src), "--prompt", "make it blue",
+                 "--out", str(tmp_path / "edited.png"), "--steps", "2", "--seed", "0"]) == 0
+    assert Image.open(tmp_path / "edited.png").size == (16, 16)
 
 
 def test_source_pictures_need_a_vlm_base(tmp_path, monkeypatch):
