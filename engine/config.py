@@ -4,7 +4,9 @@ Every key is checked by name and type before anything loads; relative paths reso
 config file's folder. The schema (``mmfuse train --help`` prints it)::
 
     {"family": "fusion" | "metamorph" | "metaquery",
-     "base": "llm/",                 # an HF Llama / Qwen2 folder with its tokenizer ...
+     "base": "llm/",                 # an HF Llama / Qwen2 folder with its tokenizer, or a VLM folder
+                                     #     (LLaVA / -NeXT / -OneVision, Qwen2.5-VL; fusion: LlavaFusion,
+                                     #     metaquery: source images read by its tower) ...
      "decoder": {...},               # ... or a decoder from scratch (DecoderConfig fields) with "tokenizer"
      "init": "run/model/",           # ... or a model folder of this family to continue from (a later stage:
                                      #     its model, tokenizer, VAE and processor; the family section's keys
