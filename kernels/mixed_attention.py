@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -463,16 +464,20 @@ def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
 
 _REF_CHUNK_ELEMENTS = 1 << 21  # score elements per query chunk (8 MiB in fp32): cache-sized work
 _REF_MIN_CHUNK = 32  # queries; fewer would make Python overhead dominate
+# Queries per call of PyTorch's CPU flash kernel: it tiles the scores itself, so chunks only bound
+# the key window (the skipped tiles) and the mask, against ~20 us of overhead per call.
+_SDPA_CHUNK = 256
 
 
-def _query_chunks(kv_start, kv_end, batch_heads, kv_len):
+def _query_chunks(kv_start, kv_end, batch_heads, kv_len, chunk: int | None = None):
     """Yield (q0, q1, k0, k1): query chunks and the key window their intervals can reach.
 
     Small chunks keep the scores cache-sized and let the window shrink to what the chunk's
-    documents and spans need (the reference's version of tile skipping).
+    documents and spans need (the reference's version of tile skipping); ``chunk``: queries per
+    chunk (default: as many as keep the scores cache-sized).
     """
     Lq = kv_start.shape[1]
-    chunk = max(_REF_MIN_CHUNK, _REF_CHUNK_ELEMENTS // max(1, batch_heads * kv_len))
+    chunk = chunk or max(_REF_MIN_CHUNK, _REF_CHUNK_ELEMENTS // max(1, batch_heads * kv_len))
     for q0 in range(0, Lq, chunk):
         q1 = min(Lq, q0 + chunk)
         s, e = kv_start[:, q0:q1], kv_end[:, q0:q1]
@@ -503,6 +508,120 @@ def _chunk_seen(kv_start, kv_end, q0, q1, k0, k1):
 
 
 def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
+    """PyTorch's own CPU flash-attention kernel (vectorised C++, what SDPA runs) per query chunk, over
+    the key window the chunk's intervals reach, with the chunk's mask built from the intervals: the
+    skipped tiles of the mixed mask, at SDPA's speed, never an L x L mask."""
+    if q.device.type != "cpu":
+        return _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale)
+    B, Hq, Lq, D = q.shape
+    ct = compute_dtype(q)
+    outs, lses, done = [], [], 0
+    for q0, q1, k0, k1, mask in _sdpa_chunks(kv_start, kv_end, k.shape[2], ct):
+        if q0 > done:  # queries that see no key at all: output 0, lse -inf
+            outs.append(q.new_zeros(B, Hq, q0 - done, D, dtype=ct))
+            lses.append(q.new_full((B, Hq, q0 - done), float("-inf"), dtype=torch.float32))
+        k_w, v_w = (_heads(t[:, :, k0:k1], Hq, ct) for t in (k, v))
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[:, :, q0:q1].to(ct), k_w, v_w, 0.0, False, attn_mask=mask, scale=scale)
+        outs.append(o)
+        lses.append(l if mask is None else l.masked_fill((kv_start[:, q0:q1] >= kv_end[:, q0:q1])[:, None],
+                                                       float("-inf")))  # rows with no keys: lse -inf
+        done = q1
+    if done < Lq:
+        outs.append(q.new_zeros(B, Hq, Lq - done, D, dtype=ct))
+        lses.append(q.new_full((B, Hq, Lq - done), float("-inf"), dtype=torch.float32))
+    out, lse = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in (outs, lses))
+    return out.to(q.dtype), lse
+
+
+def _attention_inference_torch(q, k, v, kv_start, kv_end, scale):
+    """The forward without its lse (inference: decode, sampling): SDPA itself per chunk of the plan,
+    which picks PyTorch's fastest CPU kernel for the shape (a decode step's one query included) and
+    reads GQA's shared K / V in place."""
+    if q.device.type != "cpu":
+        return _attention_fwd_torch(q, k, v, kv_start, kv_end, scale)[0]
+    B, Hq, Lq, D = q.shape
+    ct, dtype = compute_dtype(q), q.dtype
+    gqa = k.shape[1] != Hq
+    plan = _sdpa_chunks(kv_start, kv_end, k.shape[2], ct)
+    out = q.new_zeros(B, Hq, Lq, D, dtype=ct) if len(plan) != 1 or plan[0][:2] != (0, Lq) else None
+    if q.dtype != ct:  # fp16 / bf16: attend in fp32, as the other paths do
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    for q0, q1, k0, k1, mask in plan:
+        o = F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask,
+                                           scale=scale, enable_gqa=gqa)
+        if mask is not None:  # rows with no keys: 0, as the op gives (SDPA's would be NaN)
+            o = o.masked_fill((kv_start[:, q0:q1] >= kv_end[:, q0:q1])[:, None, :, None], 0.0)
+        if out is None:
+            return o.to(dtype)
+        out[:, :, q0:q1] = o
+    return out.to(dtype)
+
+
+def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
+    """The chunk plan: (q0, q1, k0, k1, additive mask (B, 1, C, W) or None) for query chunks of
+    ``_SDPA_CHUNK``: the key window each chunk's intervals reach, and its mask -- None where every
+    query sees the whole window; chunks that see no key are left out.
+
+    Every layer of a model (and the backward) attends with the same interval tensors, so the plan is
+    built once and kept for the most recent ones (as a FlexAttention BlockMask is built once per
+    batch): a plan is reused only for the same, unmodified tensors, and kept only when its masks fit
+    ``_PLAN_CACHE_BYTES``.
+    """
+    key = (kv_start.data_ptr(), kv_end.data_ptr(), kv_start._version, kv_end._version, tuple(kv_start.shape),
+           kv_start.stride(), kv_end.stride(), kv_len, dtype, kv_start.device, _SDPA_CHUNK)
+    cached = _PLAN_CACHE.get("plan")
+    if cached is not None and cached[0] == key:
+        return cached[3]
+    plan = _build_sdpa_plan(kv_start, kv_end, kv_len, dtype)
+    size = sum(m.numel() * m.element_size() for *_, m in plan if m is not None)
+    # the tensors are held with the plan, so no other tensor can take their memory (and address)
+    _PLAN_CACHE["plan"] = (key, kv_start, kv_end, plan) if size <= _PLAN_CACHE_BYTES else None
+    return plan
+
+
+_PLAN_CACHE: dict[str, tuple | None] = {}
+_PLAN_CACHE_BYTES = 64 << 20
+
+
+def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
+    B, Lq = kv_start.shape
+    n = -(-Lq // _SDPA_CHUNK)
+    pad = n * _SDPA_CHUNK - Lq
+
+    def per_chunk(t, value, largest: bool):  # (B, Lq) -> (n,): the chunk's max / min, padding rows at ``value``
+        t = F.pad(t, (0, pad), value=value).view(B, n, _SDPA_CHUNK)
+        return t.amax(dim=(0, 2)) if largest else t.amin(dim=(0, 2))
+
+    live = kv_start < kv_end
+    first = per_chunk(torch.where(live, kv_start, kv_len), kv_len, False)  # the window: [first, last)
+    last = per_chunk(torch.where(live, kv_end, 0), 0, True)
+    latest_start = per_chunk(kv_start, 0, True)  # every query sees [first, last) when its interval covers it
+    earliest_end = per_chunk(kv_end, kv_len, False)
+    cols = torch.arange(kv_len, device=kv_start.device, dtype=kv_start.dtype)
+    plan = []
+    for c, (k0, k1, s_max, e_min) in enumerate(torch.stack([first, last, latest_start, earliest_end], 1).tolist()):
+        if k1 <= k0:
+            continue  # no query of the chunk sees a key
+        q0, q1 = c * _SDPA_CHUNK, min(Lq, (c + 1) * _SDPA_CHUNK)
+        mask = None
+        if not (s_max <= k0 and e_min >= k1):
+            w = cols[k0:k1]
+            seen = (w >= kv_start[:, q0:q1, None]) & (w < kv_end[:, q0:q1, None])
+            mask = torch.where(seen, 0.0, float("-inf")).to(dtype)[:, None]
+        plan.append((q0, q1, k0, k1, mask))
+    return plan
+
+
+def _heads(t: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Hkv, W, D) keys or values -> (B, Hq, W, D): each KV head repeated for its GQA group."""
+    B, Hkv, W, D = t.shape
+    t = t.to(dtype)
+    return t if Hkv == num_heads else t[:, :, None].expand(B, Hkv, num_heads // Hkv, W, D).reshape(B, num_heads, W, D)
+
+
+def _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale):
+    """The same in plain PyTorch ops (any device): scores of one query chunk at a time."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -556,6 +675,30 @@ def _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale):
 
 
 def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
+    """The backward of :func:`_attention_fwd_torch`: PyTorch's CPU flash-attention backward per chunk."""
+    if q.device.type != "cpu":
+        return _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    ct = compute_dtype(q)
+    dq = torch.zeros(B, Hq, Lq, D, device=q.device, dtype=ct)
+    dk = torch.zeros(B, Hkv, Lk, D, device=q.device, dtype=ct)
+    dv = torch.zeros_like(dk)
+    lse = torch.where(torch.isneginf(lse), 0.0, lse)  # rows with no keys: what the kernel wrote (their p is 0)
+    for q0, q1, k0, k1, mask in _sdpa_chunks(kv_start, kv_end, Lk, ct):
+        k_w, v_w = (_heads(t[:, :, k0:k1], Hq, ct) for t in (k, v))
+        rows = (slice(None), slice(None), slice(q0, q1))
+        dq_c, dk_w, dv_w = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do[rows].to(ct), q[rows].to(ct), k_w, v_w, out[rows].to(ct), lse[rows].contiguous(), 0.0, False,
+            attn_mask=mask, scale=scale)
+        dq[rows] = dq_c
+        W = k1 - k0
+        dk[:, :, k0:k1] += dk_w.view(B, Hkv, Hq // Hkv, W, D).sum(2)  # sums over the GQA group
+        dv[:, :, k0:k1] += dv_w.view(B, Hkv, Hq // Hkv, W, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -697,8 +840,10 @@ def mixed_attention(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if q.shape[2] <= _TRACED_FEW_QUERIES and (runs_body_directly(backend, q, k, v) or (backend == "torch" and is_tracing())):
+    if backend == "torch" and is_tracing() and q.shape[2] <= _TRACED_FEW_QUERIES:
         return _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale)
+    if runs_body_directly(backend, q, k, v):  # inference: no lse to keep, no custom-op dispatch to pay
+        return _attention_inference_torch(q, k, v, kv_start, kv_end, scale)
     out, _ = _mixed_attention_fwd_op(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend,
                                      num_splits or 0)
     return out

@@ -140,11 +140,54 @@ def test_fully_masked_rows_give_zero_output_and_gradients(backend, device):
     assert out[1].abs().max() == 0 and dk[1].abs().max() == 0 and dv[1].abs().max() == 0
 
 
-def test_torch_backend_chunks_queries_exactly(monkeypatch):
-    """Force tiny query chunks so the memory-lean loop runs many times, on a long awkward length."""
+def with_empty_rows(inputs, rows=(0, 40, 41, 300)):
+    """Some queries see no key at all (kv_end = kv_start): their output and gradients are 0."""
+    q, k, v, kv_start, kv_end = inputs
+    kv_end = kv_end.clone()
+    kv_end[:, list(rows)] = kv_start[:, list(rows)]
+    return q, k, v, kv_start, kv_end
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_chunks_queries_exactly(monkeypatch, dtype):
+    """Small query chunks, so the CPU path (PyTorch's flash kernel per chunk, its masks from the
+    intervals, chunks that see no key skipped) runs many times, on a long awkward length."""
+    monkeypatch.setattr(attn_mod, "_SDPA_CHUNK", 32)
+    inputs = with_empty_rows(packed_inputs(2, 4, 2, 1025, 32, dtype, seed=11))
+    assert_close_to_reference(run_case(*inputs, "torch", "cpu"), dtype)
+
+
+def test_the_plain_pytorch_chunks_off_cpu_are_exact(monkeypatch):
+    """The torch backend off the CPU (no PyTorch flash kernel there to call): scores chunk by chunk."""
     monkeypatch.setattr(attn_mod, "_REF_CHUNK_ELEMENTS", 4096)
-    inputs = packed_inputs(1, 2, 1, 1025, 32, torch.float32, seed=11)
+    monkeypatch.setattr(attn_mod, "_attention_fwd_torch", attn_mod._attention_fwd_chunked_torch)
+    monkeypatch.setattr(attn_mod, "_attention_bwd_torch", attn_mod._attention_bwd_chunked_torch)
+    inputs = with_empty_rows(packed_inputs(1, 2, 1, 1025, 32, torch.float32, seed=11))
     assert_close_to_reference(run_case(*inputs, "torch", "cpu"), torch.float32)
+
+
+def test_the_chunk_plan_follows_its_interval_tensors(monkeypatch):
+    """The plan (windows, masks) is kept for the interval tensors it was built from, and rebuilt when
+    they change in place or other tensors come: every result is the reference's."""
+    monkeypatch.setattr(attn_mod, "_SDPA_CHUNK", 16)
+    q, k, v, kv_start, kv_end = packed_inputs(1, 2, 2, 70, 32, torch.float32, seed=3)
+    ref = lambda s, e: dense_reference(*(t.double() for t in (q, k, v)), s, e).float()
+    with torch.no_grad():
+        assert rel_err(mixed_attention(q, k, v, kv_start, kv_end), ref(kv_start, kv_end)) <= 1e-5
+        kv_start.zero_()  # in place: every query now sees from the first key
+        assert rel_err(mixed_attention(q, k, v, kv_start, kv_end), ref(kv_start, kv_end)) <= 1e-5
+        other = torch.zeros_like(kv_end)  # new tensors: nothing seen, zeros
+        assert mixed_attention(q, k, v, kv_start, other).abs().max() == 0
+
+
+def test_inference_equals_the_op_on_packed_layouts_with_empty_rows(monkeypatch):
+    monkeypatch.setattr(attn_mod, "_SDPA_CHUNK", 32)
+    q, k, v, kv_start, kv_end = with_empty_rows(packed_inputs(2, 4, 2, 333, 32, torch.bfloat16, seed=5))
+    through_op = mixed_attention(q.requires_grad_(), k, v, kv_start, kv_end).detach()
+    with torch.no_grad():
+        direct = mixed_attention(q, k, v, kv_start, kv_end)
+    assert direct.dtype == torch.bfloat16 and rel_err(direct.float(), through_op.float()) <= 1e-2
+    assert direct[:, :, [0, 40, 41, 300]].abs().max() == 0
 
 
 @pytest.mark.skipif(not triton_devices(), reason="needs the Triton interpreter or a GPU")
