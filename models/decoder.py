@@ -326,7 +326,26 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, dim) -> (…, V) in float32."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        weight = self.lm_head_weight
+        rows = hidden.numel() // hidden.shape[-1]
+        if hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and rows <= _SKINNY_ROWS:
+            return _skinny_logits(hidden, weight)
+        return F.linear(hidden, weight).float()
+
+
+# A decode step's few rows against the LM head (V x dim): on CPU, fp32 ``W @ h.T`` runs as a GEMM
+# parallel over the V rows, 2-3x faster than ``F.linear``'s (measured, 2 cores, V = 32000, dim 256:
+# 1 row 5.8 -> 3.1 ms, 8 rows 10.7 -> 4.3 ms; from 64 rows on F.linear wins, and in bf16 always).
+_SKINNY_ROWS = 16
+
+
+def _skinny_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    one = flat.shape[0] == 1
+    # contiguous rows (BLAS's fast layout); one row would be a GEMV, the slow form: two keep it a GEMM
+    flat = flat.expand(2, -1).contiguous() if one else flat.contiguous()
+    out = (weight @ flat.T).T
+    return (out[:1] if one else out).contiguous().view(*hidden.shape[:-1], weight.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------

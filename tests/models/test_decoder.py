@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from mmfuse.models import CheckpointError, Decoder, from_pretrained, save_pretrained
+from mmfuse.models import CheckpointError, Decoder, DecoderConfig, from_pretrained, save_pretrained
 from tests.helpers import rel_err
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -265,3 +265,16 @@ def test_resize_vocab_keeps_the_old_rows_and_the_logits(tmp_path):
     assert model.config.vocab_size == 104 and model.lm_head.weight.shape == (104, 64)
     with pytest.raises(ValueError, match="can only grow"):
         model.resize_vocab(50)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 1, 64), (2, 8, 64), (40, 64)])  # 1 row, a decode batch, prefill
+def test_logits_of_a_few_rows_equal_the_linear_head(shape):
+    """A decode step's rows take the fast CPU GEMM form (W @ h.T); any row count gives F.linear's logits."""
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=300, dim=64, hidden_dim=96, num_layers=1, num_heads=2, num_kv_heads=1,
+                                  head_dim=32))
+    hidden = torch.randn(*shape)
+    want = torch.nn.functional.linear(hidden.double(), model.lm_head_weight.double())
+    got = model.logits(hidden)
+    assert got.shape == (*shape[:-1], 300) and got.dtype == torch.float32 and got.is_contiguous()
+    assert rel_err(got, want) <= 1e-6
