@@ -7,8 +7,10 @@ Query ``i`` of batch row ``b`` attends the keys ``kv_start[b, i] <= j < kv_end[b
 * a tile that every live query of the block sees whole runs without mask arithmetic;
 * only tiles straddling an interval edge are masked.
 
-An empty interval (padding) gives a zero output row and zero gradients. Layout of this file:
-Triton kernels -> launchers -> PyTorch reference -> custom op + autograd -> public function.
+An empty interval (padding) gives a zero output row and zero gradients. The PyTorch backend on CPU
+calls PyTorch's flash kernel per query chunk over the chunk's key window (the same skipping, at
+chunk granularity); elsewhere it computes each chunk's scores itself. Layout of this file:
+Triton kernels -> launchers -> PyTorch backend -> custom op + autograd -> public function.
 """
 from __future__ import annotations
 
@@ -459,7 +461,7 @@ def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch reference backend: exact, chunked over queries, never B x H x L x L at once
+# PyTorch backend: exact, chunked over queries, never B x H x L x L at once
 # ----------------------------------------------------------------------------------------------
 
 _REF_CHUNK_ELEMENTS = 1 << 21  # score elements per query chunk (8 MiB in fp32): cache-sized work
