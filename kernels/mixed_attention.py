@@ -570,6 +570,8 @@ def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple[int, int, int, i
     batch): a plan is reused only for the same, unmodified tensors, and kept only when its masks fit
     ``_PLAN_CACHE_BYTES``.
     """
+    if kv_start.is_inference() or kv_end.is_inference():  # no version counter to tell an in-place change
+        return _build_sdpa_plan(kv_start, kv_end, kv_len, dtype)
     key = (kv_start.data_ptr(), kv_end.data_ptr(), kv_start._version, kv_end._version, tuple(kv_start.shape),
            kv_start.stride(), kv_end.stride(), kv_len, dtype, kv_start.device, _SDPA_CHUNK)
     cached = _PLAN_CACHE.get("plan")

@@ -180,6 +180,19 @@ def test_the_chunk_plan_follows_its_interval_tensors(monkeypatch):
         assert mixed_attention(q, k, v, kv_start, other).abs().max() == 0
 
 
+def test_inference_mode_tensors_are_planned_afresh(monkeypatch):
+    """Inference tensors keep no version counter, so their plan is never kept: changed in place, the
+    next call still sees the new intervals."""
+    monkeypatch.setattr(attn_mod, "_SDPA_CHUNK", 16)
+    q, k, v, kv_start, kv_end = packed_inputs(1, 2, 2, 40, 32, torch.float32, seed=4)
+    with torch.inference_mode():
+        s, e = kv_start.clone(), kv_end.clone()
+        first = mixed_attention(q, k, v, s, e)
+        e.zero_()
+        assert mixed_attention(q, k, v, s, e).abs().max() == 0
+    assert rel_err(first, dense_reference(q, k, v, kv_start, kv_end)) <= 1e-5
+
+
 def test_inference_equals_the_op_on_packed_layouts_with_empty_rows(monkeypatch):
     monkeypatch.setattr(attn_mod, "_SDPA_CHUNK", 32)
     q, k, v, kv_start, kv_end = with_empty_rows(packed_inputs(2, 4, 2, 333, 32, torch.bfloat16, seed=5))
