@@ -471,15 +471,14 @@ _REF_MIN_CHUNK = 32  # queries; fewer would make Python overhead dominate
 _SDPA_CHUNK = 256
 
 
-def _query_chunks(kv_start, kv_end, batch_heads, kv_len, chunk: int | None = None):
+def _query_chunks(kv_start, kv_end, batch_heads, kv_len):
     """Yield (q0, q1, k0, k1): query chunks and the key window their intervals can reach.
 
     Small chunks keep the scores cache-sized and let the window shrink to what the chunk's
-    documents and spans need (the reference's version of tile skipping); ``chunk``: queries per
-    chunk (default: as many as keep the scores cache-sized).
+    documents and spans need (the reference's version of tile skipping).
     """
     Lq = kv_start.shape[1]
-    chunk = chunk or max(_REF_MIN_CHUNK, _REF_CHUNK_ELEMENTS // max(1, batch_heads * kv_len))
+    chunk = max(_REF_MIN_CHUNK, _REF_CHUNK_ELEMENTS // max(1, batch_heads * kv_len))
     for q0 in range(0, Lq, chunk):
         q1 = min(Lq, q0 + chunk)
         s, e = kv_start[:, q0:q1], kv_end[:, q0:q1]
@@ -518,16 +517,15 @@ def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
     B, Hq, Lq, D = q.shape
     ct = compute_dtype(q)
     outs, lses, done = [], [], 0
-    for q0, q1, k0, k1, mask in _sdpa_chunks(kv_start, kv_end, k.shape[2], ct):
+    for q0, q1, k0, k1, mask, empty in _sdpa_chunks(kv_start, kv_end, k.shape[2], ct):
         if q0 > done:  # queries that see no key at all: output 0, lse -inf
             outs.append(q.new_zeros(B, Hq, q0 - done, D, dtype=ct))
             lses.append(q.new_full((B, Hq, q0 - done), float("-inf"), dtype=torch.float32))
         k_w, v_w = (_heads(t[:, :, k0:k1], Hq, ct) for t in (k, v))
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[:, :, q0:q1].to(ct), k_w, v_w, 0.0, False, attn_mask=mask, scale=scale)
-        outs.append(o)
-        lses.append(l if mask is None else l.masked_fill((kv_start[:, q0:q1] >= kv_end[:, q0:q1])[:, None],
-                                                       float("-inf")))  # rows with no keys: lse -inf
+        outs.append(o)  # the kernel gives rows with no keys 0, and lse 0: theirs is -inf
+        lses.append(l if empty is None else l.masked_fill(empty, float("-inf")))
         done = q1
     if done < Lq:
         outs.append(q.new_zeros(B, Hq, Lq - done, D, dtype=ct))
@@ -549,21 +547,22 @@ def _attention_inference_torch(q, k, v, kv_start, kv_end, scale):
     out = q.new_zeros(B, Hq, Lq, D, dtype=ct) if len(plan) != 1 or plan[0][:2] != (0, Lq) else None
     if q.dtype != ct:  # fp16 / bf16: attend in fp32, as the other paths do
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    for q0, q1, k0, k1, mask in plan:
+    for q0, q1, k0, k1, mask, empty in plan:
         o = F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask,
                                            scale=scale, enable_gqa=gqa)
-        if mask is not None:  # rows with no keys: 0, as the op gives (SDPA's would be NaN)
-            o = o.masked_fill((kv_start[:, q0:q1] >= kv_end[:, q0:q1])[:, None, :, None], 0.0)
+        if empty is not None:  # rows with no keys: 0, as the op gives (SDPA's would be NaN)
+            o = o.masked_fill(empty[..., None], 0.0)
         if out is None:
             return o.to(dtype)
         out[:, :, q0:q1] = o
     return out.to(dtype)
 
 
-def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
-    """The chunk plan: (q0, q1, k0, k1, additive mask (B, 1, C, W) or None) for query chunks of
-    ``_SDPA_CHUNK``: the key window each chunk's intervals reach, and its mask -- None where every
-    query sees the whole window; chunks that see no key are left out.
+def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
+    """The chunk plan: (q0, q1, k0, k1, additive mask (B, 1, C, W) or None, empty (B, 1, C) or None)
+    for query chunks of ``_SDPA_CHUNK``: the key window each chunk's intervals reach, its mask --
+    None where every query sees the whole window -- and which of its queries see no key (None: all
+    see one); chunks that see no key at all are left out.
 
     Every layer of a model (and the backward) attends with the same interval tensors, so the plan is
     built once and kept for the most recent ones (as a FlexAttention BlockMask is built once per
@@ -578,7 +577,7 @@ def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple[int, int, int, i
     if cached is not None and cached[0] == key:
         return cached[3]
     plan = _build_sdpa_plan(kv_start, kv_end, kv_len, dtype)
-    size = sum(m.numel() * m.element_size() for *_, m in plan if m is not None)
+    size = sum(m.numel() * m.element_size() for *_, m, _ in plan if m is not None)
     # the tensors are held with the plan, so no other tensor can take their memory (and address)
     _PLAN_CACHE["plan"] = (key, kv_start, kv_end, plan) if size <= _PLAN_CACHE_BYTES else None
     return plan
@@ -588,7 +587,7 @@ _PLAN_CACHE: dict[str, tuple | None] = {}
 _PLAN_CACHE_BYTES = 64 << 20
 
 
-def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
+def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
     B, Lq = kv_start.shape
     n = -(-Lq // _SDPA_CHUNK)
     pad = n * _SDPA_CHUNK - Lq
@@ -602,9 +601,11 @@ def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple[int, int, in
     last = per_chunk(torch.where(live, kv_end, 0), 0, True)
     latest_start = per_chunk(kv_start, 0, True)  # every query sees [first, last) when its interval covers it
     earliest_end = per_chunk(kv_end, kv_len, False)
+    any_empty = per_chunk((~live).to(kv_start.dtype), 0, True)
     cols = torch.arange(kv_len, device=kv_start.device, dtype=kv_start.dtype)
     plan = []
-    for c, (k0, k1, s_max, e_min) in enumerate(torch.stack([first, last, latest_start, earliest_end], 1).tolist()):
+    chunks = torch.stack([first, last, latest_start, earliest_end, any_empty], 1).tolist()
+    for c, (k0, k1, s_max, e_min, has_empty) in enumerate(chunks):
         if k1 <= k0:
             continue  # no query of the chunk sees a key
         q0, q1 = c * _SDPA_CHUNK, min(Lq, (c + 1) * _SDPA_CHUNK)
@@ -613,7 +614,7 @@ def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple[int, int, in
             w = cols[k0:k1]
             seen = (w >= kv_start[:, q0:q1, None]) & (w < kv_end[:, q0:q1, None])
             mask = torch.where(seen, 0.0, float("-inf")).to(dtype)[:, None]
-        plan.append((q0, q1, k0, k1, mask))
+        plan.append((q0, q1, k0, k1, mask, (~live[:, q0:q1])[:, None] if has_empty else None))
     return plan
 
 
@@ -689,7 +690,7 @@ def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
     dk = torch.zeros(B, Hkv, Lk, D, device=q.device, dtype=ct)
     dv = torch.zeros_like(dk)
     lse = torch.where(torch.isneginf(lse), 0.0, lse)  # rows with no keys: what the kernel wrote (their p is 0)
-    for q0, q1, k0, k1, mask in _sdpa_chunks(kv_start, kv_end, Lk, ct):
+    for q0, q1, k0, k1, mask, _ in _sdpa_chunks(kv_start, kv_end, Lk, ct):
         k_w, v_w = (_heads(t[:, :, k0:k1], Hq, ct) for t in (k, v))
         rows = (slice(None), slice(None), slice(q0, q1))
         dq_c, dk_w, dv_w = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

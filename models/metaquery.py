@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mmfuse.engine.packing import Image, segment_ids
-from mmfuse.kernels import mask_intervals, rope_cos_sin, rope_frequencies
+from mmfuse.kernels import rope_cos_sin, rope_frequencies
 from mmfuse.kernels.diffusion_loss import ddpm_training_pair, flow_matching_pair
 from mmfuse.kernels.objectives import Objective, metaquery_objective
 from mmfuse.kernels.schedules import ddpm_alphas_cumprod, ddpm_betas, flow_mu, sample_sigmas, sample_timesteps
@@ -198,18 +198,11 @@ class MetaQuery(nn.Module):
             prompt_mask: bool (B, P), False on padding (left, right or anywhere), or None (no padding).
         """
         mask = self._prompt_mask(prompt_ids, prompt_mask)
-        (B, P), N = prompt_ids.shape, self.config.num_queries
         # Stable-move the padding to the front (left padding): then each query's keys -- its row's
         # prompt and the queries before it -- are one contiguous interval, and padding gets none.
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
         ids, keep = prompt_ids.gather(1, order), mask.gather(1, order)
-        embeds = self.llm.embed(ids)
-        x = torch.cat([embeds, self.queries.to(embeds.dtype).expand(B, N, -1)], dim=1)
-        valid = torch.cat([keep, keep.new_ones(B, N)], dim=1)
-        kv_start, kv_end = mask_intervals(torch.zeros_like(valid, dtype=torch.int32), doc_ids=valid.int() - 1)
-        position_ids = (valid.cumsum(1) - 1).clamp_min(0)  # as if the padding were not there
-        hidden = self.llm(inputs_embeds=x, position_ids=position_ids, kv_start=kv_start, kv_end=kv_end)
-        return hidden[:, P:]
+        return self.layout_query_states(PromptLayout.causal(ids, keep, self.llm.embed(ids)))
 
     def layout_query_states(self, layout: PromptLayout) -> torch.Tensor:
         """The LLM's final hidden states (B, N, llm_dim) at the queries after laid-out prompts (e.g.
@@ -217,8 +210,11 @@ class MetaQuery(nn.Module):
         queries continue each row's positions (past every stream's largest, for 3D positions)."""
         (B, P), N = layout.input_ids.shape, self.config.num_queries
         pos = layout.position_ids
-        after = (pos.amax(dim=-1) if pos.dim() == 2 else pos.amax(dim=(0, -1))) + 1  # (B,)
-        after = torch.where(layout.first < P, after, 0)  # an empty prompt: the queries from 0
+        if P == 0:
+            after = torch.zeros(B, dtype=pos.dtype, device=pos.device)
+        else:
+            after = (pos.amax(dim=-1) if pos.dim() == 2 else pos.amax(dim=(0, -1))) + 1  # (B,)
+            after = torch.where(layout.first < P, after, 0)  # an empty prompt: the queries from 0
         query_pos = after[:, None] + torch.arange(N, device=pos.device)
         if pos.dim() == 3:
             query_pos = query_pos.expand(pos.shape[0], B, N)
@@ -236,11 +232,15 @@ class MetaQuery(nn.Module):
 
     def condition_pieces(self, pieces: list) -> torch.Tensor:
         """(B, N, cond_dim) for prompts given as pieces with source pictures (read by the reader)."""
+        return self.connect(self.layout_query_states(self.layout_pieces(pieces, self.queries.device)))
+
+    def layout_pieces(self, pieces: list, device: torch.device | str) -> PromptLayout:
+        """Prompts as pieces (token tensors and pictures as the reader's image processor gives them)
+        laid out through the reader (:func:`mmfuse.models.vlm.layout_pieces`)."""
         if self.reader is None:
-            raise ValueError("source pictures in a MetaQuery prompt need a VLM base (a model with a reader), "
-                             "e.g. LLaVA-OneVision or Qwen2.5-VL as 'base'")
-        layout = layout_pieces(self.reader, self.llm.embed, pieces, self.queries.device)
-        return self.connect(self.layout_query_states(layout))
+            raise ValueError("source pictures in a MetaQuery prompt need a VLM base (a model with a reader): "
+                             "give a LLaVA-OneVision or Qwen2.5-VL folder as 'base'")
+        return layout_pieces(self.reader, self.llm.embed, pieces, device)
 
     def connect(self, hidden: torch.Tensor) -> torch.Tensor:
         # The frozen LLM may run in a lower precision than the trained connector.
@@ -399,10 +399,7 @@ def make_batch(model: MetaQuery, documents: list, row_len: int, rows: int | None
     ids, mask = prompt_batch(prompts)
     pieces = None
     if any(isinstance(s, Image) for doc in documents for s in doc[:-1]):
-        if model.reader is None:
-            raise ValueError("a metaquery document with source pictures needs a VLM base (the model reads them "
-                             "with the VLM's tower): give a LLaVA-OneVision or Qwen2.5-VL folder as 'base'")
-        pieces = [[s.tensor if isinstance(s, Image) else segment_ids(s) for s in doc[:-1]] for doc in documents]
+        pieces = [_pieces(doc[:-1]) for doc in documents]
     return PromptImageBatch(ids, mask, torch.stack([doc[-1].tensor for doc in documents]), pieces)
 
 
@@ -452,12 +449,14 @@ def _image_input(model: MetaQuery, codec, processor=None) -> LatentImages:
     return ReaderImages(codec, _latent_shape(model), getattr(processor, "image_processor", processor))
 
 
+def _pieces(segments: list) -> list:
+    """A prompt's segments as the reader lays them out: token tensors, and each picture's inputs."""
+    return [s.tensor if isinstance(s, Image) else segment_ids(s) for s in segments]
+
+
 def _layout_prompts(model: MetaQuery, documents: list, device) -> PromptLayout:
     """Prompts with source pictures (documents of token tensors and clean :class:`Image` pictures) through the reader."""
-    if model.reader is None:
-        raise ValueError("images: this MetaQuery was built on an LLM, not a VLM: it cannot read pictures")
-    pieces = [[s.tensor if isinstance(s, Image) else segment_ids(s) for s in doc] for doc in documents]
-    return layout_pieces(model.reader, model.llm.embed, pieces, device)
+    return model.layout_pieces([_pieces(doc) for doc in documents], device)
 
 
 @contextlib.contextmanager
