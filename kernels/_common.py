@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 
@@ -155,3 +155,32 @@ def runs_body_directly(backend: str, *tensors: torch.Tensor) -> bool:
     if backend != "torch" or is_tracing():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def eager_autograd(body: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """``body`` with a custom op's own autograd (``setup_context``, ``backward``), minus the dispatcher.
+
+    The losses go through their custom op only where a graph needs it (:func:`is_tracing`); in eager
+    mode this plain ``autograd.Function`` runs the same body and the same backward. The op's dispatch
+    costs about 40 us per forward + backward on CPU, as much as a (32, 4, 64, 64) diffusion loss.
+    ``backward`` sees ``ctx.eager = True`` and may call its backward body directly too
+    (:func:`op_or_body`).
+    """
+
+    def forward(ctx, *inputs):
+        output = body(*inputs)
+        setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    # ctx-style forward: a separate ``setup_context`` would make every apply bind its arguments through
+    # ``inspect.signature`` (~15 us).
+    function = type(f"Eager_{body.__name__}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return function.apply
+
+
+def op_or_body(ctx, op: Callable, body: Callable) -> Callable:
+    """In a custom op's backward: the backward's own body when the forward ran eagerly
+    (:func:`eager_autograd`), else its custom op (a traced graph must hold the op, not its body)."""
+    return body if getattr(ctx, "eager", False) else op

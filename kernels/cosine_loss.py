@@ -26,10 +26,13 @@ from ._common import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    eager_autograd,
+    is_tracing,
+    op_or_body,
     resolve_backend,
     triton_interpreting,
 )
-from ._loss_common import check_finite_inputs, chunk_buffer, chunk_store, row_chunks
+from ._loss_common import check_finite_from_sums, check_finite_inputs, chunk_buffer, chunk_store, row_chunks
 
 DEFAULT_EPS = 1e-8
 
@@ -238,13 +241,15 @@ def _cosine_bwd_torch(grad, pred, target, mask, stats, eps, compute_dp, compute_
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse::cosine_loss_fwd", mutates_args=())
-def _cosine_loss_fwd_op(
+def _cosine_loss_fwd(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _cosine_fwd_triton(pred, target, mask, eps)
     return _cosine_fwd_torch(pred, target, mask, eps)
+
+
+_cosine_loss_fwd_op = torch.library.custom_op("mmfuse::cosine_loss_fwd", mutates_args=())(_cosine_loss_fwd)
 
 
 @_cosine_loss_fwd_op.register_fake
@@ -253,14 +258,16 @@ def _(pred, target, mask, eps, backend):
     return pred.new_empty(()), pred.new_empty((3, pred.shape[0]), dtype=stats_dtype)
 
 
-@torch.library.custom_op("mmfuse::cosine_loss_bwd", mutates_args=())
-def _cosine_loss_bwd_op(
+def _cosine_loss_bwd(
     grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, stats: torch.Tensor,
     eps: float, backend: str, compute_dp: bool, compute_dt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _cosine_bwd_triton(grad, pred, target, mask, stats, eps, compute_dp, compute_dt)
     return _cosine_bwd_torch(grad, pred, target, mask, stats, eps, compute_dp, compute_dt)
+
+
+_cosine_loss_bwd_op = torch.library.custom_op("mmfuse::cosine_loss_bwd", mutates_args=())(_cosine_loss_bwd)
 
 
 @_cosine_loss_bwd_op.register_fake
@@ -280,11 +287,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_stats):
     pred, target, mask, stats = ctx.saved_tensors
     compute_dp, compute_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dp, dt = _cosine_loss_bwd_op(grad_loss, pred, target, mask, stats, ctx.eps, ctx.backend, compute_dp, compute_dt)
+    bwd = op_or_body(ctx, _cosine_loss_bwd_op, _cosine_loss_bwd)
+    dp, dt = bwd(grad_loss, pred, target, mask, stats, ctx.eps, ctx.backend, compute_dp, compute_dt)
     return (dp if compute_dp else None), (dt if compute_dt else None), None, None, None
 
 
 _cosine_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_cosine_loss_eager = eager_autograd(_cosine_loss_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,9 +335,11 @@ def cosine_loss(
             never read by the Triton kernel and get zero gradients; with no row selected (or no rows
             at all) the loss is 0 and the gradients are 0.
         eps: lower bound of each norm, as in ``F.cosine_similarity``: a zero row has cosine 0.
-        check_finite: raise ``ValueError`` if pred or target holds NaN/Inf, before any kernel runs.
-            None (default) checks CPU tensors only: on CUDA the check would cost a host sync per
-            call, so there a NaN input is not caught here and comes out as a NaN loss.
+        check_finite: raise ``ValueError`` naming pred or target if it holds NaN/Inf, never
+            returning the loss. The PyTorch backend reads every row anyway, so it tests the per-row
+            sums it computed (free); the Triton backend tests the inputs before its kernel. None
+            (default) checks CPU tensors only: on CUDA the check would cost a host sync per call,
+            so there a NaN input is not caught here and comes out as a NaN loss.
         backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
 
     Returns:
@@ -336,8 +347,12 @@ def cosine_loss(
     """
     backend = resolve_backend(backend, check_tensor("pred", pred), check_tensor("target", target))
     _check_inputs(pred, target, mask, backend)
-    check_finite_inputs(check_finite, pred=pred, target=target)
+    if backend == "triton":  # its kernel skips the rows the mask leaves out: test the inputs themselves
+        check_finite_inputs(check_finite, pred=pred, target=target)
     D = pred.shape[-1]
     rows_mask = None if mask is None else mask.reshape(-1).contiguous()
-    loss, _ = _cosine_loss_fwd_op(pred.reshape(-1, D), target.reshape(-1, D), rows_mask, float(eps), backend)
+    fwd = _cosine_loss_fwd_op if is_tracing() else _cosine_loss_eager
+    loss, stats = fwd(pred.reshape(-1, D), target.reshape(-1, D), rows_mask, float(eps), backend)
+    if backend == "torch":  # every row's <p, t>, |p|^2, |t|^2
+        check_finite_from_sums(check_finite, stats, pred=pred, target=target)
     return loss

@@ -21,11 +21,13 @@ from ._common import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    eager_autograd,
     is_tracing,
+    op_or_body,
     resolve_backend,
     triton_interpreting,
 )
-from ._loss_common import check_finite_inputs, chunk_buffer, chunk_store, row_chunks
+from ._loss_common import check_finite_from_sums, check_finite_inputs, chunk_buffer, chunk_store, row_chunks
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -230,13 +232,15 @@ def _mix_pair_torch(u, v, coef, write_out2):
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse::diffusion_loss_fwd", mutates_args=())
-def _diffusion_loss_fwd_op(
+def _diffusion_loss_fwd(
     pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, skip_zero_weight: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _diffusion_fwd_triton(pred, target, weights, skip_zero_weight)
     return _diffusion_fwd_torch(pred, target, weights)
+
+
+_diffusion_loss_fwd_op = torch.library.custom_op("mmfuse::diffusion_loss_fwd", mutates_args=())(_diffusion_loss_fwd)
 
 
 @_diffusion_loss_fwd_op.register_fake
@@ -245,14 +249,16 @@ def _(pred, target, weights, skip_zero_weight, backend):
     return pred.new_empty(()), pred.new_empty((pred.shape[0],), dtype=per_sample_dtype)
 
 
-@torch.library.custom_op("mmfuse::diffusion_loss_bwd", mutates_args=())
-def _diffusion_loss_bwd_op(
+def _diffusion_loss_bwd(
     grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, backend: str,
     compute_dp: bool, compute_dt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _diffusion_bwd_triton(grad, pred, target, weights, compute_dp, compute_dt)
     return _diffusion_bwd_torch(grad, pred, target, weights, compute_dp, compute_dt)
+
+
+_diffusion_loss_bwd_op = torch.library.custom_op("mmfuse::diffusion_loss_bwd", mutates_args=())(_diffusion_loss_bwd)
 
 
 @_diffusion_loss_bwd_op.register_fake
@@ -274,22 +280,26 @@ def _diffusion_backward(ctx, grad_loss, _grad_per_sample):
     compute_dp, compute_dt, compute_dw = ctx.needs_input_grad[:3]
     dp = dt = dw = None
     if compute_dp or compute_dt:
-        dp, dt = _diffusion_loss_bwd_op(grad_loss, pred, target, weights, ctx.backend, compute_dp, compute_dt)
+        bwd = op_or_body(ctx, _diffusion_loss_bwd_op, _diffusion_loss_bwd)
+        dp, dt = bwd(grad_loss, pred, target, weights, ctx.backend, compute_dp, compute_dt)
     if compute_dw:  # d/dw_b of mean_b w_b L_b
         dw = (grad_loss.to(per_sample.dtype) * per_sample / pred.shape[0]).to(weights.dtype)
     return (dp if compute_dp else None), (dt if compute_dt else None), dw, None, None
 
 
 _diffusion_loss_fwd_op.register_autograd(_diffusion_backward, setup_context=_diffusion_setup_context)
+_diffusion_loss_eager = eager_autograd(_diffusion_loss_fwd, _diffusion_setup_context, _diffusion_backward)
 
 
-@torch.library.custom_op("mmfuse::mix_pair", mutates_args=())
-def _mix_pair_op(
+def _mix_pair(
     u: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, write_out2: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _mix_pair_triton(u, v, coef, write_out2)
     return _mix_pair_torch(u, v, coef, write_out2)
+
+
+_mix_pair_op = torch.library.custom_op("mmfuse::mix_pair", mutates_args=())(_mix_pair)
 
 
 @_mix_pair_op.register_fake
@@ -307,16 +317,18 @@ def _mix_setup_context(ctx, inputs, output):
 def _mix_backward(ctx, grad1, grad2):
     (coef,) = ctx.saved_tensors
     # (du, dv) = [[a, c], [b, d]] (g1, g2): the same op with the coefficient matrix transposed.
+    mix = op_or_body(ctx, _mix_pair_op, _mix_pair)
     if ctx.write_out2:
-        du, dv = _mix_pair_op(grad1, grad2, coef[:, [0, 2, 1, 3]].contiguous(), True, ctx.backend)
+        du, dv = mix(grad1, grad2, coef[:, [0, 2, 1, 3]].contiguous(), True, ctx.backend)
     else:  # out2 was not produced: (du, dv) = (a g1, b g1)
         zero = torch.zeros_like(coef[:, :1])
         coef_t = torch.cat([coef[:, 0:1], zero, coef[:, 1:2], zero], dim=1)
-        du, dv = _mix_pair_op(grad1, grad1, coef_t, True, ctx.backend)
+        du, dv = mix(grad1, grad1, coef_t, True, ctx.backend)
     return du, dv, None, None, None
 
 
 _mix_pair_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+_mix_pair_eager = eager_autograd(_mix_pair, _mix_setup_context, _mix_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,9 +372,11 @@ def diffusion_loss(
         weights: (B,) per-sample weights (e.g. min-SNR, or a 0/1 selection rescaled by the caller),
             or None for all ones. Gets a gradient if it requires one. A sample with weight 0 is
             never read by the Triton kernel (unless the weights require grad).
-        check_finite: raise ``ValueError`` if pred or target holds NaN/Inf, before any kernel runs.
-            None (default) checks CPU tensors only: on CUDA the check would cost a host sync per
-            call, so there a NaN input is not caught here and comes out as a NaN loss.
+        check_finite: raise ``ValueError`` naming pred or target if it holds NaN/Inf, never
+            returning the loss. The PyTorch backend reads every sample anyway, so it tests the
+            per-sample sums it computed (free); the Triton backend tests the inputs before its
+            kernel. None (default) checks CPU tensors only: on CUDA the check would cost a host
+            sync per call, so there a NaN input is not caught here and comes out as a NaN loss.
         backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
 
     Returns:
@@ -376,10 +390,13 @@ def diffusion_loss(
         check_same_device(pred=pred, target=target, weights=weights)
     else:
         check_same_device(pred=pred, target=target)
-    check_finite_inputs(check_finite, pred=pred, target=target)
+    if backend == "triton":  # its kernel skips zero-weight samples: test the inputs themselves
+        check_finite_inputs(check_finite, pred=pred, target=target)
     skip_zero_weight = weights is not None and not weights.requires_grad
-    loss, _ = _diffusion_loss_fwd_op(_per_sample_view(pred), _per_sample_view(target), weights, skip_zero_weight,
-                                     backend)
+    fwd = _diffusion_loss_fwd_op if is_tracing() else _diffusion_loss_eager
+    loss, per_sample = fwd(_per_sample_view(pred), _per_sample_view(target), weights, skip_zero_weight, backend)
+    if backend == "torch":  # every sample's sum of squares
+        check_finite_from_sums(check_finite, per_sample, pred=pred, target=target)
     return loss
 
 
@@ -391,12 +408,14 @@ def _check_pair_inputs(x0, noise, name, per_sample, backend) -> None:
     # Data-dependent: only where it costs no host sync.
     if is_tracing() or per_sample.device.type != "cpu":
         return
-    if not bool(((per_sample >= 0) & (per_sample <= 1)).all()):
-        raise ValueError(f"{name} values must lie in [0, 1], got [{float(per_sample.min())}, {float(per_sample.max())}]")
+    low, high = (float(x) for x in torch.aminmax(per_sample))  # one reduction
+    if not (0 <= low and high <= 1):  # written so that NaN fails too
+        raise ValueError(f"{name} values must lie in [0, 1], got [{low}, {high}]")
 
 
 def _mix(x0, noise, coef, write_out2, backend):
-    out1, out2 = _mix_pair_op(_per_sample_view(x0), _per_sample_view(noise), coef.contiguous(), write_out2, backend)
+    mix = _mix_pair_op if is_tracing() else _mix_pair_eager
+    out1, out2 = mix(_per_sample_view(x0), _per_sample_view(noise), coef.contiguous(), write_out2, backend)
     return out1.view(x0.shape), (out2.view(x0.shape) if write_out2 else None)
 
 
@@ -431,12 +450,12 @@ def ddpm_training_pair(
     backend = resolve_backend(backend, check_tensor("x0", x0), check_tensor("noise", noise))
     _check_pair_inputs(x0, noise, "alphas_cumprod_t", alphas_cumprod_t, backend)
     abar = alphas_cumprod_t.to(compute_dtype(x0))
-    sqrt_a, sqrt_1ma = abar.sqrt(), (1 - abar).sqrt()
+    sqrt_a_1ma = torch.stack([abar, 1 - abar], dim=1).sqrt_()  # (B, 2): [sqrt(abar), sqrt(1 - abar)]
     if prediction_type in ("epsilon", "sample"):
-        coef = torch.stack([sqrt_a, sqrt_1ma, torch.zeros_like(abar), torch.zeros_like(abar)], dim=1)
-        x_t, _ = _mix(x0, noise, coef, False, backend)
+        x_t, _ = _mix(x0, noise, torch.nn.functional.pad(sqrt_a_1ma, (0, 2)), False, backend)
         return x_t, noise if prediction_type == "epsilon" else x0
-    coef = torch.stack([sqrt_a, sqrt_1ma, -sqrt_1ma, sqrt_a], dim=1)
+    # v = sqrt(abar) noise - sqrt(1 - abar) x0: the second row is the first's [-s, a]
+    coef = torch.cat([sqrt_a_1ma, sqrt_a_1ma.flip(1) * sqrt_a_1ma.new_tensor([-1.0, 1.0])], dim=1)
     return _mix(x0, noise, coef, True, backend)
 
 

@@ -190,13 +190,24 @@ def test_bad_input(change, error, words, no_kernels):
         cosine_loss(args["pred"], args["target"], args["mask"], backend="torch")
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name", ["pred", "target"])
-def test_non_finite_input_rejected_on_cpu(bad, name, no_kernels):
+@pytest.mark.parametrize("masked_out", [False, True])
+def test_non_finite_input_rejected_on_cpu(bad, name, masked_out):
+    """The torch backend tests the per-row sums its forward computed: every row counts, selected or not."""
     args = _good()
     args[name][1, 2, 3] = bad
+    args["mask"][1, 2] = not masked_out
     with pytest.raises(ValueError, match=f"{name} contains NaN"):
         cosine_loss(args["pred"], args["target"], args["mask"], backend="torch")
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_non_finite_input_rejected_before_the_triton_kernel(device, no_kernels):
+    args = {k: v.to(device) for k, v in _good().items()}
+    args["target"][0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="target contains NaN"):
+        cosine_loss(args["pred"], args["target"], args["mask"], check_finite=True, backend="triton")
 
 
 def test_non_finite_check_can_be_turned_off():

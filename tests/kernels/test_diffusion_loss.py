@@ -201,12 +201,29 @@ def test_loss_bad_input(change, error, words, no_kernels):
         diffusion_loss(args["pred"], args["target"], args["weights"], backend="torch")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", ["pred", "target"])
-def test_non_finite_input_rejected_on_cpu(name, no_kernels):
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+def test_non_finite_input_rejected_on_cpu(bad, name, weight):
+    """The torch backend tests the per-sample sums its forward computed: a zero-weight sample counts too."""
     args = _good()
-    args[name][2, 1, 0] = float("nan")
+    args[name][2, 1, 0] = bad
+    args["weights"][2] = weight
     with pytest.raises(ValueError, match=f"{name} contains NaN"):
         diffusion_loss(args["pred"], args["target"], args["weights"], backend="torch")
+
+
+def test_finite_inputs_with_overflowing_squares_pass():
+    pred = torch.full((2, 8), 3e38)  # finite; its squares overflow: the exact check lets it through
+    assert torch.isinf(diffusion_loss(pred, torch.zeros(2, 8), backend="torch"))
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_non_finite_input_rejected_before_the_triton_kernel(device, no_kernels):
+    args = {k: v.to(device) for k, v in _good().items()}
+    args["pred"][1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="pred contains NaN"):
+        diffusion_loss(args["pred"], args["target"], args["weights"], check_finite=True, backend="triton")
 
 
 @pytest.mark.parametrize("call,error,words", [
