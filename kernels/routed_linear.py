@@ -294,9 +294,18 @@ def _to_sorted(t: torch.Tensor, order: torch.Tensor, is_sorted: bool) -> torch.T
     return t if is_sorted else t.index_select(0, order)
 
 
-def _from_sorted(t_sorted: torch.Tensor, order: torch.Tensor, keep_sorted: bool) -> torch.Tensor:
-    """Back to token order, t[order[r]] = t_sorted[r] (or left sorted for the next routed layer)."""
-    return t_sorted if keep_sorted else torch.empty_like(t_sorted).index_copy_(0, order, t_sorted)
+def _from_sorted(t_sorted: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None,
+                 keep_sorted: bool) -> torch.Tensor:
+    """Back to token order, t[order[r]] = t_sorted[r] (or left sorted for the next routed layer).
+
+    With the inverse permutation that is a gather, ``t_sorted[inverse]``: on CPU ``index_select``
+    runs ~4.5x faster than the scatter ``index_copy_`` ((512, 768) fp32: 20 vs 95 us).
+    """
+    if keep_sorted:
+        return t_sorted
+    if inverse is not None:
+        return t_sorted.index_select(0, inverse)
+    return torch.empty_like(t_sorted).index_copy_(0, order, t_sorted)
 
 
 def _grouped_gemm_torch(x_sorted, ranges, weights, biases, *, transpose_weights: bool) -> torch.Tensor:
@@ -329,7 +338,7 @@ def _expert_grads_torch(dy_sorted, x_sorted, ranges, *, expert: int, want_dw: bo
 
 @torch.library.custom_op("mmfuse::routed_linear_fwd", mutates_args=())
 def _routed_linear_fwd_op(
-    x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, tiles: torch.Tensor,
+    x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None, offsets: torch.Tensor, tiles: torch.Tensor,
     host_offsets: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor],
     sorted_in: bool, sorted_out: bool, backend: str,
 ) -> torch.Tensor:
@@ -338,17 +347,18 @@ def _routed_linear_fwd_op(
                                     sorted_in=sorted_in, sorted_out=sorted_out)
     y_sorted = _grouped_gemm_torch(_to_sorted(x, order, sorted_in), _row_ranges(host_offsets, offsets), weights,
                                    biases, transpose_weights=False)
-    return _from_sorted(y_sorted, order, sorted_out)
+    return _from_sorted(y_sorted, order, inverse, sorted_out)
 
 
 @_routed_linear_fwd_op.register_fake
-def _(x, order, offsets, tiles, host_offsets, weights, biases, sorted_in, sorted_out, backend):
+def _(x, order, inverse, offsets, tiles, host_offsets, weights, biases, sorted_in, sorted_out, backend):
     return x.new_empty((x.shape[0], weights[0].shape[0]))
 
 
 @torch.library.custom_op("mmfuse::routed_linear_bwd", mutates_args=())
 def _routed_linear_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, tiles: torch.Tensor,
+    dy: torch.Tensor, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None, offsets: torch.Tensor,
+    tiles: torch.Tensor,
     host_offsets: torch.Tensor | None, weights: list[torch.Tensor], sorted_in: bool, sorted_out: bool,
     need_dx: bool, weight_needs_grad: list[bool], bias_needs_grad: list[bool], backend: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -373,7 +383,7 @@ def _routed_linear_bwd_op(
     dx = dy.new_empty(0)
     if need_dx:
         dx_sorted = _grouped_gemm_torch(dy_sorted, ranges, weights, [], transpose_weights=True)
-        dx = _from_sorted(dx_sorted, order, sorted_in)
+        dx = _from_sorted(dx_sorted, order, inverse, sorted_in)
     x_sorted = _to_sorted(x, order, sorted_in) if any(weight_needs_grad) else None
     for e in wanted:
         dw, db = _expert_grads_torch(dy_sorted, x_sorted, ranges, expert=e, want_dw=weight_needs_grad[e],
@@ -384,8 +394,8 @@ def _routed_linear_bwd_op(
 
 
 @_routed_linear_bwd_op.register_fake
-def _(dy, x, order, offsets, tiles, host_offsets, weights, sorted_in, sorted_out, need_dx, weight_needs_grad,
-      bias_needs_grad, backend):
+def _(dy, x, order, inverse, offsets, tiles, host_offsets, weights, sorted_in, sorted_out, need_dx,
+      weight_needs_grad, bias_needs_grad, backend):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     dws = [w.new_empty(w.shape) for w, want in zip(weights, weight_needs_grad) if want]
     dbs = [w.new_empty(w.shape[0]) for w, want in zip(weights, bias_needs_grad) if want]
@@ -393,8 +403,8 @@ def _(dy, x, order, offsets, tiles, host_offsets, weights, sorted_in, sorted_out
 
 
 def _setup_context(ctx, inputs, output):
-    x, order, offsets, tiles, host_offsets, weights, biases, sorted_in, sorted_out, backend = inputs
-    ctx.save_for_backward(x, order, offsets, tiles, host_offsets, *weights)
+    x, order, inverse, offsets, tiles, host_offsets, weights, biases, sorted_in, sorted_out, backend = inputs
+    ctx.save_for_backward(x, order, inverse, offsets, tiles, host_offsets, *weights)
     ctx.sorted_in, ctx.sorted_out, ctx.backend = sorted_in, sorted_out, backend
     # Which parameters want a gradient is read here, from the tensors themselves, so a frozen
     # expert never reaches the backward kernels.
@@ -404,15 +414,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y):
-    x, order, offsets, tiles, host_offsets, *weights = ctx.saved_tensors
+    x, order, inverse, offsets, tiles, host_offsets, *weights = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, dws, dbs = _routed_linear_bwd_op(grad_y.contiguous(), x, order, offsets, tiles, host_offsets, weights,
-                                         ctx.sorted_in, ctx.sorted_out, need_dx, ctx.weight_needs_grad,
+    dx, dws, dbs = _routed_linear_bwd_op(grad_y.contiguous(), x, order, inverse, offsets, tiles, host_offsets,
+                                         weights, ctx.sorted_in, ctx.sorted_out, need_dx, ctx.weight_needs_grad,
                                          ctx.bias_needs_grad, ctx.backend)
     dws, dbs = iter(dws), iter(dbs)
     grad_w = [next(dws) if want else None for want in ctx.weight_needs_grad]
     grad_b = [next(dbs) if want else None for want in ctx.bias_needs_grad] if ctx.has_bias else []
-    return dx if need_dx else None, None, None, None, None, grad_w, grad_b, None, None, None
+    return dx if need_dx else None, None, None, None, None, None, grad_w, grad_b, None, None, None
 
 
 _routed_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -429,6 +439,9 @@ class Routing:
 
     Attributes:
         order: int64 (N,), a stable permutation: sorted row ``r`` is token ``order[r]``.
+        inverse: int64 (N,), its inverse: token ``i`` is sorted row ``inverse[i]`` (the torch
+            backend un-sorts with a gather, far cheaper on CPU than a scatter), or None when built
+            for the Triton backend (whose kernels read ``order`` only).
         offsets: int32 (E + 1,); expert ``e`` owns sorted rows ``offsets[e]:offsets[e + 1]``.
         tiles: int32 (T, 3), one row per grouped-GEMM row tile: (expert, row_start, row_end) in
             sorted rows, expert ``-1`` past the last tile. ``T = cdiv(N, block_m) + E`` bounds the
@@ -443,6 +456,7 @@ class Routing:
     tiles: torch.Tensor
     host_offsets: torch.Tensor | None
     num_experts: int
+    inverse: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -495,8 +509,12 @@ def build_routing(modality: torch.Tensor, num_experts: int, *, backend: str | No
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add(0, ids, torch.ones_like(ids))
     offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
     tiles = _tile_table(counts, offsets, ids.shape[0], routing_block_m())
-    host_offsets = offsets.cpu() if backend == "torch" else None
-    return Routing(order=order, offsets=offsets, tiles=tiles, host_offsets=host_offsets, num_experts=num_experts)
+    host_offsets, inverse = None, None
+    if backend == "torch":
+        host_offsets = offsets.cpu()
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    return Routing(order=order, offsets=offsets, tiles=tiles, host_offsets=host_offsets, num_experts=num_experts,
+                   inverse=inverse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,6 +634,6 @@ def apply_routed_linear(
     Returns:
         (N, Dout).
     """
-    return _routed_linear_fwd_op(x, routing.order, routing.offsets, routing.tiles, routing.host_offsets,
-                                 list(weights), list(biases) if biases is not None else [],
+    return _routed_linear_fwd_op(x, routing.order, routing.inverse, routing.offsets, routing.tiles,
+                                 routing.host_offsets, list(weights), list(biases) if biases is not None else [],
                                  sorted_input, sorted_output, backend)

@@ -42,7 +42,7 @@ from .swiglu import _swiglu_bwd_op, _swiglu_fwd_torch
 
 @torch.library.custom_op("mmfuse::routed_gate_up_swiglu", mutates_args=())
 def _gate_up_swiglu_op(
-    x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, tiles: torch.Tensor,
+    x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None, offsets: torch.Tensor, tiles: torch.Tensor,
     host_offsets: torch.Tensor | None, weights: list[torch.Tensor], keep_preact: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(silu(gate) * up (N, I), pre-activations gate | up (N, 2I) or empty), rows in routing order."""
@@ -56,32 +56,32 @@ def _gate_up_swiglu_op(
 
 
 @_gate_up_swiglu_op.register_fake
-def _(x, order, offsets, tiles, host_offsets, weights, keep_preact, backend):
+def _(x, order, inverse, offsets, tiles, host_offsets, weights, keep_preact, backend):
     inter = weights[0].shape[0] // 2
     return x.new_empty((x.shape[0], inter)), x.new_empty((x.shape[0], 2 * inter) if keep_preact else (0, 0))
 
 
 def _gate_up_setup_context(ctx, inputs, output):
-    x, order, offsets, tiles, host_offsets, weights, keep_preact, backend = inputs
-    ctx.save_for_backward(x, order, offsets, tiles, host_offsets, output[1], *weights)
+    x, order, inverse, offsets, tiles, host_offsets, weights, keep_preact, backend = inputs
+    ctx.save_for_backward(x, order, inverse, offsets, tiles, host_offsets, output[1], *weights)
     ctx.backend = backend
     ctx.weight_needs_grad = [w.requires_grad for w in weights]
     ctx.mark_non_differentiable(output[1])
 
 
 def _gate_up_backward(ctx, grad_hidden, _grad_pre):
-    x, order, offsets, tiles, host_offsets, pre, *weights = ctx.saved_tensors
+    x, order, inverse, offsets, tiles, host_offsets, pre, *weights = ctx.saved_tensors
     if pre.numel() == 0 and grad_hidden.numel():
         raise RuntimeError("routed SwiGLU: the forward ran without keeping pre-activations (no grad was needed)")
     gate, up = pre.chunk(2, dim=-1)
     d_gate, d_up = _swiglu_bwd_op(grad_hidden.contiguous(), gate, up, ctx.backend)
     d_pre = torch.cat([d_gate, d_up], dim=-1)  # laid out like the fused weight's rows: gate | up
     need_dx = ctx.needs_input_grad[0]
-    dx, dws, _ = _routed_linear_bwd_op(d_pre, x, order, offsets, tiles, host_offsets, weights, False, True, need_dx,
-                                      ctx.weight_needs_grad, [False] * len(weights), ctx.backend)
+    dx, dws, _ = _routed_linear_bwd_op(d_pre, x, order, inverse, offsets, tiles, host_offsets, weights, False, True,
+                                      need_dx, ctx.weight_needs_grad, [False] * len(weights), ctx.backend)
     dws = iter(dws)
     grad_w = [next(dws) if want else None for want in ctx.weight_needs_grad]
-    return dx if need_dx else None, None, None, None, None, grad_w, None, None
+    return dx if need_dx else None, None, None, None, None, None, grad_w, None, None
 
 
 _gate_up_swiglu_op.register_autograd(_gate_up_backward, setup_context=_gate_up_setup_context)
@@ -125,8 +125,8 @@ def routed_swiglu_mlp(
 
     x2d = x.reshape(-1, x.shape[-1])
     keep_preact = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in gate_up_weights))
-    hidden, _ = _gate_up_swiglu_op(x2d, routing.order, routing.offsets, routing.tiles, routing.host_offsets,
-                                   list(gate_up_weights), keep_preact, backend)
+    hidden, _ = _gate_up_swiglu_op(x2d, routing.order, routing.inverse, routing.offsets, routing.tiles,
+                                   routing.host_offsets, list(gate_up_weights), keep_preact, backend)
     # hidden is in routing order: the down projection reads it without a gather.
     y = apply_routed_linear(hidden, routing, down_weights, None, backend, sorted_input=True)
     return y.reshape(x.shape)

@@ -161,8 +161,8 @@ def test_gate_up_epilogue_without_grad_keeps_no_preactivations(backend, device):
     modality = torch.randint(0, 2, (37,), device=device)
     weights = [torch.randn(2 * 40, 48, device=device) / 7 for _ in range(2)]
     routing = build_routing(modality, 2, backend=backend)
-    hidden, pre = _gate_up_swiglu_op(x, routing.order, routing.offsets, routing.tiles, routing.host_offsets, weights,
-                                     False, backend)
+    hidden, pre = _gate_up_swiglu_op(x, routing.order, routing.inverse, routing.offsets, routing.tiles,
+                                     routing.host_offsets, weights, False, backend)
     assert pre.numel() == 0
     x64, w64 = x.double(), [w.double() for w in weights]
     want = torch.empty(37, 40, dtype=torch.float64, device=device)
@@ -180,6 +180,7 @@ def test_gate_up_op_registrations_are_consistent():
     modality = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
     weights = [torch.randn(24, 16, requires_grad=e == 1) for e in range(2)]
     routing = build_routing(modality, 2, backend="torch")
-    args = (x, routing.order, routing.offsets, routing.tiles, routing.host_offsets, weights, True, "torch")
+    args = (x, routing.order, routing.inverse, routing.offsets, routing.tiles, routing.host_offsets, weights, True,
+            "torch")
     torch.library.opcheck(_gate_up_swiglu_op, args, test_utils=("test_schema", "test_faketensor",
                                                                  "test_autograd_registration"))
