@@ -157,18 +157,19 @@ def runs_body_directly(backend: str, *tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def eager_autograd(body: Callable, setup_context: Callable, backward: Callable) -> Callable:
-    """``body`` with a custom op's own autograd (``setup_context``, ``backward``), minus the dispatcher.
+def eager_autograd(op: Callable, body: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """The custom op ``op`` (defined from ``body``, with ``setup_context`` and ``backward`` as its
+    autograd) as a plain ``autograd.Function``: the same body and backward, minus the dispatcher.
 
-    The losses go through their custom op only where a graph needs it (:func:`is_tracing`); in eager
-    mode this plain ``autograd.Function`` runs the same body and the same backward. The op's dispatch
-    costs about 40 us per forward + backward on CPU, as much as a (32, 4, 64, 64) diffusion loss.
-    ``backward`` sees ``ctx.eager = True`` and may call its backward body directly too
-    (:func:`op_or_body`).
+    The ops go through their custom op only where a graph needs it (:func:`is_tracing`); in eager
+    mode they call this. The op's dispatch costs about 40 us per forward + backward on CPU, as much
+    as a (32, 4, 64, 64) diffusion loss. ``backward`` sees ``ctx.eager = True`` and calls its
+    backward body directly too (:func:`op_or_body`). Under ``torch.profiler`` the op itself runs
+    (autograd is off inside a Function's forward), so profiles name the mmfuse ops as before.
     """
 
     def forward(ctx, *inputs):
-        output = body(*inputs)
+        output = (op if _profiling() else body)(*inputs)
         setup_context(ctx, inputs, output)
         ctx.eager = True
         return output
@@ -182,5 +183,10 @@ def eager_autograd(body: Callable, setup_context: Callable, backward: Callable) 
 
 def op_or_body(ctx, op: Callable, body: Callable) -> Callable:
     """In a custom op's backward: the backward's own body when the forward ran eagerly
-    (:func:`eager_autograd`), else its custom op (a traced graph must hold the op, not its body)."""
-    return body if getattr(ctx, "eager", False) else op
+    (:func:`eager_autograd`) and no profiler is recording, else its custom op (a traced graph must
+    hold the op, not its body)."""
+    return body if getattr(ctx, "eager", False) and not _profiling() else op
+
+
+def _profiling() -> bool:
+    return torch.autograd.profiler._is_profiler_enabled

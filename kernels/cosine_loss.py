@@ -293,7 +293,7 @@ def _backward(ctx, grad_loss, _grad_stats):
 
 
 _cosine_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_cosine_loss_eager = eager_autograd(_cosine_loss_fwd, _setup_context, _backward)
+_cosine_loss_eager = eager_autograd(_cosine_loss_fwd_op, _cosine_loss_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -288,7 +288,8 @@ def _diffusion_backward(ctx, grad_loss, _grad_per_sample):
 
 
 _diffusion_loss_fwd_op.register_autograd(_diffusion_backward, setup_context=_diffusion_setup_context)
-_diffusion_loss_eager = eager_autograd(_diffusion_loss_fwd, _diffusion_setup_context, _diffusion_backward)
+_diffusion_loss_eager = eager_autograd(
+    _diffusion_loss_fwd_op, _diffusion_loss_fwd, _diffusion_setup_context, _diffusion_backward)
 
 
 def _mix_pair(
@@ -328,7 +329,7 @@ def _mix_backward(ctx, grad1, grad2):
 
 
 _mix_pair_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
-_mix_pair_eager = eager_autograd(_mix_pair, _mix_setup_context, _mix_backward)
+_mix_pair_eager = eager_autograd(_mix_pair_op, _mix_pair, _mix_setup_context, _mix_backward)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ from ._common import (
     check_values_in_range,
     compute_dtype,
     dot_flags,
+    eager_autograd,
     is_tracing,
+    op_or_body,
     resolve_backend,
     runs_body_directly,
     triton_interpreting,
@@ -736,8 +738,7 @@ def _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale)
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse::mixed_attention_fwd", mutates_args=())
-def _mixed_attention_fwd_op(
+def _mixed_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
     scale: float, backend: str, num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -746,20 +747,27 @@ def _mixed_attention_fwd_op(
     return _attention_fwd_torch(q, k, v, kv_start, kv_end, scale)
 
 
+_mixed_attention_fwd_op = torch.library.custom_op("mmfuse::mixed_attention_fwd", mutates_args=())(
+    _mixed_attention_fwd)
+
+
 @_mixed_attention_fwd_op.register_fake
 def _(q, k, v, kv_start, kv_end, scale, backend, num_splits):
     B, Hq, Lq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("mmfuse::mixed_attention_bwd", mutates_args=())
-def _mixed_attention_bwd_op(
+def _mixed_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale)
     return _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale)
+
+
+_mixed_attention_bwd_op = torch.library.custom_op("mmfuse::mixed_attention_bwd", mutates_args=())(
+    _mixed_attention_bwd)
 
 
 @_mixed_attention_bwd_op.register_fake
@@ -777,11 +785,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
-    dq, dk, dv = _mixed_attention_bwd_op(grad_out, q, k, v, out, lse, kv_start, kv_end, ctx.scale, ctx.backend)
+    bwd = op_or_body(ctx, _mixed_attention_bwd_op, _mixed_attention_bwd)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, kv_start, kv_end, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None, None, None, None
 
 
 _mixed_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_mixed_attention_eager = eager_autograd(_mixed_attention_fwd_op, _mixed_attention_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -849,8 +859,8 @@ def mixed_attention(
         return _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale)
     if runs_body_directly(backend, q, k, v):  # inference: no lse to keep, no custom-op dispatch to pay
         return _attention_inference_torch(q, k, v, kv_start, kv_end, scale)
-    out, _ = _mixed_attention_fwd_op(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend,
-                                     num_splits or 0)
+    fwd = _mixed_attention_fwd_op if is_tracing() else _mixed_attention_eager
+    out, _ = fwd(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend, num_splits or 0)
     return out
 
 

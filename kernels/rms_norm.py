@@ -26,6 +26,9 @@ from ._common import (
     check_tensor,
     check_values_in_range,
     compute_dtype,
+    eager_autograd,
+    is_tracing,
+    op_or_body,
     resolve_backend,
     runs_body_directly,
 )
@@ -215,8 +218,7 @@ def _rms_norm_bwd_torch(dy, x, weight, modality, rstd, compute_dw):
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(
+def _rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, modality: torch.Tensor | None, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
@@ -224,19 +226,24 @@ def _rms_norm_fwd_op(
     return _rms_norm_fwd_torch(x, weight, modality, eps)
 
 
+_rms_norm_fwd_op = torch.library.custom_op("mmfuse::rms_norm_fwd", mutates_args=())(_rms_norm_fwd)
+
+
 @_rms_norm_fwd_op.register_fake
 def _(x, weight, modality, eps, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("mmfuse::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd_op(
+def _rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, modality: torch.Tensor | None, rstd: torch.Tensor,
     compute_dw: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _rms_norm_bwd_triton(dy, x, weight, modality, rstd, compute_dw)
     return _rms_norm_bwd_torch(dy, x, weight, modality, rstd, compute_dw)
+
+
+_rms_norm_bwd_op = torch.library.custom_op("mmfuse::rms_norm_bwd", mutates_args=())(_rms_norm_bwd)
 
 
 @_rms_norm_bwd_op.register_fake
@@ -255,11 +262,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _drstd):
     x, weight, modality, rstd = ctx.saved_tensors
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dw = _rms_norm_bwd_op(dy.contiguous(), x, weight, modality, rstd, need_dw, ctx.backend)
+    bwd = op_or_body(ctx, _rms_norm_bwd_op, _rms_norm_bwd)
+    dx, dw = bwd(dy.contiguous(), x, weight, modality, rstd, need_dw, ctx.backend)
     return (dx if need_dx else None), (dw if need_dw else None), None, None, None
 
 
 _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm_eager = eager_autograd(_rms_norm_fwd_op, _rms_norm_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +300,8 @@ def _norm(x, weight_stack, modality, eps, backend):
     if runs_body_directly(backend, x, weight_stack):
         y, _ = _rms_norm_fwd_torch(_as_rows(x), weight_stack, modality, float(eps))
     else:
-        y, _ = _rms_norm_fwd_op(_as_rows(x), weight_stack, modality, float(eps), backend)
+        fwd = _rms_norm_fwd_op if is_tracing() else _rms_norm_eager
+        y, _ = fwd(_as_rows(x), weight_stack, modality, float(eps), backend)
     return y.view(shape)
 
 

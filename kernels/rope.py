@@ -20,7 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, resolve_backend, runs_body_directly
+from ._common import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    eager_autograd,
+    is_tracing,
+    op_or_body,
+    resolve_backend,
+    runs_body_directly,
+)
 
 _TILE_ELEMENTS = 2048  # positions per program chosen so one half-tile holds about this many elements
 
@@ -134,13 +144,15 @@ def _rope_torch(q, k, cos, sin, transpose):
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse::rope", mutates_args=())
-def _rope_op(
+def _rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _rope_triton(q, k, cos, sin, transpose)
     return _rope_torch(q, k, cos, sin, transpose)
+
+
+_rope_op = torch.library.custom_op("mmfuse::rope", mutates_args=())(_rope)
 
 
 @_rope_op.register_fake
@@ -157,11 +169,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq_in, dk_in = _rope_op(dq, dk, cos, sin, not ctx.transpose, ctx.backend)
+    dq_in, dk_in = op_or_body(ctx, _rope_op, _rope)(dq, dk, cos, sin, not ctx.transpose, ctx.backend)
     return dq_in, dk_in, None, None, None, None
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
+_rope_eager = eager_autograd(_rope_op, _rope, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,4 +303,4 @@ def apply_rope(
     cos, sin = _check_rope_inputs(q, k, cos, sin, backend)
     if runs_body_directly(backend, q, k):
         return _rope_torch(q, k, cos, sin, False)
-    return _rope_op(q, k, cos, sin, False, backend)
+    return (_rope_op if is_tracing() else _rope_eager)(q, k, cos, sin, False, backend)

@@ -16,7 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype, resolve_backend, runs_body_directly
+from ._common import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    eager_autograd,
+    is_tracing,
+    op_or_body,
+    resolve_backend,
+    runs_body_directly,
+)
 from .rms_norm import _as_rows
 
 _BLOCK_N = 1024  # columns per program
@@ -119,11 +129,13 @@ def _swiglu_bwd_torch(dy, gate, up):
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse::swiglu_fwd", mutates_args=())
-def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _swiglu_fwd_triton(gate, up)
     return _swiglu_fwd_torch(gate, up)
+
+
+_swiglu_fwd_op = torch.library.custom_op("mmfuse::swiglu_fwd", mutates_args=())(_swiglu_fwd)
 
 
 @_swiglu_fwd_op.register_fake
@@ -131,12 +143,14 @@ def _(gate, up, backend):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("mmfuse::swiglu_bwd", mutates_args=())
-def _swiglu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
+def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _swiglu_bwd_triton(dy, gate, up)
     return _swiglu_bwd_torch(dy, gate, up)
+
+
+_swiglu_bwd_op = torch.library.custom_op("mmfuse::swiglu_bwd", mutates_args=())(_swiglu_bwd)
 
 
 @_swiglu_bwd_op.register_fake
@@ -153,11 +167,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dg, du = _swiglu_bwd_op(_as_rows(dy), gate, up, ctx.backend)
+    dg, du = op_or_body(ctx, _swiglu_bwd_op, _swiglu_bwd)(_as_rows(dy), gate, up, ctx.backend)
     return dg, du, None
 
 
 _swiglu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_swiglu_eager = eager_autograd(_swiglu_fwd_op, _swiglu_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,4 +203,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     shape = gate.shape
     if runs_body_directly(backend, gate, up):
         return _swiglu_fwd_torch(_as_rows(gate), _as_rows(up)).view(shape)
-    return _swiglu_fwd_op(_as_rows(gate), _as_rows(up), backend).view(shape)
+    fwd = _swiglu_fwd_op if is_tracing() else _swiglu_eager
+    return fwd(_as_rows(gate), _as_rows(up), backend).view(shape)
