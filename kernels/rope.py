@@ -118,20 +118,35 @@ def _rope_triton(q, k, cos, sin, transpose):
 # ----------------------------------------------------------------------------------------------
 
 
+# Up to this many q + k elements (decode, a short chunk) the rotation is built from ``roll``: 4 ops a
+# tensor, half the Python time of the in-place form (17 vs 35 us at one token); ``roll`` copies
+# through an index, so from about 1e5 elements on the in-place form is faster (10x at 2.6M).
+_FEW_ELEMENTS = 1 << 16
+
+
 def _rope_torch(q, k, cos, sin, transpose):
     ct = compute_dtype(q)
     half = q.shape[-1] // 2
     # The (B, L, D) tables are H times smaller than q/k: upcasting them is cheap and makes every
     # product below run in float32 (a bf16 x bf16 product would round before the sum).
-    c1, c2 = cos[:, None, :, :half].to(ct), cos[:, None, :, half:].to(ct)
-    s1, s2 = sin[:, None, :, :half].to(ct), sin[:, None, :, half:].to(ct)
-    if transpose:
+    c = cos.unsqueeze(1).to(ct)
+    s1, s2 = sin.unsqueeze(1).to(ct).split(half, dim=-1)
+    if transpose:  # R^T: (x1 c1 + x2 s2, x2 c2 - x1 s1)
         s1, s2 = -s2, -s1
+    if q.numel() + k.numel() <= _FEW_ELEMENTS:
+        # rotate_half(x) * sin == roll(x, half) * [-s1, s2]
+        signed_sin = torch.cat((-s1, s2), dim=-1)
+
+        def rotate(x):
+            return torch.mul(x.roll(half, -1), signed_sin).addcmul_(x, c).to(x.dtype)
+
+        return rotate(q), rotate(k)
+    c1, c2 = c.split(half, dim=-1)
 
     def rotate(x):
         # Written into the halves of one output buffer: no temporaries of q/k's size.
         out = torch.empty(x.shape, device=x.device, dtype=ct)
-        x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+        (x1, x2), (o1, o2) = x.split(half, dim=-1), out.split(half, dim=-1)
         torch.mul(x1, c1, out=o1).addcmul_(x2, s1, value=-1)
         torch.mul(x2, c2, out=o2).addcmul_(x1, s2)
         return out.to(x.dtype)

@@ -200,8 +200,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     check_same_device(gate=gate, up=up)
     if gate.dim() == 0 or gate.shape[-1] == 0:
         raise ValueError(f"gate must have shape (..., I) with I > 0, got {tuple(gate.shape)}")
+    if runs_body_directly(backend, gate, up):  # elementwise: any shape, no reshape to pay
+        return _swiglu_fwd_torch(gate, up)
     shape = gate.shape
-    if runs_body_directly(backend, gate, up):
-        return _swiglu_fwd_torch(_as_rows(gate), _as_rows(up)).view(shape)
     fwd = _swiglu_fwd_op if is_tracing() else _swiglu_eager
     return fwd(_as_rows(gate), _as_rows(up), backend).view(shape)

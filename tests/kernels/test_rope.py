@@ -1,4 +1,6 @@
 """RoPE: frequencies and tables against transformers, rotation against a float64 complex reference."""
+import importlib
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -7,6 +9,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from mmfuse.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 from tests.helpers import rel_err, triton_devices
+
+rope_mod = importlib.import_module("mmfuse.kernels.rope")
 
 BACKENDS = [("torch", "cpu")] + [("triton", d) for d in triton_devices()]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -77,10 +81,17 @@ def test_cos_sin_match_transformers(dtype):
     assert torch.equal(cos, cos_ref) and torch.equal(sin, sin_ref)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+# The torch backend has a few-element form (roll) and an in-place form: both run every case.
+FORMS = [(b, d, few) for b, d in BACKENDS for few in ([None, 0] if b == "torch" else [None])]
+
+
+@pytest.mark.parametrize("backend,device,few_elements", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,L,D", [(2, 4, 2, 7, 80), (1, 3, 1, 1, 48), (1, 2, 2, 9, 130)])
-def test_apply_rope_matches_float64(backend, device, dtype, B, Hq, Hkv, L, D, poisoned_allocations):
+def test_apply_rope_matches_float64(backend, device, few_elements, dtype, B, Hq, Hkv, L, D, poisoned_allocations,
+                                    monkeypatch):
+    if few_elements is not None:
+        monkeypatch.setattr(rope_mod, "_FEW_ELEMENTS", few_elements)
     qkv, q, k = _fused_qkv(B, Hq, Hkv, L, D, dtype, device)
     assert L == 1 or not (q.is_contiguous() or k.is_contiguous())  # L == 1 views count as contiguous
     pos = _packed_positions(B, L, device)
