@@ -79,14 +79,33 @@ def _tile_kind(s, e, live, n0, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _log2_scores(qk, qk_scale, cap2, SOFTCAP: tl.constexpr):
+    """q.k -> base-2 scores. Plain: qk_scale = scale * log2(e). Soft-capped (Gemma 2):
+    ``cap * tanh(scale * q.k / cap)`` with qk_scale = scale / cap and cap2 = cap * log2(e)."""
+    x = qk * qk_scale
+    if SOFTCAP:
+        x = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * cap2  # tanh(x), in core Triton ops
+    return x
+
+
+@triton.jit
+def _softcap_grad(ds, scores, cap2, SOFTCAP: tl.constexpr):
+    """dL/d(scale q.k) from dL/d(score): the cap's tanh contributes 1 - tanh^2 (tanh = score / cap)."""
+    if SOFTCAP:
+        t = scores / cap2
+        ds = ds * (1.0 - t * t)
+    return ds
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, n0, LK, s, e,
-              qk_scale, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              qk_scale, cap2, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     cols = n0 + offs_n
     col_ok = cols < LK
     k = _load_rows(k_base, stride_kn, stride_kd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
     v = _load_rows(v_base, stride_vn, stride_vd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    qk = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, cap2, SOFTCAP)
     if MASKED:
         seen = (cols[None, :] >= s[:, None]) & (cols[None, :] < e[:, None])
         qk = tl.where(seen, qk, float("-inf"))
@@ -102,7 +121,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
 @triton.jit
 def _mixed_attention_fwd_kernel(
     Q, K, V, O, LSE, KV_START, KV_END, TILE_COUNTS,
-    qk_scale, split_len,
+    qk_scale, cap2, split_len,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -110,7 +129,7 @@ def _mixed_attention_fwd_kernel(
     stride_ls, stride_lb, stride_lh,
     H_Q, GROUP, LQ, LK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head) against the keys of one split window."""
     pid_m = tl.program_id(0)
@@ -144,11 +163,11 @@ def _mixed_attention_fwd_kernel(
         kind = _tile_kind(s, e, live, n0, BLOCK_N)
         if kind == 2:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
-                                      n0, LK, s, e, qk_scale, HEAD_DIM, UPCAST, False, DOT_PRECISION)
+                                      n0, LK, s, e, qk_scale, cap2, HEAD_DIM, UPCAST, False, DOT_PRECISION, SOFTCAP)
             n_full += 1
         elif kind == 1:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
-                                      n0, LK, s, e, qk_scale, HEAD_DIM, UPCAST, True, DOT_PRECISION)
+                                      n0, LK, s, e, qk_scale, cap2, HEAD_DIM, UPCAST, True, DOT_PRECISION, SOFTCAP)
             n_masked += 1
         else:
             n_skipped += 1
@@ -181,16 +200,17 @@ def _load_row_stats(LSE, DELTA, base, offs_m, row_ok):
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, KV_START, KV_END, q_base, do_base, stat_base, int_base,
-                   stride_qm, stride_qd, stride_dom, stride_dod, qb, cols, offs_m, offs_d, qk_scale, LQ,
+                   stride_qm, stride_qd, stride_dom, stride_dod, qb, cols, offs_m, offs_d, qk_scale, cap2, LQ,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     rows = qb * BLOCK_M + offs_m
     row_ok = rows < LQ
     q = _load_rows(Q + q_base, stride_qm, stride_qd, rows, offs_d, row_ok, HEAD_DIM, UPCAST)
     do = _load_rows(DO + do_base, stride_dom, stride_dod, rows, offs_d, row_ok, HEAD_DIM, UPCAST)
     lse, delta = _load_row_stats(LSE, DELTA, stat_base, rows, row_ok)
     # Transposed orientation: keys on axis 0, queries on axis 1.
-    p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+    scores_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), qk_scale, cap2, SOFTCAP)
+    p_t = tl.exp2(scores_t - lse[None, :])
     if MASKED:
         s = tl.load(KV_START + int_base + rows, mask=row_ok, other=0)
         e = tl.load(KV_END + int_base + rows, mask=row_ok, other=0)
@@ -198,7 +218,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, KV_START, KV_END, q_base, do
         p_t = tl.where(seen, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
+    ds_t = _softcap_grad(p_t * (dp_t - delta[None, :]), scores_t, cap2, SOFTCAP)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -206,7 +226,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, KV_START, KV_END, q_base, do
 @triton.jit
 def _mixed_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, KV_START, KV_END, QB_LO, QB_HI, DK, DV,
-    qk_scale, sm_scale,
+    qk_scale, cap2, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -215,7 +235,7 @@ def _mixed_attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H_KV, GROUP, LQ, LK, NUM_KB,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program: dK, dV of BLOCK_N keys of one KV head, summed over its GQA group (no atomics)."""
     pid_n = tl.program_id(0)
@@ -249,13 +269,13 @@ def _mixed_attention_bwd_dkdv_kernel(
             if kind == 2:
                 dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, KV_START, KV_END, q_base, do_base,
                                         stat_base, int_base, stride_qm, stride_qd, stride_dom, stride_dod, qb,
-                                        cols, offs_m, offs_d, qk_scale, LQ, HEAD_DIM, BLOCK_M, UPCAST, False,
-                                        DOT_PRECISION)
+                                        cols, offs_m, offs_d, qk_scale, cap2, LQ, HEAD_DIM, BLOCK_M, UPCAST, False,
+                                        DOT_PRECISION, SOFTCAP)
             elif kind == 1:
                 dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, KV_START, KV_END, q_base, do_base,
                                         stat_base, int_base, stride_qm, stride_qd, stride_dom, stride_dod, qb,
-                                        cols, offs_m, offs_d, qk_scale, LQ, HEAD_DIM, BLOCK_M, UPCAST, True,
-                                        DOT_PRECISION)
+                                        cols, offs_m, offs_d, qk_scale, cap2, LQ, HEAD_DIM, BLOCK_M, UPCAST, True,
+                                        DOT_PRECISION, SOFTCAP)
     dk *= sm_scale
     store_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -267,25 +287,26 @@ def _mixed_attention_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
                  n0, LK, s, e,
-                 qk_scale, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 qk_scale, cap2, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     cols = n0 + offs_n
     col_ok = cols < LK
     k = _load_rows(k_base, stride_kn, stride_kd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
     v = _load_rows(v_base, stride_vn, stride_vd, cols, offs_d, col_ok, HEAD_DIM, UPCAST)
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+    scores = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, cap2, SOFTCAP)
+    p = tl.exp2(scores - lse[:, None])
     if MASKED:
         seen = (cols[None, :] >= s[:, None]) & (cols[None, :] < e[:, None])
         p = tl.where(seen, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = _softcap_grad(p * (dp - delta[:, None]), scores, cap2, SOFTCAP)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _mixed_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, KV_START, KV_END, DQ,
-    qk_scale, sm_scale,
+    qk_scale, cap2, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -293,7 +314,7 @@ def _mixed_attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H_Q, GROUP, LQ, LK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program: dQ of BLOCK_M queries of one head, visiting the same tiles as the forward."""
     pid_m = tl.program_id(0)
@@ -318,10 +339,10 @@ def _mixed_attention_bwd_dq_kernel(
         kind = _tile_kind(s, e, live, n0, BLOCK_N)
         if kind == 2:
             dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, n0, LK,
-                              s, e, qk_scale, HEAD_DIM, UPCAST, False, DOT_PRECISION)
+                              s, e, qk_scale, cap2, HEAD_DIM, UPCAST, False, DOT_PRECISION, SOFTCAP)
         elif kind == 1:
             dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, n0, LK,
-                              s, e, qk_scale, HEAD_DIM, UPCAST, True, DOT_PRECISION)
+                              s, e, qk_scale, cap2, HEAD_DIM, UPCAST, True, DOT_PRECISION, SOFTCAP)
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -361,7 +382,12 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits, count_tiles=False):
+def _score_scales(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap2) for :func:`_log2_scores`; ``softcap`` 0 means none."""
+    return (scale / softcap, softcap * _LOG2E) if softcap else (scale * _LOG2E, 0.0)
+
+
+def _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits, count_tiles=False, softcap=0.0):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     block_m, block_n, num_warps, num_stages = _block_sizes(D, q.dtype)
@@ -382,11 +408,12 @@ def _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits, count_ti
     counts = torch.zeros((math.prod(grid), 3) if count_tiles else (1,), device=q.device, dtype=torch.int32)
     torch.library.wrap_triton(_mixed_attention_fwd_kernel)[grid](
         q, k, v, out, lse, kv_start, kv_end, counts,
-        scale * _LOG2E, split_len,
+        *_score_scales(scale, softcap), split_len,
         *_strides(q), *_strides(k), *_strides(v), *o_strides, *_strides(lse)[:3],
         Hq, Hq // Hkv, Lq, Lk,
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        COUNT_TILES=count_tiles, num_warps=num_warps, num_stages=num_stages, **dot_flags(q.dtype),
+        COUNT_TILES=count_tiles, SOFTCAP=bool(softcap), num_warps=num_warps, num_stages=num_stages,
+        **dot_flags(q.dtype),
     )
     if num_splits > 1:
         out, lse = _combine_splits(out, lse, q.dtype)
@@ -435,7 +462,7 @@ def _query_block_ranges(kv_start, kv_end, kv_len, block_m, block_n):
     return qb_lo.contiguous(), qb_hi.contiguous(), nkb
 
 
-def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
+def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale, softcap=0.0):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     block_m, block_n, num_warps, num_stages = _block_sizes(D, q.dtype)
@@ -445,17 +472,17 @@ def _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale):
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     common = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
-                  num_warps=num_warps, num_stages=num_stages, **dot_flags(q.dtype))
+                  SOFTCAP=bool(softcap), num_warps=num_warps, num_stages=num_stages, **dot_flags(q.dtype))
     qb_lo, qb_hi, nkb = _query_block_ranges(kv_start, kv_end, Lk, block_m, block_n)
     torch.library.wrap_triton(_mixed_attention_bwd_dkdv_kernel)[(nkb, B * Hkv)](
         q, k, v, do, lse, delta, kv_start, kv_end, qb_lo, qb_hi, dk, dv,
-        scale * _LOG2E, scale,
+        *_score_scales(scale, softcap), scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         Hkv, Hq // Hkv, Lq, Lk, nkb, **common,
     )
     torch.library.wrap_triton(_mixed_attention_bwd_dq_kernel)[(triton.cdiv(Lq, block_m), B * Hq)](
         q, k, v, do, lse, delta, kv_start, kv_end, dq,
-        scale * _LOG2E, scale,
+        *_score_scales(scale, softcap), scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         Hq, Hq // Hkv, Lq, Lk, **common,
     )
@@ -510,12 +537,13 @@ def _chunk_seen(kv_start, kv_end, q0, q1, k0, k1):
     return seen[:, None, None]
 
 
-def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
+def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
     """PyTorch's own CPU flash-attention kernel (vectorised C++, what SDPA runs) per query chunk, over
     the key window the chunk's intervals reach, with the chunk's mask built from the intervals: the
-    skipped tiles of the mixed mask, at SDPA's speed, never an L x L mask."""
-    if q.device.type != "cpu":
-        return _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale)
+    skipped tiles of the mixed mask, at SDPA's speed, never an L x L mask. That kernel has no logit
+    soft-capping: capped attention takes the plain-PyTorch chunks."""
+    if q.device.type != "cpu" or softcap:
+        return _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale, softcap)
     B, Hq, Lq, D = q.shape
     ct = compute_dtype(q)
     outs, lses, done = [], [], 0
@@ -536,12 +564,12 @@ def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale):
     return out.to(q.dtype), lse
 
 
-def _attention_inference_torch(q, k, v, kv_start, kv_end, scale):
+def _attention_inference_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
     """The forward without its lse (inference: decode, sampling): SDPA itself per chunk of the plan,
     which picks PyTorch's fastest CPU kernel for the shape (a decode step's one query included) and
-    reads GQA's shared K / V in place."""
-    if q.device.type != "cpu":
-        return _attention_fwd_torch(q, k, v, kv_start, kv_end, scale)[0]
+    reads GQA's shared K / V in place (SDPA has no soft-capping: capped attention takes the chunks)."""
+    if q.device.type != "cpu" or softcap:
+        return _attention_fwd_torch(q, k, v, kv_start, kv_end, scale, softcap)[0]
     B, Hq, Lq, D = q.shape
     ct, dtype = compute_dtype(q), q.dtype
     gqa = k.shape[1] != Hq
@@ -627,8 +655,9 @@ def _heads(t: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
     return t if Hkv == num_heads else t[:, :, None].expand(B, Hkv, num_heads // Hkv, W, D).reshape(B, num_heads, W, D)
 
 
-def _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale):
-    """The same in plain PyTorch ops (any device): scores of one query chunk at a time."""
+def _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
+    """The same in plain PyTorch ops (any device): scores of one query chunk at a time; with
+    ``softcap`` the scores are ``softcap * tanh(scores / softcap)`` (Gemma 2)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -639,6 +668,8 @@ def _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale):
     for q0, q1, k0, k1 in _query_chunks(kv_start, kv_end, B * Hq, Lk):
         C, W = q1 - q0, k1 - k0
         scores = torch.matmul(_chunk(qg, q0, q1), k[:, :, k0:k1].to(ct).transpose(-1, -2))
+        if softcap:
+            scores.div_(softcap).tanh_().mul_(softcap)
         probs = scores.view(B, Hkv, G, C, W)
         probs.masked_fill_(~_chunk_seen(kv_start, kv_end, q0, q1, k0, k1), float("-inf"))
         m = probs.amax(-1, keepdim=True)
@@ -658,7 +689,7 @@ def _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale):
 _TRACED_FEW_QUERIES = 16
 
 
-def _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale):
+def _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
     """Plain differentiable PyTorch for a few queries against every key, traced inline under torch.compile.
 
     The custom op's PyTorch body walks query chunks with data-dependent key windows, which a graph
@@ -673,6 +704,8 @@ def _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale):
     # The chunked implementation's steps for one chunk of every query over every key, out of place.
     qg = _chunk(_grouped(q, Hkv, ct) * scale, 0, Lq)
     scores = torch.matmul(qg, k.to(ct).transpose(-1, -2)).view(B, Hkv, G, Lq, Lk)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~_chunk_seen(kv_start, kv_end, 0, Lq, 0, Lk), float("-inf"))
     m = scores.amax(-1, keepdim=True)
     probs = torch.exp(scores - torch.where(torch.isfinite(m), m, 0.0))
@@ -681,10 +714,10 @@ def _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale):
     return (out / torch.where(total > 0, total, 1.0)).view(B, Hq, Lq, D).to(q.dtype)
 
 
-def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
+def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale, softcap=0.0):
     """The backward of :func:`_attention_fwd_torch`: PyTorch's CPU flash-attention backward per chunk."""
-    if q.device.type != "cpu":
-        return _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale)
+    if q.device.type != "cpu" or softcap:
+        return _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale, softcap)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     ct = compute_dtype(q)
@@ -705,7 +738,7 @@ def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale):
+def _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale, softcap=0.0):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -722,12 +755,18 @@ def _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale)
         k_w, v_w = k[:, :, k0:k1].to(ct), v[:, :, k0:k1].to(ct)
         q_c, do_c = _chunk(qg, q0, q1), _chunk(dog, q0, q1)
         probs = torch.matmul(q_c, k_w.transpose(-1, -2)).mul_(scale).view(B, Hkv, G, C, W)
+        if softcap:  # the capped scores, and their tanh for the chain rule below
+            tanh = probs.div(softcap).tanh_()
+            probs = tanh * softcap
         probs.sub_(lse_g[:, :, :, q0:q1]).exp_()
         probs.masked_fill_(~_chunk_seen(kv_start, kv_end, q0, q1, k0, k1), 0.0)
         p = probs.view(B, Hkv, G * C, W)
         dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), do_c)  # sums over the GQA group too
         dp = torch.matmul(do_c, v_w.transpose(-1, -2)).view(B, Hkv, G, C, W)
-        ds = probs.mul_(dp.sub_(delta[:, :, :, q0:q1])).mul_(scale).view(B, Hkv, G * C, W)
+        ds = probs.mul_(dp.sub_(delta[:, :, :, q0:q1]))
+        if softcap:
+            ds.mul_(1 - tanh.square_())
+        ds = ds.mul_(scale).view(B, Hkv, G * C, W)
         dq[:, :, :, q0:q1] = torch.matmul(ds, k_w).view(B, Hkv, G, C, D)
         dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), q_c)
     return dq.view(B, Hq, Lq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -740,11 +779,11 @@ def _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale)
 
 def _mixed_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
-    scale: float, backend: str, num_splits: int,
+    scale: float, backend: str, num_splits: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits or None)
-    return _attention_fwd_torch(q, k, v, kv_start, kv_end, scale)
+        return _attention_fwd_triton(q, k, v, kv_start, kv_end, scale, num_splits or None, softcap=softcap)
+    return _attention_fwd_torch(q, k, v, kv_start, kv_end, scale, softcap)
 
 
 _mixed_attention_fwd_op = torch.library.custom_op("mmfuse::mixed_attention_fwd", mutates_args=())(
@@ -752,18 +791,18 @@ _mixed_attention_fwd_op = torch.library.custom_op("mmfuse::mixed_attention_fwd",
 
 
 @_mixed_attention_fwd_op.register_fake
-def _(q, k, v, kv_start, kv_end, scale, backend, num_splits):
+def _(q, k, v, kv_start, kv_end, scale, backend, num_splits, softcap):
     B, Hq, Lq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
 def _mixed_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float, backend: str,
+    kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float, backend: str, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale)
-    return _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale)
+        return _attention_bwd_triton(do, q, k, v, out, lse, kv_start, kv_end, scale, softcap)
+    return _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale, softcap)
 
 
 _mixed_attention_bwd_op = torch.library.custom_op("mmfuse::mixed_attention_bwd", mutates_args=())(
@@ -771,23 +810,23 @@ _mixed_attention_bwd_op = torch.library.custom_op("mmfuse::mixed_attention_bwd",
 
 
 @_mixed_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, kv_start, kv_end, scale, backend):
+def _(do, q, k, v, out, lse, kv_start, kv_end, scale, backend, softcap):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_start, kv_end, scale, backend, _ = inputs
+    q, k, v, kv_start, kv_end, scale, backend, _, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale, ctx.backend, ctx.softcap = scale, backend, softcap
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
     bwd = op_or_body(ctx, _mixed_attention_bwd_op, _mixed_attention_bwd)
-    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, kv_start, kv_end, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, kv_start, kv_end, ctx.scale, ctx.backend, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _mixed_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -830,6 +869,7 @@ def mixed_attention(
     kv_end: torch.Tensor,
     scale: float | None = None,
     *,
+    softcap: float | None = None,
     backend: str | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
@@ -843,6 +883,8 @@ def mixed_attention(
             outside raises ValueError on CPU; on CUDA it fails a device-side assertion instead, so
             the check costs no host sync (every layer of an eager decode step calls this).
         scale: softmax scale, default ``D ** -0.5``.
+        softcap: attention-logit soft-capping (Gemma 2): the scaled scores ``s`` become
+            ``softcap * tanh(s / softcap)`` before the softmax; None (default) for none.
         backend: None (Triton on CUDA, PyTorch otherwise), "torch" or "triton".
         num_splits: split the keys into this many chunks reduced afterwards (split-KV, for decode);
             None picks from the GPU's occupancy. Triton backend only; the result does not depend on it.
@@ -854,13 +896,15 @@ def mixed_attention(
     _check_inputs(q, k, v, kv_start, kv_end, backend)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    scale, softcap = float(q.shape[-1] ** -0.5 if scale is None else scale), float(softcap or 0.0)
     if backend == "torch" and is_tracing() and q.shape[2] <= _TRACED_FEW_QUERIES:
-        return _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale)
+        return _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale, softcap)
     if runs_body_directly(backend, q, k, v):  # inference: no lse to keep, no custom-op dispatch to pay
-        return _attention_inference_torch(q, k, v, kv_start, kv_end, scale)
+        return _attention_inference_torch(q, k, v, kv_start, kv_end, scale, softcap)
     fwd = _mixed_attention_fwd_op if is_tracing() else _mixed_attention_eager
-    out, _ = fwd(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend, num_splits or 0)
+    out, _ = fwd(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend, num_splits or 0, softcap)
     return out
 
 

@@ -99,6 +99,9 @@ def _cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
         **{f"mixed_attention D={d}": (lambda d=d: K.mixed_attention(t(2, 4, 192, d), t(2, 2, 192, d), t(2, 2, 192, d),
                                                                     starts, ends, backend="triton"))
            for d in (64, 128)},
+        "mixed_attention soft-capped": lambda: K.mixed_attention(t(2, 4, 192, 128), t(2, 2, 192, 128),
+                                                                 t(2, 2, 192, 128), starts, ends, softcap=50.0,
+                                                                 backend="triton"),
         "mixed_attention decode split-KV": lambda: K.mixed_attention(
             t(2, 8, 1, 128, grad=False), t(2, 2, 1024, 128, grad=False), t(2, 2, 1024, 128, grad=False),
             dec_start, dec_end, backend="triton", num_splits=4),

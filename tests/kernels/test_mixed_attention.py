@@ -13,8 +13,9 @@ BACKENDS = [("torch", "cpu")] + [("triton", d) for d in triton_devices()]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-def dense_reference(q, k, v, kv_start, kv_end, scale=None):
-    """Plain softmax attention over an explicit (B, Lq, Lk) mask, in q's dtype; empty rows give 0."""
+def dense_reference(q, k, v, kv_start, kv_end, scale=None, softcap=None):
+    """Plain softmax attention over an explicit (B, Lq, Lk) mask, in q's dtype; empty rows give 0.
+    ``softcap``: transformers' Gemma 2 eager attention, ``tanh(s / cap) * cap`` of the scaled scores."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -22,22 +23,24 @@ def dense_reference(q, k, v, kv_start, kv_end, scale=None):
     j = torch.arange(Lk, device=q.device)
     mask = (j >= kv_start[..., None].long()) & (j < kv_end[..., None].long())
     scores = (q @ k.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row is NaN -> 0
     return probs @ v
 
 
-def run_case(q, k, v, kv_start, kv_end, backend, device, scale=None, num_splits=None):
+def run_case(q, k, v, kv_start, kv_end, backend, device, scale=None, num_splits=None, softcap=None):
     """Output and (dq, dk, dv) of mmfuse, the float64 reference, and eager attention in q's dtype."""
     q, k, v = (t.to(device).detach().requires_grad_() for t in (q, k, v))
     kv_start, kv_end = kv_start.to(device), kv_end.to(device)
-    out = mixed_attention(q, k, v, kv_start, kv_end, scale, backend=backend, num_splits=num_splits)
+    out = mixed_attention(q, k, v, kv_start, kv_end, scale, softcap=softcap, backend=backend, num_splits=num_splits)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
 
     def reference(dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        ref = dense_reference(*leaves, kv_start, kv_end, scale)
+        ref = dense_reference(*leaves, kv_start, kv_end, scale, softcap)
         return ref, torch.autograd.grad(ref, leaves, grad_out.to(dtype))
 
     return (out, grads), reference(torch.float64), reference(q.dtype)
@@ -108,6 +111,51 @@ def test_extend_image_chunk_against_cached_prefix(backend, device, poisoned_allo
     kv_start[1] = 5  # row 1's document starts at cache position 5
     kv_end = torch.full((B, chunk), Lk, dtype=torch.int32)
     assert_close_to_reference(run_case(q, k, v, kv_start, kv_end, backend, device), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L,D,Hq,Hkv", [(45, 64, 4, 2), (130, 128, 2, 2), (33, 72, 2, 1)])
+def test_softcapped_packed_layout_matches_reference(backend, device, dtype, L, D, Hq, Hkv):
+    """Gemma 2's logit soft-capping; 4x the usual scale so that the cap bends the scores."""
+    q, k, v, kv_start, kv_end = packed_inputs(2, Hq, Hkv, L, D, dtype, seed=L)
+    case = run_case(q, k, v, kv_start, kv_end, backend, device, scale=4 * D**-0.5, softcap=3.0)
+    assert_close_to_reference(case, dtype)
+    uncapped = dense_reference(q.double(), k.double(), v.double(), kv_start, kv_end, 4 * D**-0.5)
+    assert rel_err(case[1][0], uncapped) > 1e-2  # the cap changed the result: this case tests it
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_softcapped_decode_and_inference(backend, device):
+    """One query (the decode path) and no-grad inference take the cap too."""
+    B, Hq, Hkv, Lk, D = 3, 4, 1, 70, 32
+    q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    kv_start = torch.tensor([[0], [17], [0]], dtype=torch.int32)
+    kv_end = torch.tensor([[70], [50], [0]], dtype=torch.int32)
+    assert_close_to_reference(run_case(q, k, v, kv_start, kv_end, backend, device, scale=1.0, softcap=5.0),
+                              torch.float32)
+    with torch.no_grad():
+        out = mixed_attention(*(t.to(device) for t in (q, k, v, kv_start, kv_end)), 1.0, softcap=5.0, backend=backend)
+    ref = dense_reference(q.double(), k.double(), v.double(), kv_start, kv_end, 1.0, 5.0)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("Lq", [1, 5])
+def test_compiled_softcapped_few_queries_match_the_reference(Lq):
+    B, Hq, Hkv, Lk, D = 2, 4, 2, 30, 32
+    q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    kv_start = torch.zeros(B, Lq, dtype=torch.int32)
+    kv_end = torch.full((B, Lq), Lk, dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    attend = torch.compile(lambda q, k, v: mixed_attention(q, k, v, kv_start, kv_end, 1.0, softcap=4.0,
+                                                           backend="torch"), fullgraph=True, backend="aot_eager")
+    out = attend(*leaves)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = dense_reference(*ref_leaves, kv_start, kv_end, 1.0, 4.0)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert rel_err(got, want) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -317,6 +365,9 @@ def test_rejects_bad_backend_and_options():
         mixed_attention(**_good(), backend="cuda")
     with pytest.raises(ValueError, match="num_splits"):
         mixed_attention(**_good(), backend="torch", num_splits=0)
+    for bad in (0.0, -1.0, float("inf"), "50"):
+        with pytest.raises(ValueError, match="softcap"):
+            mixed_attention(**_good(), softcap=bad, backend="torch")
 
 
 @pytest.mark.skipif(not triton_devices(), reason="needs the Triton interpreter or a GPU")
