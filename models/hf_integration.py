@@ -8,7 +8,9 @@ packed sequences, a KV cache, static or dynamic) are one key interval per query,
 (0 / -inf), 4D custom masks included. Any other valid mask (padding holes inside a row, an additive
 bias, a mask under ``torch.compile``, where the interval check would be a host sync) is computed by
 transformers' own SDPA attention, with a one-time warning naming the reason: the same result, never
-an exception.
+an exception. Gemma 2's attention-logit soft-capping (``softcap``) runs in the kernel; sliding windows
+(Mistral, Qwen2, Gemma 2 / 3) come in the mask, or, when transformers passes no mask, from
+``sliding_window``.
 """
 from __future__ import annotations
 
@@ -103,27 +105,53 @@ def mmfuse_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None,
                              **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Lq, H, D)."""
+    """transformers' attention-function signature: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Lq, H, D).
+
+    ``kwargs`` may hold ``softcap`` (Gemma 2: scores become ``softcap * tanh(scores / softcap)``) and
+    ``sliding_window`` (applied here only when there is no mask: transformers' masks already hold it).
+    """
     if dropout and module.training:
         raise ValueError("the mmfuse attention has no dropout; set attention_dropout=0")
     B, _, q_len, _ = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
     try:
         kv_start, kv_end = _intervals_of(attention_mask, B, q_len, key.shape[2], causal)
     except MaskNotIntervals as why:
+        if softcap is not None:  # transformers' SDPA has no soft-capping
+            return _softcapped_dense(query, key, value, attention_mask, scaling, softcap, str(why)), None
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, str(why), **kwargs)
-    out = mixed_attention(query, key, value, kv_start.to(query.device), kv_end.to(query.device), scaling)
+    if attention_mask is None and window and causal:  # key j is seen from query i when i - window < j <= i
+        kv_start = torch.maximum(kv_start, kv_end - window).clamp_min_(0)
+    out = mixed_attention(query, key, value, kv_start.to(query.device), kv_end.to(query.device), scaling,
+                          softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _softcapped_dense(query, key, value, mask, scaling, softcap, reason: str) -> torch.Tensor:
+    """Soft-capped attention over an explicit mask that is not intervals, as transformers' Gemma 2 eager
+    attention computes it (softmax in float32), warned once per reason; -> (B, Lq, H, D)."""
+    _warn_once(f"{reason}; computing the soft-capped attention densely instead")
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned and not torch.compiler.is_compiling():
+        _warned.add(message)
+        warnings.warn(f"mmfuse attention: {message}", stacklevel=4)
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, reason: str, **kwargs):
     """transformers' own SDPA attention for a mask the intervals cannot express (warned once per reason)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if reason not in _warned and not torch.compiler.is_compiling():
-        _warned.add(reason)
-        warnings.warn(f"mmfuse attention: {reason}; computing it with transformers' SDPA attention instead",
-                      stacklevel=3)
+    _warn_once(f"{reason}; computing it with transformers' SDPA attention instead")
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

@@ -59,7 +59,11 @@ KINDS = ("rms_norm", "mlp", "rope", "loss")
 SUPPORTED_CLASSES = {"LlamaForCausalLM": "Llama", "LlamaModel": "Llama",
                      "Qwen2ForCausalLM": "Qwen2", "Qwen2Model": "Qwen2",
                      "MistralForCausalLM": "Mistral", "MistralModel": "Mistral",
-                     "Qwen3ForCausalLM": "Qwen3", "Qwen3Model": "Qwen3"}
+                     "Qwen3ForCausalLM": "Qwen3", "Qwen3Model": "Qwen3",
+                     "Gemma2ForCausalLM": "Gemma2", "Gemma2Model": "Gemma2",
+                     "Gemma3ForCausalLM": "Gemma3", "Gemma3TextModel": "Gemma3"}
+# Architectures whose attention passes its attention-logit soft-capping on (mixed_attention's softcap=).
+SOFTCAPPED_ATTENTION = ("Gemma2",)
 FUSION_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # what to_fusion converts (mmfuse's Decoder)
 # VLM wrappers whose language model (``model.model.language_model``) patch() patches
 VLM_WRAPPERS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
@@ -71,15 +75,18 @@ _STATE = "_mmfuse_patch"  # instance attribute holding what unpatch() restores
 @dataclass
 class PatchReport:
     """What :func:`patch` replaced: ``counts[kind]`` for kind in ``KINDS`` (norm modules, MLP modules,
-    attention modules, LM-head losses)."""
+    attention modules, LM-head losses), and ``kept[kind]``: why a kind asked for was left as
+    transformers' own (an architecture feature mmfuse's kernel does not compute)."""
 
     model: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     backend: str | None = None
+    kept: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         parts = ", ".join(f"{kind} {n}" for kind, n in self.counts.items())
-        return f"mmfuse.patch({self.model}): {parts} (backend {self.backend or 'auto'})"
+        kept = "".join(f"; kept: {kind} ({why})" for kind, why in self.kept.items())
+        return f"mmfuse.patch({self.model}): {parts} (backend {self.backend or 'auto'}){kept}"
 
 
 @dataclass
@@ -107,7 +114,7 @@ class SwiGLUMLP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _attention_forward(cls_forward, eager, cache_kwargs: bool, backend: str | None):
+def _attention_forward(cls_forward, eager, cache_kwargs: bool, backend: str | None, softcap: bool = False):
     """The Llama / Qwen2 attention forward of transformers with :func:`apply_rope`, to bind to an instance.
 
     transformers 5 names the cache ``cache`` (``past_key_values`` in earlier 5.x releases) and, under that name,
@@ -138,6 +145,8 @@ def _attention_forward(cls_forward, eager, cache_kwargs: bool, backend: str | No
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
         if hasattr(self, "sliding_window"):  # Qwen2 passes its (possibly None) window on; Llama has none
             kwargs["sliding_window"] = self.sliding_window
+        if softcap:  # Gemma 2 passes its attention-logit cap on
+            kwargs["softcap"] = self.attn_logit_softcapping
         dropout = self.attention_dropout if self.training else 0.0
         out, weights = attention(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
@@ -230,6 +239,20 @@ def _children_of_type(model: nn.Module, cls: type) -> list[tuple[nn.Module, str,
             if type(child) is cls]
 
 
+def _kept_features(prefix: str, model: nn.Module) -> dict[str, str]:
+    """Kinds an architecture computes in a way mmfuse's kernels do not, by name (patch keeps them)."""
+    kept = {}
+    if prefix.startswith("Gemma"):
+        act = getattr(model.config, "hidden_activation", None)
+        kept["rms_norm"] = (f"{prefix}RMSNorm scales by (1 + weight) in float32 before rounding; mmfuse's RMSNorm "
+                            "rounds, then scales by weight")
+        kept["mlp"] = f"{prefix}MLP is GeGLU (hidden_activation={act!r}); mmfuse's MLP is SwiGLU"
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        kept["loss"] = f"final_logit_softcapping={cap}: the fused LM-head loss has no logit cap"
+    return kept
+
+
 def _check_mlp(model: nn.Module, mlp: nn.Module) -> None:
     from transformers.activations import SiLUActivation
 
@@ -266,10 +289,14 @@ def _check_free(model: nn.Module, modules: list[nn.Module]) -> None:
 
 def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bool = True, loss: bool = True,
           backend: str | None = None) -> PatchReport:
-    """Swap mmfuse's RMSNorm, SwiGLU, RoPE and fused LM-head loss into a transformers Llama / Qwen2, in place.
+    """Swap mmfuse's RMSNorm, SwiGLU, RoPE and fused LM-head loss into a transformers model, in place.
 
     Args:
-        model: a loaded ``LlamaForCausalLM``, ``LlamaModel``, ``Qwen2ForCausalLM`` or ``Qwen2Model``.
+        model: a loaded Llama, Qwen2, Mistral, Qwen3, Gemma 2 or Gemma 3 (text) causal LM or bare model
+            (``SUPPORTED_CLASSES``), or a LLaVA-family VLM (its language model). Kinds an architecture
+            computes differently are kept and named in the report (``kept``): Gemma's (1 + weight)
+            norms and GeGLU MLP, a final logit cap (Gemma 2); Gemma 2's attention-logit cap and the
+            sliding windows go to ``attn_implementation="mmfuse"``'s kernel.
         rms_norm, mlp, rope, loss: which kinds to swap (``loss`` needs a causal LM; a bare model has
             no LM head and reports 0 losses).
         backend: for the swapped ops: None (Triton on CUDA, PyTorch otherwise, or what an enclosing
@@ -291,18 +318,21 @@ def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bo
         return report
     prefix, module = _arch(model)
     check_backend_name(backend)
+    wanted = {"rms_norm": rms_norm, "mlp": mlp, "rope": rope, "loss": loss and hasattr(model, "lm_head")}
+    kept = {kind: why for kind, why in _kept_features(prefix, model).items() if wanted[kind]}
+    rms_norm, mlp, loss = (wanted[kind] and kind not in kept for kind in ("rms_norm", "mlp", "loss"))
     norms = _children_of_type(model, getattr(module, f"{prefix}RMSNorm")) if rms_norm else []
     mlps = _children_of_type(model, getattr(module, f"{prefix}MLP")) if mlp else []
     attention_cls = getattr(module, f"{prefix}Attention")
     attentions = [m for m in model.modules() if type(m) is attention_cls] if rope else []
-    lm = [model] if loss and hasattr(model, "lm_head") else []
+    lm = [model] if loss else []
     for _, _, m in mlps:
         _check_mlp(model, m)
     for m in lm:
         _check_loss(m)
     _check_free(model, attentions + lm)
 
-    report = PatchReport(type(model).__name__, backend=backend)
+    report = PatchReport(type(model).__name__, backend=backend, kept=kept)
     state = _PatchState(report, swapped=[], forwards=[])
     for parent, name, old in norms:
         _swap(state, parent, name, RMSNorm(eps=old.variance_epsilon, weight=old.weight, backend=backend))
@@ -311,7 +341,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bo
     if attentions:
         # transformers renamed the attention's past_key_values to cache, and then passes kwargs to update().
         cache_kwargs = "cache" in inspect.signature(attention_cls.forward).parameters
-        forward = _attention_forward(attention_cls.forward, module.eager_attention_forward, cache_kwargs, backend)
+        forward = _attention_forward(attention_cls.forward, module.eager_attention_forward, cache_kwargs, backend,
+                                     softcap=prefix in SOFTCAPPED_ATTENTION)
         for attn in attentions:
             _set_forward(state, attn, forward)
     for m in lm:
