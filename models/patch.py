@@ -61,14 +61,25 @@ SUPPORTED_CLASSES = {"LlamaForCausalLM": "Llama", "LlamaModel": "Llama",
                      "MistralForCausalLM": "Mistral", "MistralModel": "Mistral",
                      "Qwen3ForCausalLM": "Qwen3", "Qwen3Model": "Qwen3",
                      "Gemma2ForCausalLM": "Gemma2", "Gemma2Model": "Gemma2",
-                     "Gemma3ForCausalLM": "Gemma3", "Gemma3TextModel": "Gemma3"}
+                     "Gemma3ForCausalLM": "Gemma3", "Gemma3TextModel": "Gemma3",
+                     "Qwen2_5_VLTextModel": "Qwen2_5_VL", "Qwen2_5_VisionTransformerPretrainedModel": "Qwen2_5_VL"}
+# Module classes whose names do not follow "<prefix>RMSNorm" / "<prefix>MLP" / "<prefix>Attention"
+# (None: that model has no such module to patch).
+MODULE_CLASSES = {"Qwen2_5_VLTextModel": dict(mlp="Qwen2MLP"),
+                  "Qwen2_5_VisionTransformerPretrainedModel": dict(attention=None)}
+# Models with none of the four kinds, and what they have instead (patch() says so, by name).
+NOTHING_TO_SWAP = {name: "LayerNorm, a GELU MLP (fc1 / fc2), learned position embeddings, no LM head"
+                   for name in ("SiglipVisionModel", "SiglipModel", "CLIPVisionModel", "CLIPModel")}
 # Architectures whose attention passes its attention-logit soft-capping on (mixed_attention's softcap=).
 SOFTCAPPED_ATTENTION = ("Gemma2",)
 FUSION_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # what to_fusion converts (mmfuse's Decoder)
 # VLM wrappers whose language model (``model.model.language_model``) patch() patches
-VLM_WRAPPERS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                "LlavaOnevisionForConditionalGeneration")
-FUSION_VLM_CLASSES = (*VLM_WRAPPERS, "Qwen2_5_VLForConditionalGeneration")  # what to_fusion makes LlavaFusion of
+LLAVA_WRAPPERS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                  "LlavaOnevisionForConditionalGeneration")
+# VLM wrappers patch() patches the parts of: their language model (model.model.language_model) and,
+# for Qwen2.5-VL, its ViT (model.model.visual); the LLaVA towers (CLIP / SigLIP) have nothing to swap.
+VLM_WRAPPERS = (*LLAVA_WRAPPERS, "Qwen2_5_VLForConditionalGeneration")
+FUSION_VLM_CLASSES = VLM_WRAPPERS  # what to_fusion makes LlavaFusion of
 _STATE = "_mmfuse_patch"  # instance attribute holding what unpatch() restores
 
 
@@ -94,7 +105,7 @@ class _PatchState:
     report: PatchReport
     swapped: list[tuple[nn.Module, str, nn.Module]]  # (parent, attribute, original child)
     forwards: list[nn.Module]  # modules given an instance-level forward
-    inner: nn.Module | None = None  # a VLM wrapper's patched language model
+    inner: list[nn.Module] | None = None  # a VLM wrapper's patched parts
 
 
 class SwiGLUMLP(nn.Module):
@@ -216,6 +227,9 @@ def _arch(model: object, causal_lm: bool = False) -> tuple[str, types.ModuleType
     supported = [c for c in SUPPORTED_CLASSES if c.endswith("ForCausalLM") or not causal_lm]
     module = sys.modules.get(cls.__module__)
     # The transformers class itself: a subclass may have changed the forwards patch() replaces.
+    if cls.__name__ in NOTHING_TO_SWAP:
+        raise ValueError(f"model: {cls.__name__} has nothing mmfuse.patch swaps ({NOTHING_TO_SWAP[cls.__name__]}); "
+                         "load it with attn_implementation='mmfuse' to run its (bidirectional) attention on mmfuse")
     if cls.__name__ not in supported or not cls.__module__.startswith("transformers.") or \
             getattr(module, cls.__name__, None) is not cls:
         wrappers = "" if causal_lm else f", and the VLMs {', '.join(VLM_WRAPPERS)}"
@@ -223,15 +237,17 @@ def _arch(model: object, causal_lm: bool = False) -> tuple[str, types.ModuleType
     return SUPPORTED_CLASSES[cls.__name__], module
 
 
-def _vlm_language_model(model: object) -> nn.Module | None:
-    """The language model of a supported transformers VLM wrapper, else None."""
+def _vlm_parts(model: object) -> list[nn.Module] | None:
+    """The parts patch() patches of a supported transformers VLM wrapper (language model first), else None."""
     cls = type(model)
     if cls.__name__ not in VLM_WRAPPERS or not cls.__module__.startswith("transformers."):
         return None
-    inner = getattr(getattr(model, "model", None), "language_model", None)
-    if inner is None:
-        raise ValueError(f"model: {cls.__name__} without model.language_model (an older transformers layout?)")
-    return inner
+    names = ("language_model", "visual") if cls.__name__ == "Qwen2_5_VLForConditionalGeneration" else ("language_model",)
+    parts = [getattr(getattr(model, "model", None), name, None) for name in names]
+    if any(part is None for part in parts):
+        raise ValueError(f"model: {cls.__name__} without model.{' / model.'.join(names)} (an older transformers "
+                         "layout?)")
+    return parts
 
 
 def _children_of_type(model: nn.Module, cls: type) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -242,6 +258,9 @@ def _children_of_type(model: nn.Module, cls: type) -> list[tuple[nn.Module, str,
 def _kept_features(prefix: str, model: nn.Module) -> dict[str, str]:
     """Kinds an architecture computes in a way mmfuse's kernels do not, by name (patch keeps them)."""
     kept = {}
+    if type(model).__name__ == "Qwen2_5_VisionTransformerPretrainedModel":
+        kept["rope"] = ("its 2D RoPE runs inside transformers' per-window vision attention forward; "
+                        "attn_implementation='mmfuse' computes that attention")
     if prefix.startswith("Gemma"):
         act = getattr(model.config, "hidden_activation", None)
         kept["rms_norm"] = (f"{prefix}RMSNorm scales by (1 + weight) in float32 before rounding; mmfuse's RMSNorm "
@@ -260,9 +279,6 @@ def _check_mlp(model: nn.Module, mlp: nn.Module) -> None:
     if type(mlp.act_fn) not in (nn.SiLU, SiLUActivation):
         raise ValueError(f"{where}: hidden_act={getattr(model.config, 'hidden_act', None)!r} is not supported by "
                          "mmfuse's SwiGLU MLP (only 'silu'); pass mlp=False to keep transformers' MLP")
-    if any(getattr(mlp, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
-        raise ValueError(f"{where}: an MLP with biases (mlp_bias=True) is not supported by mmfuse's SwiGLU MLP; "
-                         "pass mlp=False to keep transformers' MLP")
 
 
 def _check_loss(model: nn.Module) -> None:
@@ -293,7 +309,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bo
 
     Args:
         model: a loaded Llama, Qwen2, Mistral, Qwen3, Gemma 2 or Gemma 3 (text) causal LM or bare model
-            (``SUPPORTED_CLASSES``), or a LLaVA-family VLM (its language model). Kinds an architecture
+            (``SUPPORTED_CLASSES``), or a VLM wrapper (``VLM_WRAPPERS``: a LLaVA-family VLM's language
+            model; Qwen2.5-VL's language model and ViT). Kinds an architecture
             computes differently are kept and named in the report (``kept``): Gemma's (1 + weight)
             norms and GeGLU MLP, a final logit cap (Gemma 2); Gemma 2's attention-logit cap and the
             sliding windows go to ``attn_implementation="mmfuse"``'s kernel.
@@ -309,21 +326,20 @@ def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bo
         ValueError: unsupported model or configuration (nothing is changed then), or already patched.
         TypeError: ``model`` is not an ``nn.Module``.
     """
-    inner = _vlm_language_model(model)
-    if inner is not None:  # a LLaVA-family VLM: its language model is patched (its lm_head loss is the wrapper's)
-        _check_free(model, [])
-        report = patch(inner, rms_norm=rms_norm, mlp=mlp, rope=rope, loss=False, backend=backend)
-        report.model = f"{type(model).__name__} ({type(inner).__name__})"
-        model.__dict__[_STATE] = _PatchState(report, swapped=[], forwards=[], inner=inner)
-        return report
+    parts = _vlm_parts(model)
+    if parts is not None:  # a VLM: its parts are patched (its lm_head loss is the wrapper's)
+        return _patch_vlm(model, parts, rms_norm=rms_norm, mlp=mlp, rope=rope, loss=loss, backend=backend)
     prefix, module = _arch(model)
     check_backend_name(backend)
     wanted = {"rms_norm": rms_norm, "mlp": mlp, "rope": rope, "loss": loss and hasattr(model, "lm_head")}
     kept = {kind: why for kind, why in _kept_features(prefix, model).items() if wanted[kind]}
     rms_norm, mlp, loss = (wanted[kind] and kind not in kept for kind in ("rms_norm", "mlp", "loss"))
-    norms = _children_of_type(model, getattr(module, f"{prefix}RMSNorm")) if rms_norm else []
-    mlps = _children_of_type(model, getattr(module, f"{prefix}MLP")) if mlp else []
-    attention_cls = getattr(module, f"{prefix}Attention")
+    names = {"norm": f"{prefix}RMSNorm", "mlp": f"{prefix}MLP", "attention": f"{prefix}Attention",
+             **MODULE_CLASSES.get(type(model).__name__, {})}
+    norms = _children_of_type(model, getattr(module, names["norm"])) if rms_norm else []
+    mlps = _children_of_type(model, getattr(module, names["mlp"])) if mlp else []
+    rope = rope and "rope" not in kept
+    attention_cls = getattr(module, names["attention"]) if rope else None
     attentions = [m for m in model.modules() if type(m) is attention_cls] if rope else []
     lm = [model] if loss else []
     for _, _, m in mlps:
@@ -357,6 +373,31 @@ def patch(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, rope: bo
 apply_mmfuse = patch
 
 
+def _patch_vlm(model: nn.Module, parts: list[nn.Module], *, loss: bool, **kinds) -> PatchReport:
+    """patch() of each part of a VLM wrapper, as one report; unpatch(model) undoes them all."""
+    _check_free(model, [])
+    reports = []
+    try:
+        for part in parts:
+            reports.append(patch(part, loss=False, **kinds))
+    except Exception:
+        for part in parts[:len(reports)]:  # nothing stays half patched
+            unpatch(part)
+        raise
+    report = PatchReport(f"{type(model).__name__} ({', '.join(type(p).__name__ for p in parts)})",
+                         backend=kinds.get("backend"))
+    for part_report in reports:
+        for kind, n in part_report.counts.items():
+            report.counts[kind] += n
+        for kind, why in part_report.kept.items():
+            report.kept[kind] = f"{part_report.model}: {why}"
+    if loss:
+        report.kept["loss"] = f"{type(model).__name__} computes its own loss over its language model's output"
+    model.__dict__[_STATE] = _PatchState(report, swapped=[], forwards=[], inner=parts)
+    logger.info("%s", report)
+    return report
+
+
 def _swap(state: _PatchState, parent: nn.Module, name: str, new: nn.Module) -> None:
     state.swapped.append((parent, name, getattr(parent, name)))
     setattr(parent, name, new)
@@ -377,8 +418,8 @@ def unpatch(model: nn.Module) -> None:
     state = model.__dict__.pop(_STATE, None) if isinstance(model, nn.Module) else None
     if state is None:
         raise ValueError("model: not patched by mmfuse.patch (nothing to undo)")
-    if state.inner is not None:
-        unpatch(state.inner)
+    for part in state.inner or []:
+        unpatch(part)
     for parent, name, original in reversed(state.swapped):
         setattr(parent, name, original)
     for m in state.forwards:

@@ -197,8 +197,12 @@ def test_unsupported_models_raise():
         patch(gelu)
     assert "_mmfuse_patch" not in gelu.__dict__ and type(gelu.model.norm) is not RMSNorm  # left as it was
     assert patch(gelu, mlp=False).counts["mlp"] == 0  # the rest is still supported
-    with pytest.raises(ValueError, match="bias"):
-        patch(tiny_llama(mlp_bias=True))
+    biased = tiny_llama(mlp_bias=True)  # the swapped MLP applies transformers' own Linear layers, biases included
+    ref = copy.deepcopy(biased)
+    assert patch(biased).counts["mlp"] == 2
+    ids, _ = batch(ref)
+    with torch.no_grad():
+        assert rel_err(biased(ids).logits, ref(ids).logits) <= 1e-5
     with pytest.raises(ValueError, match="backend"):
         patch(tiny_llama(), backend="cuda")
     custom = tiny_llama()
@@ -338,3 +342,47 @@ def _ours(hf):
     with tempfile.TemporaryDirectory() as path:
         hf.save_pretrained(path)
         return from_pretrained(path)
+
+
+def test_qwen2_5_vl_gets_its_language_model_and_vit_patched(tmp_path):
+    """Norms and SwiGLU MLPs of both (the ViT's have biases), the language model's RoPE (multimodal: its
+    tables come recomposed from transformers' rotary embedding); the ViT's 2D RoPE is kept, by name."""
+    from tests.models.test_qwen_vl import PICTURES, TEXTS, prompts_with_images, tiny
+
+    ref = tiny(tmp_path)
+    ours = copy.deepcopy(ref)
+    report = patch(ours)
+    assert report.model == ("Qwen2_5_VLForConditionalGeneration (Qwen2_5_VLTextModel, "
+                            "Qwen2_5_VisionTransformerPretrainedModel)")
+    # LM: 2 layers x 2 + final; ViT: 3 blocks x 2 + the merger's
+    assert report.counts == {"rms_norm": 5 + 7, "mlp": 2 + 3, "rope": 2, "loss": 0}
+    assert "2D RoPE" in report.kept["rope"] and "computes its own loss" in report.kept["loss"]
+    enc = prompts_with_images(PICTURES, TEXTS)
+    with torch.no_grad():
+        assert rel_err(ours(**enc).logits, ref(**enc).logits) <= 1e-5
+        kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(**enc, **kwargs), ref.generate(**enc, **kwargs))
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    ref.train(), ours.train()
+    want, got = ref(**enc, labels=labels).loss, ours(**enc, labels=labels).loss
+    assert rel_err(got, want) <= 1e-5
+    want.backward()
+    got.backward()
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if theirs[name].grad is not None:
+            assert rel_err(p.grad, theirs[name].grad) <= 1e-4, name
+    unpatch(ours)
+    assert type(ours.model.visual.blocks[0].norm1) is type(ref.model.visual.blocks[0].norm1)
+    assert all("forward" not in m.__dict__ and "_mmfuse_patch" not in m.__dict__ for m in ours.modules())
+
+
+def test_a_siglip_vision_model_has_nothing_to_swap():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=16, patch_size=8))
+    with pytest.raises(ValueError, match="SiglipVisionModel has nothing mmfuse.patch swaps .*LayerNorm.*"
+                                         "attn_implementation='mmfuse'"):
+        patch(model)
+    assert "_mmfuse_patch" not in model.__dict__
