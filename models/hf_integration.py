@@ -22,9 +22,11 @@ import torch
 from mmfuse.kernels import mixed_attention
 
 ATTN_IMPLEMENTATION = "mmfuse"
-# transformers hands every layer of a forward the same mask tensor: its intervals (and their
-# contiguity check, a host sync) are worked out once, for the first layer. (mask weakref, key, result)
-_last_intervals: tuple | None = None
+# transformers hands every layer of a forward the same mask tensor (one per layer type: Gemma's and
+# Qwen2's sliding-window layers get a second one): its intervals (and their contiguity check, a host
+# sync) are worked out once, for the first layer of each. Newest first: (mask weakref, key, result).
+_last_intervals: list[tuple] = []
+_KEPT_MASKS = 2
 _warned: set[str] = set()
 
 
@@ -81,24 +83,28 @@ def _intervals_of(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int
                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mask_to_intervals`, reused while the same mask object comes back unmodified (a mask that
     is not intervals too: every layer then falls back without checking again)."""
-    global _last_intervals
     if mask is None:
         return mask_to_intervals(mask, batch, q_len, kv_len, causal)
     if torch.compiler.is_compiling():
         raise MaskNotIntervals("an explicit attention_mask under torch.compile (checking it would sync with the host)")
     key = (mask._version, batch, q_len, kv_len, causal)
-    last = _last_intervals
-    if last is not None and last[0]() is mask and last[1] == key:
-        if isinstance(last[2], MaskNotIntervals):
-            raise last[2]
-        return last[2]
+    for ref, last_key, last in _last_intervals:
+        if ref() is mask and last_key == key:
+            if isinstance(last, MaskNotIntervals):
+                raise last
+            return last
     try:
         result = mask_to_intervals(mask, batch, q_len, kv_len, causal)
     except MaskNotIntervals as why:
-        _last_intervals = (weakref.ref(mask), key, why)
+        _remember(mask, key, why)
         raise
-    _last_intervals = (weakref.ref(mask), key, result)
+    _remember(mask, key, result)
     return result
+
+
+def _remember(mask: torch.Tensor, key: tuple, result) -> None:
+    _last_intervals.insert(0, (weakref.ref(mask), key, result))
+    del _last_intervals[_KEPT_MASKS:]
 
 
 def mmfuse_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

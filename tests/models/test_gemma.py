@@ -93,6 +93,18 @@ def test_generation_matches_eager_token_for_token(kind, mode):
     assert torch.equal(no_fallback(lambda: ours.generate(ids, **kwargs)), eager.generate(ids, **kwargs))
 
 
+def test_each_layer_types_mask_becomes_intervals_once_per_forward(monkeypatch):
+    """Sliding and full layers alternate, each type with its own mask: two conversions, not one per layer."""
+    from tests.helpers import count_calls
+
+    _, ours = pair("gemma3")
+    ids, mask = inputs()
+    calls = count_calls(monkeypatch, {"convert": ("mmfuse.models.hf_integration", "mask_to_intervals")})
+    with torch.no_grad():
+        ours(ids, attention_mask=mask)
+    assert calls["convert"] == 2 < ours.config.num_hidden_layers
+
+
 def test_soft_capped_masks_that_are_not_intervals_are_computed_densely():
     eager, ours = pair("gemma2")
     ids, mask = inputs()
