@@ -326,6 +326,18 @@ def test_a_llava_family_vlm_gets_its_language_model_patched(kind):
         assert rel_err(ours(**enc).logits, ref(**enc).logits) <= 1e-5
         kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
         assert torch.equal(ours.generate(**enc, **kwargs), ref.generate(**enc, **kwargs))
+    real = enc["attention_mask"].bool()
+    ref(**enc).logits[real].square().mean().backward()
+    ours(**enc).logits[real].square().mean().backward()
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        want = theirs[name].grad
+        if want is None:
+            continue
+        if want.abs().max() < 1e-9:  # a key bias: softmax ignores it, its gradient is rounding noise on both sides
+            assert p.grad.abs().max() < 1e-9, name
+        else:
+            assert rel_err(p.grad, want) <= 1e-4, name
     with pytest.raises(ValueError, match="already patched"):
         patch(ours)
     unpatch(ours)
