@@ -13,7 +13,9 @@ adds its own builder there. Every case times each implementation on the same inp
   installed, on CUDA), fwd+bwd; ``bench_linear_ce.py`` has the larger sweep with memory ratios.
 
 On CPU mmfuse runs its PyTorch backend; "mmfuse_nocheck" is the same call with ``check_finite=False``
-(the default NaN/Inf check of CPU inputs costs one extra read). Rows carry ms, peak extra memory,
+(the default NaN/Inf check of CPU inputs). A case's implementations are timed interleaved, one call
+of each in turn per round after untimed ones (median over the rounds), so that drift on a shared
+machine hits them alike. Rows carry ms, peak extra memory,
 ``gbps`` (the bytes a fused implementation must move over the time: the same numerator for every
 implementation, so it ranks them), ``of_copy`` (that over the device's copy bandwidth, measured in
 the same run by :func:`~mmfuse.bench.common.copy_bandwidth_gbps`: 1.0 is a memory-bound kernel at
@@ -34,7 +36,7 @@ from mmfuse.bench.common import (
     append_results,
     bench_main,
     copy_bandwidth_gbps,
-    peak_memory_mib,
+    measure_interleaved,
     print_table,
     time_ms,
 )
@@ -186,25 +188,26 @@ def make_step(case: Case, fn: Callable) -> Callable[[], object]:
     return step
 
 
-SLOW_STEP_MS = 100.0  # a step slower than this is timed over fewer repetitions (it is already steady)
+SLOW_STEP_MS = 100.0  # a step slower than this is timed over fewer rounds (it is already steady)
+ROUNDS = {"fast": 31, "slow": 5}
 
 
-def measure(case: Case, name: str, fn: Callable, device: torch.device, copy_gbps: float) -> dict:
-    row = {"loss": case.loss, "shape": case.shape, "mode": case.mode, "impl": name}
-    step = make_step(case, fn)
-    try:
-        first = time_ms(step, device, warmup=0, reps=1)["ms"]  # also the first warm-up call
-    except Exception as exc:  # noqa: BLE001 - recorded as "does not run here"
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        return row
-    # The median of 11 steadies a shared CPU on millisecond steps; multi-100 ms steps need fewer.
-    warmup, reps = (1, 3) if first > SLOW_STEP_MS else (3, 11)
-    row.update(time_ms(step, device, warmup=warmup, reps=reps))
-    row["peak_mib"] = peak_memory_mib(step, device)
-    if case.bytes_moved:
-        row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
-        row["of_copy"] = row["gbps"] / copy_gbps
-    return row
+def measure_case(case: Case, device: torch.device, copy_gbps: float) -> list[dict]:
+    """Every implementation of ``case``, interleaved (:func:`~mmfuse.bench.common.measure_interleaved`)."""
+    steps = {name: make_step(case, fn) for name, fn in case.impls.items()}
+    first = time_ms(steps["mmfuse"], device, warmup=0, reps=1)["ms"]  # also a warm-up call
+    slow = first > SLOW_STEP_MS
+    # Two untimed calls before each timed one: on CPU the two calls after another implementation's
+    # large allocations run up to 2x slower (measured: cosine after eager, 4.9 vs 2.4 ms).
+    rows = []
+    for name, measured in measure_interleaved(steps, device, ROUNDS["slow" if slow else "fast"],
+                                              warmup=0 if slow else 2).items():
+        row = {"loss": case.loss, "shape": case.shape, "mode": case.mode, "impl": name, **measured}
+        if case.bytes_moved and "ms" in row:
+            row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
+            row["of_copy"] = row["gbps"] / copy_gbps
+        rows.append(row)
+    return rows
 
 
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
@@ -214,7 +217,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     rows = []
     for build in CASE_BUILDERS:
         for case in build(quick or tiny, device, dtype, tiny):
-            rows += [measure(case, name, fn, device, copy_gbps) for name, fn in case.impls.items()]
+            rows += measure_case(case, device, copy_gbps)
     add_ratio(rows, ("loss", "shape"), "vs_mmfuse")
     print_table(rows, ["loss", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps", "of_copy", "error"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), cpu_threads=torch.get_num_threads(),

@@ -128,9 +128,11 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> flo
         return None  # not Linux, or /proc not writable: report no figure rather than a wrong one
 
 
-def measure_interleaved(steps: dict[str, Callable], device, rounds: int) -> dict[str, dict]:
+def measure_interleaved(steps: dict[str, Callable], device, rounds: int, warmup: int = 0) -> dict[str, dict]:
     """Per implementation: peak memory, then the median (and min, max) over rounds that each time every
-    implementation once in turn, so that load from other processes drifts over all of them alike."""
+    implementation once in turn, so that load from other processes drifts over all of them alike.
+    ``warmup`` untimed calls precede each timed one: on CPU a millisecond step that follows another
+    implementation's large allocations otherwise pays for faulting the allocator's pages back in."""
     rows: dict[str, dict] = {}
     for name, step in steps.items():
         try:
@@ -145,7 +147,7 @@ def measure_interleaved(steps: dict[str, Callable], device, rounds: int) -> dict
     times: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(rounds):
         for name in live:
-            times[name].append(time_ms(steps[name], device, warmup=0, reps=1)["ms"])
+            times[name].append(time_ms(steps[name], device, warmup=warmup, reps=1)["ms"])
     for name in live:
         rows[name].update(ms=statistics.median(times[name]), ms_min=min(times[name]), ms_max=max(times[name]))
     return rows

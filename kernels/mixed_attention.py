@@ -551,7 +551,8 @@ def _attention_fwd_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
         if q0 > done:  # queries that see no key at all: output 0, lse -inf
             outs.append(q.new_zeros(B, Hq, q0 - done, D, dtype=ct))
             lses.append(q.new_full((B, Hq, q0 - done), float("-inf"), dtype=torch.float32))
-        k_w, v_w = (_heads(t[:, :, k0:k1], Hq, ct) for t in (k, v))
+        # The kernel takes GQA's Hkv key / value heads as they are (no repeat, no group sum after).
+        k_w, v_w = (t[:, :, k0:k1].to(ct) for t in (k, v))
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[:, :, q0:q1].to(ct), k_w, v_w, 0.0, False, attn_mask=mask, scale=scale)
         outs.append(o)  # the kernel gives rows with no keys 0, and lse 0: theirs is -inf
@@ -648,13 +649,6 @@ def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
     return plan
 
 
-def _heads(t: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, Hkv, W, D) keys or values -> (B, Hq, W, D): each KV head repeated for its GQA group."""
-    B, Hkv, W, D = t.shape
-    t = t.to(dtype)
-    return t if Hkv == num_heads else t[:, :, None].expand(B, Hkv, num_heads // Hkv, W, D).reshape(B, num_heads, W, D)
-
-
 def _attention_fwd_chunked_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
     """The same in plain PyTorch ops (any device): scores of one query chunk at a time; with
     ``softcap`` the scores are ``softcap * tanh(scores / softcap)`` (Gemma 2)."""
@@ -721,21 +715,29 @@ def _attention_bwd_torch(do, q, k, v, out, lse, kv_start, kv_end, scale, softcap
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     ct = compute_dtype(q)
+    lse = torch.where(torch.isneginf(lse), 0.0, lse)  # rows with no keys: what the kernel wrote (their p is 0)
+    plan = _sdpa_chunks(kv_start, kv_end, Lk, ct)
+    if len(plan) == 1 and plan[0][:4] == (0, Lq, 0, Lk):  # one chunk over everything: the kernel's own grads
+        grads = _flash_bwd_chunk(do, q, k, v, out, lse, plan[0], scale, ct)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     dq = torch.zeros(B, Hq, Lq, D, device=q.device, dtype=ct)
     dk = torch.zeros(B, Hkv, Lk, D, device=q.device, dtype=ct)
     dv = torch.zeros_like(dk)
-    lse = torch.where(torch.isneginf(lse), 0.0, lse)  # rows with no keys: what the kernel wrote (their p is 0)
-    for q0, q1, k0, k1, mask, _ in _sdpa_chunks(kv_start, kv_end, Lk, ct):
-        k_w, v_w = (_heads(t[:, :, k0:k1], Hq, ct) for t in (k, v))
-        rows = (slice(None), slice(None), slice(q0, q1))
-        dq_c, dk_w, dv_w = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do[rows].to(ct), q[rows].to(ct), k_w, v_w, out[rows].to(ct), lse[rows].contiguous(), 0.0, False,
-            attn_mask=mask, scale=scale)
-        dq[rows] = dq_c
-        W = k1 - k0
-        dk[:, :, k0:k1] += dk_w.view(B, Hkv, Hq // Hkv, W, D).sum(2)  # sums over the GQA group
-        dv[:, :, k0:k1] += dv_w.view(B, Hkv, Hq // Hkv, W, D).sum(2)
+    for chunk in plan:
+        q0, q1, k0, k1 = chunk[:4]
+        dq[:, :, q0:q1], dk_w, dv_w = _flash_bwd_chunk(do, q, k, v, out, lse, chunk, scale, ct)
+        dk[:, :, k0:k1] += dk_w  # (B, Hkv, W, D): the kernel sums each GQA group itself
+        dv[:, :, k0:k1] += dv_w
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _flash_bwd_chunk(do, q, k, v, out, lse, chunk, scale, ct):
+    """PyTorch's CPU flash-attention backward for one chunk of the plan: (dq rows, dk window, dv window)."""
+    q0, q1, k0, k1, mask, _ = chunk
+    rows = (slice(None), slice(None), slice(q0, q1))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do[rows].to(ct), q[rows].to(ct), k[:, :, k0:k1].to(ct), v[:, :, k0:k1].to(ct), out[rows].to(ct),
+        lse[rows].contiguous(), 0.0, False, attn_mask=mask, scale=scale)
 
 
 def _attention_bwd_chunked_torch(do, q, k, v, out, lse, kv_start, kv_end, scale, softcap=0.0):
