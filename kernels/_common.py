@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -83,23 +83,29 @@ def check_tensor(
     t: object,
     *,
     ndim: int | None = None,
-    dtypes: Iterable[torch.dtype] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
     shape: Sequence[int | None] | None = None,
 ) -> torch.Tensor:
     """Check one argument's type, rank, dtype and (partial) shape; ``None`` in ``shape`` is free."""
+    # Plain loops, no generators: every op calls this several times, a decode step's ops included.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtypes is not None:
-        dtypes = tuple(dtypes)
-        if t.dtype not in dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-            raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
     if shape is not None:
-        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        actual = t.shape
+        ok = len(actual) == len(shape)
+        if ok:
+            for want_size, size in zip(shape, actual):
+                if want_size is not None and want_size != size:
+                    ok = False
+                    break
+        if not ok:
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {want}, got {tuple(actual)}")
     return t
 
 

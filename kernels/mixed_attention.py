@@ -579,7 +579,7 @@ def _attention_inference_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
     if q.dtype != ct:  # fp16 / bf16: attend in fp32, as the other paths do
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
     for q0, q1, k0, k1, mask, empty in plan:
-        o = F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask,
+        o = F.scaled_dot_product_attention(_span(q, q0, q1), _span(k, k0, k1), _span(v, k0, k1), attn_mask=mask,
                                            scale=scale, enable_gqa=gqa)
         if empty is not None:  # rows with no keys: 0, as the op gives (SDPA's would be NaN)
             o = o.masked_fill(empty[..., None], 0.0)
@@ -587,6 +587,12 @@ def _attention_inference_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
             return o.to(dtype)
         out[:, :, q0:q1] = o
     return out.to(dtype)
+
+
+def _span(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo:hi of a (B, H, L, D) tensor; the tensor itself when that is all of it (a decode step's
+    one chunk: no view to make)."""
+    return t if lo == 0 and hi == t.shape[2] else t.narrow(2, lo, hi - lo)
 
 
 def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
@@ -600,10 +606,9 @@ def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
     batch): a plan is reused only for the same, unmodified tensors, and kept only when its masks fit
     ``_PLAN_CACHE_BYTES``.
     """
-    if kv_start.is_inference() or kv_end.is_inference():  # no version counter to tell an in-place change
+    key = _interval_key(kv_start, kv_end, kv_len, dtype, _SDPA_CHUNK)
+    if key is None:
         return _build_sdpa_plan(kv_start, kv_end, kv_len, dtype)
-    key = (kv_start.data_ptr(), kv_end.data_ptr(), kv_start._version, kv_end._version, tuple(kv_start.shape),
-           kv_start.stride(), kv_end.stride(), kv_len, dtype, kv_start.device, _SDPA_CHUNK)
     cached = _PLAN_CACHE.get("plan")
     if cached is not None and cached[0] == key:
         return cached[3]
@@ -616,6 +621,16 @@ def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
 
 _PLAN_CACHE: dict[str, tuple | None] = {}
 _PLAN_CACHE_BYTES = 64 << 20
+
+
+def _interval_key(kv_start: torch.Tensor, kv_end: torch.Tensor, *extra) -> tuple | None:
+    """What identifies unmodified interval tensors across calls (every layer of a forward passes the
+    same ones); None for inference tensors, which have no version counter to tell an in-place change.
+    A cache keyed on it must hold the tensors, so that no other tensor can take their address."""
+    if kv_start.is_inference() or kv_end.is_inference():
+        return None
+    return (kv_start.data_ptr(), kv_end.data_ptr(), kv_start._version, kv_end._version, tuple(kv_start.shape),
+            kv_start.stride(), kv_end.stride(), kv_start.device, *extra)
 
 
 def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
@@ -859,8 +874,22 @@ def _check_inputs(q, k, v, kv_start, kv_end, backend) -> None:
             raise TypeError(f"q dtype {q.dtype} is not supported by the Triton backend (fp16, bf16, fp32)")
         if D not in _TRITON_HEAD_DIMS:
             raise ValueError(f"q head dim {D} is not supported by the Triton backend (one of {_TRITON_HEAD_DIMS})")
+    _check_interval_values(kv_start, kv_end, Lk)
+
+
+def _check_interval_values(kv_start: torch.Tensor, kv_end: torch.Tensor, kv_len: int) -> None:
+    """Both interval tensors within [0, Lk], checked once per tensors (not once per layer: two
+    reductions and host reads, a fifth of a decode step's attention call)."""
+    if is_tracing():  # data-dependent: check_values_in_range skips it there anyway
+        return
+    key = _interval_key(kv_start, kv_end, kv_len)
+    cached = _PLAN_CACHE.get("checked")
+    if key is not None and cached is not None and cached[0] == key:
+        return
     for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
-        check_values_in_range(name, t, 0, Lk, f"[0, Lk={Lk}]")
+        check_values_in_range(name, t, 0, kv_len, f"[0, Lk={kv_len}]")
+    if key is not None:
+        _PLAN_CACHE["checked"] = (key, kv_start, kv_end)
 
 
 def mixed_attention(

@@ -228,6 +228,20 @@ def test_the_chunk_plan_follows_its_interval_tensors(monkeypatch):
         assert mixed_attention(q, k, v, kv_start, other).abs().max() == 0
 
 
+def test_interval_values_are_checked_once_per_tensors_and_again_after_a_change(monkeypatch):
+    """Every layer passes the same interval tensors: their range is checked on the first call only, and
+    again once they change in place (a bad value then still raises)."""
+    checks = count_calls(monkeypatch, {"range": ("mmfuse.kernels.mixed_attention", "check_values_in_range")})
+    q, k, v, kv_start, kv_end = packed_inputs(1, 2, 2, 20, 32, torch.float32, seed=5)
+    with torch.no_grad():
+        for _ in range(3):
+            mixed_attention(q, k, v, kv_start, kv_end)
+        assert checks["range"] == 2  # kv_start and kv_end, once
+        kv_end[0, 3] = 21  # past Lk = 20
+        with pytest.raises(ValueError, match=r"kv_end values must lie in \[0, Lk=20\]"):
+            mixed_attention(q, k, v, kv_start, kv_end)
+
+
 def test_inference_mode_tensors_are_planned_afresh(monkeypatch):
     """Inference tensors keep no version counter, so their plan is never kept: changed in place, the
     next call still sees the new intervals."""
