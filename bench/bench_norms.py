@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from mmfuse.bench.common import add_ratio, append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table
 from mmfuse.kernels.rms_norm import rms_norm, routed_rms_norm
 from mmfuse.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 from mmfuse.kernels.swiglu import swiglu
@@ -148,16 +148,19 @@ def make_step(case: Case, mode: str, fn: Callable) -> Callable[[], object]:
     return step
 
 
-def measure(case: Case, mode: str, name: str, fn: Callable, device: torch.device) -> dict:
-    row = {"op": case.op, "shape": case.shape, "mode": mode, "impl": name}
-    step = make_step(case, mode, fn)
-    step()
-    sync(device)
-    row.update(time_ms(step, device))
-    row["peak_mib"] = peak_memory_mib(step, device)
+def measure(case: Case, mode: str, device: torch.device) -> list[dict]:
+    """Every implementation of ``case`` in ``mode``, interleaved; on CPU each timed call follows two
+    untimed ones (a call right after another implementation's large allocations runs slow)."""
+    steps = {name: make_step(case, mode, fn) for name, fn in case.impls.items()}
+    rounds, warmup = (11, 2) if device.type == "cpu" else (20, 0)
     nbytes = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes, "fwd+bwd": case.fwd_bytes + case.bwd_bytes}[mode]
-    row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
-    return row
+    rows = []
+    for name, measured in measure_interleaved(steps, device, rounds, warmup=warmup).items():
+        row = {"op": case.op, "shape": case.shape, "mode": mode, "impl": name, **measured}
+        if "ms" in row:
+            row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
+        rows.append(row)
+    return rows
 
 
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
@@ -167,7 +170,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     for build in CASE_BUILDERS:
         for case in build(sizes, device, dtype):
             for mode in MODES:
-                rows += [measure(case, mode, name, fn, device) for name, fn in case.impls.items()]
+                rows += measure(case, mode, device)
     add_ratio(rows, ("op", "shape", "mode"), "vs_mmfuse")
     print_table(rows, ["op", "shape", "mode", "impl", "ms", "vs_mmfuse", "peak_mib", "gbps"])
     config = dict(quick=quick or tiny, tiny=tiny, dtype=str(dtype), **sizes)
