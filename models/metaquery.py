@@ -218,13 +218,22 @@ class MetaQuery(nn.Module):
         query_pos = after[:, None] + torch.arange(N, device=pos.device)
         if pos.dim() == 3:
             query_pos = query_pos.expand(pos.shape[0], B, N)
-        embeds = torch.cat([layout.inputs_embeds, self.queries.to(layout.inputs_embeds.dtype).expand(B, N, -1)], dim=1)
-        mask = torch.cat([layout.attention_mask, layout.attention_mask.new_ones(B, N)], dim=1)
-        ids = torch.cat([layout.input_ids, layout.input_ids.new_zeros(B, N)], dim=1)
-        full = PromptLayout.causal(ids, mask, embeds, torch.cat([pos, query_pos], dim=-1))
-        hidden = self.llm(inputs_embeds=full.inputs_embeds, position_ids=full.position_ids, kv_start=full.kv_start,
-                          kv_end=full.kv_end)
-        return hidden[:, P:]
+        queries = self.queries.to(layout.inputs_embeds.dtype).expand(B, N, -1)
+        # The LLM is frozen, so the prompt's keys and values are constants for the queries: the prompt
+        # runs once without autograd into a KV cache and only the queries carry a graph (a training
+        # step's LLM backward then covers N of the P + N positions). Query j sees its row's real prompt
+        # tokens and the queries up to itself: keys [first, P + j + 1) of the cache.
+        kv_start = layout.first[:, None].expand(B, N).contiguous()
+        kv_end = (P + 1 + torch.arange(N, device=pos.device, dtype=torch.int32)).expand(B, N).contiguous()
+        device = layout.inputs_embeds.device.type  # under autocast the keys come in its dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else layout.inputs_embeds.dtype
+        with self.llm.kv_cache(B, P + N, dtype):
+            if P:
+                with torch.no_grad():
+                    self.llm.prefill(PromptLayout.causal(layout.input_ids, layout.attention_mask,
+                                                         layout.inputs_embeds, pos))
+            return self.llm(inputs_embeds=queries, position_ids=query_pos, kv_start=kv_start, kv_end=kv_end,
+                            input_pos=torch.arange(P, P + N, device=pos.device))
 
     def condition(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, cond_dim): the diffusion decoder's ``encoder_hidden_states`` for these prompts."""

@@ -81,6 +81,23 @@ def test_query_states_match_transformers_with_padding(qwen):
     assert got.shape == (4, 5, 64)
 
 
+def test_query_gradients_match_transformers_with_padding(qwen):
+    """The prompt runs without autograd into a KV cache and only the queries carry a graph: their
+    gradient still equals transformers' full pass over prompt + queries."""
+    hf, llm = qwen
+    model = make_model("sana", llm)
+    ids, mask = padded_prompts(torch.Generator().manual_seed(0))
+    weights = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(1))
+    (model.query_states(ids, mask) * weights).sum().backward()
+    queries = model.queries.detach().clone().requires_grad_()
+    total = 0
+    for b in range(ids.shape[0]):
+        embeds = torch.cat([hf.model.embed_tokens(ids[b][mask[b]]).detach(), queries])[None]
+        total = total + (hf.model(inputs_embeds=embeds).last_hidden_state[0, -5:] * weights[b]).sum()
+    total.backward()
+    assert rel_err(model.queries.grad, queries.grad) <= 1e-4
+
+
 def test_llm_pass_is_causal(qwen):
     model = make_model("sana", qwen[1])
     data = batch(torch.Generator().manual_seed(0))
@@ -91,9 +108,10 @@ def test_llm_pass_is_causal(qwen):
         model.query_states(ids, mask)
         model.queries[-1].normal_()
         model.query_states(ids, mask)
-    before, after = outputs
-    assert torch.equal(before[:, :-1], after[:, :-1])  # the prompt and the earlier queries see no change
-    assert not torch.allclose(before[:, -1], after[:, -1])
+    # each call: the prompt (prefilled into the KV cache) then the queries
+    (prompt_before, before), (prompt_after, after) = outputs[:2], outputs[2:]
+    assert torch.equal(prompt_before, prompt_after) and torch.equal(before[:, :-1], after[:, :-1])
+    assert not torch.allclose(before[:, -1], after[:, -1])  # the prompt and the earlier queries see no change
 
 
 def reference_connector(connector: Connector, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +232,9 @@ def test_the_pipeline_runs_the_llm_and_connector_once(qwen, kind, guidance):
     pipe = MMFusePipeline(model)
     prompts = [[5, 6, 7], [8, 9], [10]]
     latents = pipe(prompt_ids=prompts, num_inference_steps=3, guidance_scale=guidance, seed=2, output_type="latent").images
-    assert calls == {"llm": 1, "connector": 1, "diffusion": 3}  # guidance: both halves in the same calls
+    # one conditioning (the LLM: the prompt's prefill, then the queries), not one per step; guidance:
+    # both halves in the same calls
+    assert calls == {"llm": 2, "connector": 1, "diffusion": 3}
     assert latents.shape == (3, 4, 8, 8) and torch.isfinite(latents).all()
     again = pipe(prompt_ids=prompts, num_inference_steps=3, guidance_scale=guidance, seed=2, output_type="latent").images
     assert torch.equal(latents, again)
