@@ -25,6 +25,7 @@ from ._common import (
     is_tracing,
     op_or_body,
     resolve_backend,
+    runs_body_directly,
     triton_interpreting,
 )
 from ._loss_common import check_finite_from_sums, check_finite_inputs, chunk_buffer, chunk_store, row_chunks
@@ -415,8 +416,11 @@ def _check_pair_inputs(x0, noise, name, per_sample, backend) -> None:
 
 
 def _mix(x0, noise, coef, write_out2, backend):
-    mix = _mix_pair_op if is_tracing() else _mix_pair_eager
-    out1, out2 = mix(_per_sample_view(x0), _per_sample_view(noise), coef.contiguous(), write_out2, backend)
+    u, v, coef = _per_sample_view(x0), _per_sample_view(noise), coef.contiguous()
+    if runs_body_directly(backend, x0, noise):  # the usual training call: clean latents and noise need no grad
+        out1, out2 = _mix_pair_torch(u, v, coef, write_out2)
+    else:
+        out1, out2 = (_mix_pair_op if is_tracing() else _mix_pair_eager)(u, v, coef, write_out2, backend)
     return out1.view(x0.shape), (out2.view(x0.shape) if write_out2 else None)
 
 

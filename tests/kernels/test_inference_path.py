@@ -3,7 +3,7 @@ ops (whose dispatch outweighs decode-sized arithmetic), and gets what the op giv
 import pytest
 import torch
 
-from mmfuse.kernels import apply_rope, mixed_attention, rms_norm, routed_rms_norm, swiglu
+from mmfuse.kernels import apply_rope, ddpm_training_pair, mixed_attention, rms_norm, routed_rms_norm, swiglu
 from tests.helpers import count_calls, rel_err
 
 
@@ -22,8 +22,13 @@ def _attention(q, k, v):
     return mixed_attention(q, k, v, kv_start, kv_end, backend="torch")
 
 
+def _pair(x0, noise, a):
+    return torch.cat([t.flatten() for t in ddpm_training_pair(x0, noise, a.sigmoid(), "v_prediction", backend="torch")])
+
+
 # name -> (call, input shapes, the custom op it must skip, tolerance vs the op's result)
 CASES = {
+    "ddpm_training_pair": (_pair, [(2, 3, 4), (2, 3, 4), (2,)], ("mmfuse.kernels.diffusion_loss", "_mix_pair_op"), 0.0),
     "rms_norm": (lambda x, w: rms_norm(x, w, backend="torch"), [(3, 5, 24), (24,)],
                  ("mmfuse.kernels.rms_norm", "_rms_norm_fwd_op"), 0.0),
     "routed_rms_norm": (lambda x, w0, w1: routed_rms_norm(x, torch.tensor([[0, 1, 1]]), [w0, w1], backend="torch"),
@@ -66,7 +71,7 @@ def test_eager_autograd_equals_the_custom_op(name):
     torch.compile the custom op runs. Same body, same backward: equal values and gradients."""
     call, shapes, _, _ = CASES[name]
     inputs = _inputs(2, *shapes)
-    trainable = 2 if name == "rope" else len(inputs)  # rope takes no gradient for cos / sin
+    trainable = 2 if name in ("rope", "ddpm_training_pair") else len(inputs)  # none for cos / sin, abar
 
     def run(fn):
         args = [t.clone().requires_grad_(i < trainable) for i, t in enumerate(inputs)]
