@@ -278,3 +278,5 @@ def test_logits_of_a_few_rows_equal_the_linear_head(shape):
     got = model.logits(hidden)
     assert got.shape == (*shape[:-1], 300) and got.dtype == torch.float32 and got.is_contiguous()
     assert rel_err(got, want) <= 1e-6
+    view = model.logits(hidden, contiguous=False)  # what decode steps take: maybe a transposed view, same values
+    assert view.shape == got.shape and torch.equal(view, got) and torch.equal(view.argmax(-1), got.argmax(-1))
