@@ -390,7 +390,8 @@ def _patch_vlm(model: nn.Module, parts: list[nn.Module], *, loss: bool, **kinds)
         for kind, n in part_report.counts.items():
             report.counts[kind] += n
         for kind, why in part_report.kept.items():
-            report.kept[kind] = f"{part_report.model}: {why}"
+            said = f"{part_report.model}: {why}"
+            report.kept[kind] = f"{report.kept[kind]}; {said}" if kind in report.kept else said
     if loss:
         report.kept["loss"] = f"{type(model).__name__} computes its own loss over its language model's output"
     model.__dict__[_STATE] = _PatchState(report, swapped=[], forwards=[], inner=parts)
