@@ -164,14 +164,15 @@ def runs_body_directly(backend: str, *tensors: torch.Tensor) -> bool:
 
 
 def eager_autograd(op: Callable, body: Callable, setup_context: Callable, backward: Callable) -> Callable:
-    """The custom op ``op`` (defined from ``body``, with ``setup_context`` and ``backward`` as its
-    autograd) as a plain ``autograd.Function``: the same body and backward, minus the dispatcher.
+    """How an op's public function calls the custom op ``op`` (defined from ``body``, with
+    ``setup_context`` and ``backward`` as its autograd): the op itself where a graph needs it
+    (:func:`is_tracing`), else a plain ``autograd.Function`` with the same body and backward, minus
+    the dispatcher.
 
-    The ops go through their custom op only where a graph needs it (:func:`is_tracing`); in eager
-    mode they call this. The op's dispatch costs about 40 us per forward + backward on CPU, as much
-    as a (32, 4, 64, 64) diffusion loss. ``backward`` sees ``ctx.eager = True`` and calls its
-    backward body directly too (:func:`op_or_body`). Under ``torch.profiler`` the op itself runs
-    (autograd is off inside a Function's forward), so profiles name the mmfuse ops as before.
+    The op's dispatch costs about 40 us per forward + backward on CPU, as much as a (32, 4, 64, 64)
+    diffusion loss. ``backward`` sees ``ctx.eager = True`` and calls its backward body directly too
+    (:func:`op_or_body`). Under ``torch.profiler`` the op itself runs inside the Function (autograd
+    is off in a Function's forward), so profiles name the mmfuse ops as before.
     """
 
     def forward(ctx, *inputs):
@@ -184,7 +185,11 @@ def eager_autograd(op: Callable, body: Callable, setup_context: Callable, backwa
     # ``inspect.signature`` (~15 us).
     function = type(f"Eager_{body.__name__}", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-    return function.apply
+
+    def call(*inputs):
+        return op(*inputs) if is_tracing() else function.apply(*inputs)
+
+    return call
 
 
 def op_or_body(ctx, op: Callable, body: Callable) -> Callable:

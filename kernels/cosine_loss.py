@@ -27,7 +27,6 @@ from ._common import (
     check_tensor,
     compute_dtype,
     eager_autograd,
-    is_tracing,
     op_or_body,
     resolve_backend,
     triton_interpreting,
@@ -293,7 +292,7 @@ def _backward(ctx, grad_loss, _grad_stats):
 
 
 _cosine_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_cosine_loss_eager = eager_autograd(_cosine_loss_fwd_op, _cosine_loss_fwd, _setup_context, _backward)
+_cosine_loss_call = eager_autograd(_cosine_loss_fwd_op, _cosine_loss_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,8 +350,7 @@ def cosine_loss(
         check_finite_inputs(check_finite, pred=pred, target=target)
     D = pred.shape[-1]
     rows_mask = None if mask is None else mask.reshape(-1).contiguous()
-    fwd = _cosine_loss_fwd_op if is_tracing() else _cosine_loss_eager
-    loss, stats = fwd(pred.reshape(-1, D), target.reshape(-1, D), rows_mask, float(eps), backend)
+    loss, stats = _cosine_loss_call(pred.reshape(-1, D), target.reshape(-1, D), rows_mask, float(eps), backend)
     if backend == "torch":  # every row's <p, t>, |p|^2, |t|^2
         check_finite_from_sums(check_finite, stats, pred=pred, target=target)
     return loss

@@ -289,7 +289,7 @@ def _diffusion_backward(ctx, grad_loss, _grad_per_sample):
 
 
 _diffusion_loss_fwd_op.register_autograd(_diffusion_backward, setup_context=_diffusion_setup_context)
-_diffusion_loss_eager = eager_autograd(
+_diffusion_loss_call = eager_autograd(
     _diffusion_loss_fwd_op, _diffusion_loss_fwd, _diffusion_setup_context, _diffusion_backward)
 
 
@@ -330,7 +330,7 @@ def _mix_backward(ctx, grad1, grad2):
 
 
 _mix_pair_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
-_mix_pair_eager = eager_autograd(_mix_pair_op, _mix_pair, _mix_setup_context, _mix_backward)
+_mix_pair_call = eager_autograd(_mix_pair_op, _mix_pair, _mix_setup_context, _mix_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,8 +395,8 @@ def diffusion_loss(
     if backend == "triton":  # its kernel skips zero-weight samples: test the inputs themselves
         check_finite_inputs(check_finite, pred=pred, target=target)
     skip_zero_weight = weights is not None and not weights.requires_grad
-    fwd = _diffusion_loss_fwd_op if is_tracing() else _diffusion_loss_eager
-    loss, per_sample = fwd(_per_sample_view(pred), _per_sample_view(target), weights, skip_zero_weight, backend)
+    loss, per_sample = _diffusion_loss_call(_per_sample_view(pred), _per_sample_view(target), weights,
+                                            skip_zero_weight, backend)
     if backend == "torch":  # every sample's sum of squares
         check_finite_from_sums(check_finite, per_sample, pred=pred, target=target)
     return loss
@@ -420,7 +420,7 @@ def _mix(x0, noise, coef, write_out2, backend):
     if runs_body_directly(backend, x0, noise):  # the usual training call: clean latents and noise need no grad
         out1, out2 = _mix_pair_torch(u, v, coef, write_out2)
     else:
-        out1, out2 = (_mix_pair_op if is_tracing() else _mix_pair_eager)(u, v, coef, write_out2, backend)
+        out1, out2 = _mix_pair_call(u, v, coef, write_out2, backend)
     return out1.view(x0.shape), (out2.view(x0.shape) if write_out2 else None)
 
 

@@ -847,7 +847,7 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _mixed_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_mixed_attention_eager = eager_autograd(_mixed_attention_fwd_op, _mixed_attention_fwd, _setup_context, _backward)
+_mixed_attention_call = eager_autograd(_mixed_attention_fwd_op, _mixed_attention_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -934,8 +934,8 @@ def mixed_attention(
         return _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale, softcap)
     if runs_body_directly(backend, q, k, v):  # inference: no lse to keep, no custom-op dispatch to pay
         return _attention_inference_torch(q, k, v, kv_start, kv_end, scale, softcap)
-    fwd = _mixed_attention_fwd_op if is_tracing() else _mixed_attention_eager
-    out, _ = fwd(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend, num_splits or 0, softcap)
+    out, _ = _mixed_attention_call(q, k, v, kv_start.contiguous(), kv_end.contiguous(), scale, backend,
+                                   num_splits or 0, softcap)
     return out
 
 

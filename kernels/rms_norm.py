@@ -27,7 +27,6 @@ from ._common import (
     check_values_in_range,
     compute_dtype,
     eager_autograd,
-    is_tracing,
     op_or_body,
     resolve_backend,
     runs_body_directly,
@@ -269,7 +268,7 @@ def _backward(ctx, dy, _drstd):
 
 
 _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_rms_norm_eager = eager_autograd(_rms_norm_fwd_op, _rms_norm_fwd, _setup_context, _backward)
+_rms_norm_call = eager_autograd(_rms_norm_fwd_op, _rms_norm_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,8 +302,7 @@ def _norm(x, weight_stack, modality, eps, backend):
             return _rms_norm_fwd_torch(x, weight_stack[0], None, float(eps))[0]
         y, _ = _rms_norm_fwd_torch(_as_rows(x), weight_stack, modality, float(eps))
     else:
-        fwd = _rms_norm_fwd_op if is_tracing() else _rms_norm_eager
-        y, _ = fwd(_as_rows(x), weight_stack, modality, float(eps), backend)
+        y, _ = _rms_norm_call(_as_rows(x), weight_stack, modality, float(eps), backend)
     return y.view(shape)
 
 

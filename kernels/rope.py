@@ -26,7 +26,6 @@ from ._common import (
     check_tensor,
     compute_dtype,
     eager_autograd,
-    is_tracing,
     op_or_body,
     resolve_backend,
     runs_body_directly,
@@ -189,7 +188,7 @@ def _backward(ctx, dq, dk):
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
-_rope_eager = eager_autograd(_rope_op, _rope, _setup_context, _backward)
+_rope_call = eager_autograd(_rope_op, _rope, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,4 +317,4 @@ def apply_rope(
     cos, sin = _check_rope_inputs(q, k, cos, sin, backend)
     if runs_body_directly(backend, q, k):
         return _rope_torch(q, k, cos, sin, False)
-    return (_rope_op if is_tracing() else _rope_eager)(q, k, cos, sin, False, backend)
+    return _rope_call(q, k, cos, sin, False, backend)

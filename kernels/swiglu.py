@@ -22,7 +22,6 @@ from ._common import (
     check_tensor,
     compute_dtype,
     eager_autograd,
-    is_tracing,
     op_or_body,
     resolve_backend,
     runs_body_directly,
@@ -172,7 +171,7 @@ def _backward(ctx, dy):
 
 
 _swiglu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_swiglu_eager = eager_autograd(_swiglu_fwd_op, _swiglu_fwd, _setup_context, _backward)
+_swiglu_call = eager_autograd(_swiglu_fwd_op, _swiglu_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,5 +202,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     if runs_body_directly(backend, gate, up):  # elementwise: any shape, no reshape to pay
         return _swiglu_fwd_torch(gate, up)
     shape = gate.shape
-    fwd = _swiglu_fwd_op if is_tracing() else _swiglu_eager
-    return fwd(_as_rows(gate), _as_rows(up), backend).view(shape)
+    return _swiglu_call(_as_rows(gate), _as_rows(up), backend).view(shape)
