@@ -64,9 +64,8 @@ SUPPORTED_CLASSES = {"LlamaForCausalLM": "Llama", "LlamaModel": "Llama",
                      "Gemma3ForCausalLM": "Gemma3", "Gemma3TextModel": "Gemma3",
                      "Qwen2_5_VLTextModel": "Qwen2_5_VL", "Qwen2_5_VisionTransformerPretrainedModel": "Qwen2_5_VL"}
 # Module classes whose names do not follow "<prefix>RMSNorm" / "<prefix>MLP" / "<prefix>Attention"
-# (None: that model has no such module to patch).
-MODULE_CLASSES = {"Qwen2_5_VLTextModel": dict(mlp="Qwen2MLP"),
-                  "Qwen2_5_VisionTransformerPretrainedModel": dict(attention=None)}
+# (the ViT's attention is never looked up: its RoPE is kept, see _kept_features).
+MODULE_CLASSES = {"Qwen2_5_VLTextModel": dict(mlp="Qwen2MLP")}
 # Models with none of the four kinds, and what they have instead (patch() says so, by name).
 NOTHING_TO_SWAP = {name: "LayerNorm, a GELU MLP (fc1 / fc2), learned position embeddings, no LM head"
                    for name in ("SiglipVisionModel", "SiglipModel", "CLIPVisionModel", "CLIPModel")}
