@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse.bench.common import (
+    CPU_SETTLE_CALLS,
     add_ratio,
     append_results,
     bench_main,
@@ -197,11 +198,9 @@ def measure_case(case: Case, device: torch.device, copy_gbps: float) -> list[dic
     steps = {name: make_step(case, fn) for name, fn in case.impls.items()}
     first = time_ms(steps["mmfuse"], device, warmup=0, reps=1)["ms"]  # also a warm-up call
     slow = first > SLOW_STEP_MS
-    # Two untimed calls before each timed one: on CPU the two calls after another implementation's
-    # large allocations run up to 2x slower (measured: cosine after eager, 4.9 vs 2.4 ms).
     rows = []
     for name, measured in measure_interleaved(steps, device, ROUNDS["slow" if slow else "fast"],
-                                              warmup=0 if slow else 2).items():
+                                              warmup=0 if slow else CPU_SETTLE_CALLS).items():
         row = {"loss": case.loss, "shape": case.shape, "mode": case.mode, "impl": name, **measured}
         if case.bytes_moved and "ms" in row:
             row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table
+from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table, settle_calls
 from mmfuse.kernels.rms_norm import rms_norm, routed_rms_norm
 from mmfuse.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 from mmfuse.kernels.swiglu import swiglu
@@ -149,13 +149,12 @@ def make_step(case: Case, mode: str, fn: Callable) -> Callable[[], object]:
 
 
 def measure(case: Case, mode: str, device: torch.device) -> list[dict]:
-    """Every implementation of ``case`` in ``mode``, interleaved; on CPU each timed call follows two
-    untimed ones (a call right after another implementation's large allocations runs slow)."""
+    """Every implementation of ``case`` in ``mode``, interleaved, after untimed calls on CPU."""
     steps = {name: make_step(case, mode, fn) for name, fn in case.impls.items()}
-    rounds, warmup = (11, 2) if device.type == "cpu" else (20, 0)
+    rounds = 11 if device.type == "cpu" else 20
     nbytes = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes, "fwd+bwd": case.fwd_bytes + case.bwd_bytes}[mode]
     rows = []
-    for name, measured in measure_interleaved(steps, device, rounds, warmup=warmup).items():
+    for name, measured in measure_interleaved(steps, device, rounds, warmup=settle_calls(device)).items():
         row = {"op": case.op, "shape": case.shape, "mode": mode, "impl": name, **measured}
         if "ms" in row:
             row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9

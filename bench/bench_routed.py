@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table, time_ms
+from mmfuse.bench.common import (add_ratio, append_results, bench_main, measure_interleaved, print_table,
+                                 settle_calls, time_ms)
 from mmfuse.kernels.routed_linear import build_routing
 from mmfuse.kernels.routed_mlp import routed_qkv_projection, routed_swiglu_mlp
 
@@ -133,9 +134,6 @@ def sizes(quick: bool, device: torch.device, tiny: bool = False) -> tuple[torch.
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     dtype, n, d, inter, heads = sizes(quick or tiny, device, tiny)
     reps = (2 if tiny else 7) if device.type == "cpu" else 20  # interleaved rounds (GPU: each a do_bench median)
-    # CPU: two untimed calls before each timed one (a step right after another implementation's
-    # allocations runs slow: see bench_losses); a GPU's do_bench warms up itself.
-    warmup = 2 if device.type == "cpu" else 0
     layers = make_layers(d, inter, device, dtype)
     x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     rows = []
@@ -152,7 +150,7 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
                 steps = {name: make_step(fn, x, m, routing, layer["weights"], mode)
                          for name, fn in implementations(kind, layer, heads).items()}
                 flops = useful_flops(kind, n, n_image, d, inter, mode)
-                for name, measured in measure_interleaved(steps, device, reps, warmup=warmup).items():
+                for name, measured in measure_interleaved(steps, device, reps, warmup=settle_calls(device)).items():
                     row = {"layer": kind, "split": split, "mode": mode, "impl": name, "N": n, "D": d,
                            "I": inter if kind == "mlp" else None, "dtype": str(dtype).removeprefix("torch."),
                            **measured}

@@ -128,11 +128,21 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> flo
         return None  # not Linux, or /proc not writable: report no figure rather than a wrong one
 
 
+# Untimed calls before each timed one of a millisecond step on CPU (``measure_interleaved(warmup=)``):
+# the two calls right after another implementation's large allocations run up to 2x slow (measured:
+# cosine_loss right after the eager form, 4.9 vs 2.4 ms). A GPU's do_bench warms up itself.
+CPU_SETTLE_CALLS = 2
+
+
+def settle_calls(device: torch.device) -> int:
+    """:data:`CPU_SETTLE_CALLS` on CPU, 0 elsewhere."""
+    return CPU_SETTLE_CALLS if device.type == "cpu" else 0
+
+
 def measure_interleaved(steps: dict[str, Callable], device, rounds: int, warmup: int = 0) -> dict[str, dict]:
     """Per implementation: peak memory, then the median (and min, max) over rounds that each time every
     implementation once in turn, so that load from other processes drifts over all of them alike.
-    ``warmup`` untimed calls precede each timed one: on CPU a millisecond step that follows another
-    implementation's large allocations otherwise pays for faulting the allocator's pages back in."""
+    ``warmup`` untimed calls precede each timed one (see :data:`CPU_SETTLE_CALLS`)."""
     rows: dict[str, dict] = {}
     for name, step in steps.items():
         try:
