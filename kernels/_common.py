@@ -56,7 +56,11 @@ def triton_interpreting() -> bool:
 def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> Backend:
     """Map the user's ``backend`` argument to ``"torch"`` or ``"triton"`` for these tensors."""
     check_backend_name(backend)
-    on_cuda = any(t.is_cuda for t in tensors)
+    on_cuda = False
+    for t in tensors:  # a loop, not any(<generator>): decode steps call this in every op of every layer
+        if t.is_cuda:
+            on_cuda = True
+            break
     if backend is None:
         backend = _default_backend_override
     if backend is None:
@@ -111,7 +115,10 @@ def check_tensor(
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The arithmetic dtype of the PyTorch backends: fp32 for fp16 / bf16 / fp32 inputs, fp64 if any is fp64."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    for t in tensors:  # a loop, not any(<generator>): decode steps call this in every layer
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
@@ -160,7 +167,11 @@ def runs_body_directly(backend: str, *tensors: torch.Tensor) -> bool:
     """
     if backend != "torch" or is_tracing():
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop, not any(<generator>): ~1 us less in every op of a decode step
+            if t.requires_grad:
+                return False
+    return True
 
 
 def eager_autograd(op: Callable, body: Callable, setup_context: Callable, backward: Callable) -> Callable:

@@ -569,24 +569,30 @@ def _attention_inference_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
     """The forward without its lse (inference: decode, sampling): SDPA itself per chunk of the plan,
     which picks PyTorch's fastest CPU kernel for the shape (a decode step's one query included) and
     reads GQA's shared K / V in place (SDPA has no soft-capping: capped attention takes the chunks)."""
-    if q.device.type != "cpu" or softcap:
+    if softcap or not q.is_cpu:
         return _attention_fwd_torch(q, k, v, kv_start, kv_end, scale, softcap)[0]
-    B, Hq, Lq, D = q.shape
-    ct, dtype = compute_dtype(q), q.dtype
-    gqa = k.shape[1] != Hq
+    dtype = q.dtype
+    ct = compute_dtype(q)
+    gqa = k.shape[1] != q.shape[1]
     plan = _sdpa_chunks(kv_start, kv_end, k.shape[2], ct)
-    out = q.new_zeros(B, Hq, Lq, D, dtype=ct) if len(plan) != 1 or plan[0][:2] != (0, Lq) else None
-    if q.dtype != ct:  # fp16 / bf16: attend in fp32, as the other paths do
+    if dtype != ct:  # fp16 / bf16: attend in fp32, as the other paths do
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    for q0, q1, k0, k1, mask, empty in plan:
-        o = F.scaled_dot_product_attention(_span(q, q0, q1), _span(k, k0, k1), _span(v, k0, k1), attn_mask=mask,
-                                           scale=scale, enable_gqa=gqa)
-        if empty is not None:  # rows with no keys: 0, as the op gives (SDPA's would be NaN)
-            o = o.masked_fill(empty[..., None], 0.0)
-        if out is None:
-            return o.to(dtype)
-        out[:, :, q0:q1] = o
-    return out.to(dtype)
+    if len(plan) == 1 and plan[0][0] == 0 and plan[0][1] == q.shape[2]:  # one chunk of every query: decode
+        _, _, k0, k1, mask, empty = plan[0]
+        out = _sdpa_chunk(q, k, v, k0, k1, mask, empty, scale, gqa)
+    else:
+        out = q.new_zeros(q.shape)
+        for q0, q1, k0, k1, mask, empty in plan:
+            out[:, :, q0:q1] = _sdpa_chunk(_span(q, q0, q1), k, v, k0, k1, mask, empty, scale, gqa)
+    return out if dtype == ct else out.to(dtype)  # (a no-op .to still costs ~2 us)
+
+
+def _sdpa_chunk(q, k, v, k0, k1, mask, empty, scale, gqa):
+    """One plan chunk through SDPA: these queries over keys k0:k1; rows with no keys give 0, as the
+    op does (SDPA's would be NaN)."""
+    o = F.scaled_dot_product_attention(q, _span(k, k0, k1), _span(v, k0, k1), mask, 0.0, False, scale=scale,
+                                       enable_gqa=gqa)
+    return o if empty is None else o.masked_fill(empty[..., None], 0.0)
 
 
 def _span(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -602,35 +608,60 @@ def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
     see one); chunks that see no key at all are left out.
 
     Every layer of a model (and the backward) attends with the same interval tensors, so the plan is
-    built once and kept for the most recent ones (as a FlexAttention BlockMask is built once per
-    batch): a plan is reused only for the same, unmodified tensors, and kept only when its masks fit
-    ``_PLAN_CACHE_BYTES``.
+    built once and kept with them in :data:`_INTERVAL_FACTS` (as a FlexAttention BlockMask is built
+    once per batch), while all kept plans' masks fit ``_PLAN_CACHE_BYTES``.
     """
-    key = _interval_key(kv_start, kv_end, kv_len, dtype, _SDPA_CHUNK)
-    if key is None:
-        return _build_sdpa_plan(kv_start, kv_end, kv_len, dtype)
-    cached = _PLAN_CACHE.get("plan")
-    if cached is not None and cached[0] == key:
-        return cached[3]
-    plan = _build_sdpa_plan(kv_start, kv_end, kv_len, dtype)
-    size = sum(m.numel() * m.element_size() for *_, m, _ in plan if m is not None)
-    # the tensors are held with the plan, so no other tensor can take their memory (and address)
-    _PLAN_CACHE["plan"] = (key, kv_start, kv_end, plan) if size <= _PLAN_CACHE_BYTES else None
+    facts = _INTERVAL_FACTS.of(kv_start, kv_end)
+    key = ("plan", kv_len, dtype, _SDPA_CHUNK)
+    plan = facts.get(key) if facts is not None else None
+    if plan is None:
+        plan = _build_sdpa_plan(kv_start, kv_end, kv_len, dtype)
+        size = sum(m.numel() * m.element_size() for *_, m, _ in plan if m is not None)
+        if facts is not None and _INTERVAL_FACTS.total("plan bytes") + size <= _PLAN_CACHE_BYTES:
+            facts[key] = plan
+            facts["plan bytes"] = facts.get("plan bytes", 0) + size
     return plan
 
 
-_PLAN_CACHE: dict[str, tuple | None] = {}
-_PLAN_CACHE_BYTES = 64 << 20
+_PLAN_CACHE_BYTES = 64 << 20  # all kept plans' masks together
 
 
-def _interval_key(kv_start: torch.Tensor, kv_end: torch.Tensor, *extra) -> tuple | None:
-    """What identifies unmodified interval tensors across calls (every layer of a forward passes the
-    same ones); None for inference tensors, which have no version counter to tell an in-place change.
-    A cache keyed on it must hold the tensors, so that no other tensor can take their address."""
-    if kv_start.is_inference() or kv_end.is_inference():
-        return None
-    return (kv_start.data_ptr(), kv_end.data_ptr(), kv_start._version, kv_end._version, tuple(kv_start.shape),
-            kv_start.stride(), kv_end.stride(), kv_start.device, *extra)
+class _IntervalFacts:
+    """What has been derived from the most recent interval tensors (their range check, their chunk
+    plans), kept while they are unchanged: every layer of a forward, and its backward, passes the
+    same ``kv_start`` / ``kv_end`` objects, so each fact is derived once per batch (or decode step).
+
+    The tensors are held with their facts, so no other object can take their ids; an in-place
+    change bumps their version counters and their facts start afresh. Inference tensors have no
+    version counter: nothing is kept for them. The last ``kept`` pairs are remembered, so layers
+    that alternate two masks (sliding-window and full attention) keep both.
+    """
+
+    def __init__(self, kept: int = 2):
+        self.kept = kept
+        self.entries: list[tuple] = []  # (kv_start, kv_end, versions, facts), most recent first
+
+    def of(self, kv_start: torch.Tensor, kv_end: torch.Tensor) -> dict | None:
+        """The facts dict of these tensors (empty when they are new or changed), None for inference tensors."""
+        for i, (s, e, versions, facts) in enumerate(self.entries):
+            if s is kv_start and e is kv_end:  # held tensors: identity cannot be another object's
+                if versions == (kv_start._version, kv_end._version):
+                    return facts
+                del self.entries[i]
+                break
+        if kv_start.is_inference() or kv_end.is_inference():
+            return None
+        facts: dict = {}
+        self.entries.insert(0, (kv_start, kv_end, (kv_start._version, kv_end._version), facts))
+        del self.entries[self.kept:]
+        return facts
+
+    def total(self, name: str) -> int:
+        """The sum of one numeric fact over the kept tensors."""
+        return sum(facts.get(name, 0) for *_, facts in self.entries)
+
+
+_INTERVAL_FACTS = _IntervalFacts()
 
 
 def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
@@ -856,6 +887,33 @@ _mixed_attention_call = eager_autograd(_mixed_attention_fwd_op, _mixed_attention
 
 
 def _check_inputs(q, k, v, kv_start, kv_end, backend) -> None:
+    if is_tracing():  # a graph checks once, when traced; remembering would make it guard on the memo
+        _check_metadata(q, k, v, kv_start, kv_end, backend)
+        return
+    signature = _metadata(q, k, v, kv_start, kv_end, backend)
+    if signature is None or signature != _LAST_CHECKED[0]:
+        _check_metadata(q, k, v, kv_start, kv_end, backend)
+        _LAST_CHECKED[0] = signature
+    _check_interval_values(kv_start, kv_end, k.shape[2])
+
+
+# The metadata of the last arguments that passed :func:`_check_metadata`: every layer of a forward
+# (and every step of a decode) calls with the same, and the ten checks cost as much as a decode
+# step's attention arithmetic at short contexts (~9 of ~30 us on CPU).
+_LAST_CHECKED: list[tuple | None] = [None]
+
+
+def _metadata(q, k, v, kv_start, kv_end, backend) -> tuple | None:
+    """All that :func:`_check_metadata` reads (types, shapes, dtypes, devices), or None if an
+    argument is not a tensor."""
+    for t in (q, k, v, kv_start, kv_end):
+        if not isinstance(t, torch.Tensor):
+            return None
+    return (backend, q.shape, k.shape, v.shape, kv_start.shape, kv_end.shape, q.dtype, k.dtype, v.dtype,
+            kv_start.dtype, kv_end.dtype, q.device, k.device, v.device, kv_start.device, kv_end.device)
+
+
+def _check_metadata(q, k, v, kv_start, kv_end, backend) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES + (torch.float64,))
     B, Hq, Lq, D = q.shape
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,))
@@ -874,7 +932,6 @@ def _check_inputs(q, k, v, kv_start, kv_end, backend) -> None:
             raise TypeError(f"q dtype {q.dtype} is not supported by the Triton backend (fp16, bf16, fp32)")
         if D not in _TRITON_HEAD_DIMS:
             raise ValueError(f"q head dim {D} is not supported by the Triton backend (one of {_TRITON_HEAD_DIMS})")
-    _check_interval_values(kv_start, kv_end, Lk)
 
 
 def _check_interval_values(kv_start: torch.Tensor, kv_end: torch.Tensor, kv_len: int) -> None:
@@ -882,14 +939,13 @@ def _check_interval_values(kv_start: torch.Tensor, kv_end: torch.Tensor, kv_len:
     reductions and host reads, a fifth of a decode step's attention call)."""
     if is_tracing():  # data-dependent: check_values_in_range skips it there anyway
         return
-    key = _interval_key(kv_start, kv_end, kv_len)
-    cached = _PLAN_CACHE.get("checked")
-    if key is not None and cached is not None and cached[0] == key:
+    facts = _INTERVAL_FACTS.of(kv_start, kv_end)
+    if facts is not None and ("in range", kv_len) in facts:
         return
     for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
         check_values_in_range(name, t, 0, kv_len, f"[0, Lk={kv_len}]")
-    if key is not None:
-        _PLAN_CACHE["checked"] = (key, kv_start, kv_end)
+    if facts is not None:
+        facts["in range", kv_len] = True
 
 
 def mixed_attention(
@@ -929,7 +985,8 @@ def mixed_attention(
         raise ValueError(f"num_splits must be >= 1 or None, got {num_splits}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
-    scale, softcap = float(q.shape[-1] ** -0.5 if scale is None else scale), float(softcap or 0.0)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = float(softcap) if softcap else 0.0
     if backend == "torch" and is_tracing() and q.shape[2] <= _TRACED_FEW_QUERIES:
         return _attention_few_queries_torch(q, k, v, kv_start, kv_end, scale, softcap)
     if runs_body_directly(backend, q, k, v):  # inference: no lse to keep, no custom-op dispatch to pay

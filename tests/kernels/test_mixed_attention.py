@@ -242,6 +242,37 @@ def test_interval_values_are_checked_once_per_tensors_and_again_after_a_change(m
             mixed_attention(q, k, v, kv_start, kv_end)
 
 
+def test_arguments_are_checked_after_a_call_that_passed():
+    """The checks remember the last arguments' metadata that passed; any change is checked again."""
+    q, k, v, kv_start, kv_end = packed_inputs(1, 2, 2, 20, 32, torch.float32, seed=5)
+    with torch.no_grad():
+        mixed_attention(q, k, v, kv_start, kv_end)
+        with pytest.raises(TypeError, match="k must have dtype"):
+            mixed_attention(q, k.double(), v, kv_start, kv_end)
+        with pytest.raises(ValueError, match="v must have shape"):
+            mixed_attention(q, k, v[:, :, :-1], kv_start, kv_end)
+        with pytest.raises(TypeError, match="kv_end must be a torch.Tensor"):
+            mixed_attention(q, k, v, kv_start, kv_end.tolist())
+        mixed_attention(q, k, v, kv_start, kv_end)
+
+
+def test_two_alternating_interval_pairs_are_each_checked_once(monkeypatch):
+    """Layers that alternate two masks (sliding-window / full, as Gemma's) keep both pairs' facts: each
+    pair's range is checked once however many layers alternate, and a third pair evicts the oldest."""
+    checks = count_calls(monkeypatch, {"range": ("mmfuse.kernels.mixed_attention", "check_values_in_range")})
+    q, k, v, kv_start, kv_end = packed_inputs(1, 2, 2, 20, 32, torch.float32, seed=5)
+    pairs = [(kv_start, kv_end), (kv_start.clone(), kv_end.clone())]  # other tensors: a pair of its own
+    with torch.no_grad():
+        for _ in range(3):
+            for s, e in pairs:
+                mixed_attention(q, k, v, s, e)
+        assert checks["range"] == 4  # two tensors per pair, once each
+        third = (kv_start.clone(), kv_end.clone())
+        mixed_attention(q, k, v, *third)
+        mixed_attention(q, k, v, *pairs[0])  # the oldest pair was evicted by the third: checked again
+        assert checks["range"] == 8
+
+
 def test_inference_mode_tensors_are_planned_afresh(monkeypatch):
     """Inference tensors keep no version counter, so their plan is never kept: changed in place, the
     next call still sees the new intervals."""
