@@ -184,23 +184,64 @@ def eager_autograd(op: Callable, body: Callable, setup_context: Callable, backwa
     diffusion loss. ``backward`` sees ``ctx.eager = True`` and calls its backward body directly too
     (:func:`op_or_body`). Under ``torch.profiler`` the op itself runs inside the Function (autograd
     is off in a Function's forward), so profiles name the mmfuse ops as before.
+
+    List-of-tensor arguments (the routed ops' experts) reach the Function flattened, so autograd
+    tracks each tensor; ``body``, ``setup_context`` and ``backward`` still see the lists, and
+    ``backward`` returns one list of gradients per list argument ([] or Nones for none). There,
+    ``ctx.needs_input_grad`` indexes the flattened arguments: positions before the first list
+    argument are the op's own.
     """
 
-    def forward(ctx, *inputs):
+    def forward(ctx, *flat):
+        layout, flat = flat[-1], flat[:-1]
+        inputs = _unflatten(flat, layout)
         output = (op if _profiling() else body)(*inputs)
         setup_context(ctx, inputs, output)
-        ctx.eager = True
+        ctx.eager, ctx.layout = True, layout
         return output
+
+    def flat_backward(ctx, *grads):
+        return (*_flatten(backward(ctx, *grads), ctx.layout, fill=True)[0], None)
 
     # ctx-style forward: a separate ``setup_context`` would make every apply bind its arguments through
     # ``inspect.signature`` (~15 us).
     function = type(f"Eager_{body.__name__}", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                    {"forward": staticmethod(forward), "backward": staticmethod(flat_backward)})
 
     def call(*inputs):
-        return op(*inputs) if is_tracing() else function.apply(*inputs)
+        if is_tracing():
+            return op(*inputs)
+        flat, layout = _flatten(inputs)
+        return function.apply(*flat, layout)
 
     return call
+
+
+def _flatten(values: Sequence, layout: tuple | None = None, *, fill: bool = False) -> tuple[list, tuple]:
+    """Arguments with list arguments spliced in, and the layout that undoes it (None: not a list, n:
+    a list of n). With ``layout`` and ``fill`` (gradients): an empty list stands for n Nones."""
+    flat, sizes = [], []
+    for i, value in enumerate(values):
+        if isinstance(value, list):
+            n = len(value) if layout is None else layout[i]
+            flat.extend(value if value or not fill else [None] * n)
+            sizes.append(n)
+        else:
+            flat.append(value)
+            sizes.append(None)
+    return flat, tuple(sizes)
+
+
+def _unflatten(flat: Sequence, layout: tuple) -> list:
+    values, i = [], 0
+    for size in layout:
+        if size is None:
+            values.append(flat[i])
+            i += 1
+        else:
+            values.append(list(flat[i:i + size]))
+            i += size
+    return values
 
 
 def op_or_body(ctx, op: Callable, body: Callable) -> Callable:

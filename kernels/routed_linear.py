@@ -42,7 +42,10 @@ from ._common import (
     check_tensor,
     check_values_in_range,
     dot_flags,
+    eager_autograd,
+    op_or_body,
     resolve_backend,
+    runs_body_directly,
     triton_interpreting,
 )
 from .mask_intervals import _INT_DTYPES
@@ -336,8 +339,7 @@ def _expert_grads_torch(dy_sorted, x_sorted, ranges, *, expert: int, want_dw: bo
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse::routed_linear_fwd", mutates_args=())
-def _routed_linear_fwd_op(
+def _routed_linear_fwd(
     x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None, offsets: torch.Tensor, tiles: torch.Tensor,
     host_offsets: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor],
     sorted_in: bool, sorted_out: bool, backend: str,
@@ -350,13 +352,15 @@ def _routed_linear_fwd_op(
     return _from_sorted(y_sorted, order, inverse, sorted_out)
 
 
+_routed_linear_fwd_op = torch.library.custom_op("mmfuse::routed_linear_fwd", mutates_args=())(_routed_linear_fwd)
+
+
 @_routed_linear_fwd_op.register_fake
 def _(x, order, inverse, offsets, tiles, host_offsets, weights, biases, sorted_in, sorted_out, backend):
     return x.new_empty((x.shape[0], weights[0].shape[0]))
 
 
-@torch.library.custom_op("mmfuse::routed_linear_bwd", mutates_args=())
-def _routed_linear_bwd_op(
+def _routed_linear_bwd(
     dy: torch.Tensor, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None, offsets: torch.Tensor,
     tiles: torch.Tensor,
     host_offsets: torch.Tensor | None, weights: list[torch.Tensor], sorted_in: bool, sorted_out: bool,
@@ -393,6 +397,9 @@ def _routed_linear_bwd_op(
     return dx, dw_list, db_list
 
 
+_routed_linear_bwd_op = torch.library.custom_op("mmfuse::routed_linear_bwd", mutates_args=())(_routed_linear_bwd)
+
+
 @_routed_linear_bwd_op.register_fake
 def _(dy, x, order, inverse, offsets, tiles, host_offsets, weights, sorted_in, sorted_out, need_dx,
       weight_needs_grad, bias_needs_grad, backend):
@@ -416,7 +423,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, order, inverse, offsets, tiles, host_offsets, *weights = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, dws, dbs = _routed_linear_bwd_op(grad_y.contiguous(), x, order, inverse, offsets, tiles, host_offsets,
+    bwd = op_or_body(ctx, _routed_linear_bwd_op, _routed_linear_bwd)
+    dx, dws, dbs = bwd(grad_y.contiguous(), x, order, inverse, offsets, tiles, host_offsets,
                                          weights, ctx.sorted_in, ctx.sorted_out, need_dx, ctx.weight_needs_grad,
                                          ctx.bias_needs_grad, ctx.backend)
     dws, dbs = iter(dws), iter(dbs)
@@ -426,6 +434,7 @@ def _backward(ctx, grad_y):
 
 
 _routed_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_routed_linear_call = eager_autograd(_routed_linear_fwd_op, _routed_linear_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -634,6 +643,8 @@ def apply_routed_linear(
     Returns:
         (N, Dout).
     """
-    return _routed_linear_fwd_op(x, routing.order, routing.inverse, routing.offsets, routing.tiles,
-                                 routing.host_offsets, list(weights), list(biases) if biases is not None else [],
-                                 sorted_input, sorted_output, backend)
+    weights, biases = list(weights), list(biases) if biases is not None else []
+    # inference (no grad) runs the body itself, as the other ops do: no autograd to set up
+    fwd = _routed_linear_fwd if runs_body_directly(backend, x, *weights, *biases) else _routed_linear_call
+    return fwd(x, routing.order, routing.inverse, routing.offsets, routing.tiles, routing.host_offsets, weights,
+               biases, sorted_input, sorted_output, backend)

@@ -19,20 +19,21 @@ from typing import Sequence
 
 import torch
 
-from ._common import check_tensor, resolve_backend
+from ._common import check_tensor, eager_autograd, op_or_body, resolve_backend, runs_body_directly
 from .routed_linear import (
     Routing,
     _check_experts,
     _check_inputs,
     _grouped_gemm_torch,
     _grouped_gemm_triton,
+    _routed_linear_bwd,
     _routed_linear_bwd_op,
     _row_ranges,
     _to_sorted,
     apply_routed_linear,
     build_routing,
 )
-from .swiglu import _swiglu_bwd_op, _swiglu_fwd_torch
+from .swiglu import _swiglu_bwd, _swiglu_bwd_op, _swiglu_fwd_torch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,8 +41,7 @@ from .swiglu import _swiglu_bwd_op, _swiglu_fwd_torch
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfuse::routed_gate_up_swiglu", mutates_args=())
-def _gate_up_swiglu_op(
+def _gate_up_swiglu(
     x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None, offsets: torch.Tensor, tiles: torch.Tensor,
     host_offsets: torch.Tensor | None, weights: list[torch.Tensor], keep_preact: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +53,9 @@ def _gate_up_swiglu_op(
                               transpose_weights=False)
     gate, up = pre.chunk(2, dim=-1)
     return _swiglu_fwd_torch(gate, up), (pre if keep_preact else pre.new_empty(0, 0))
+
+
+_gate_up_swiglu_op = torch.library.custom_op("mmfuse::routed_gate_up_swiglu", mutates_args=())(_gate_up_swiglu)
 
 
 @_gate_up_swiglu_op.register_fake
@@ -74,10 +77,10 @@ def _gate_up_backward(ctx, grad_hidden, _grad_pre):
     if pre.numel() == 0 and grad_hidden.numel():
         raise RuntimeError("routed SwiGLU: the forward ran without keeping pre-activations (no grad was needed)")
     gate, up = pre.chunk(2, dim=-1)
-    d_gate, d_up = _swiglu_bwd_op(grad_hidden.contiguous(), gate, up, ctx.backend)
+    d_gate, d_up = op_or_body(ctx, _swiglu_bwd_op, _swiglu_bwd)(grad_hidden.contiguous(), gate, up, ctx.backend)
     d_pre = torch.cat([d_gate, d_up], dim=-1)  # laid out like the fused weight's rows: gate | up
     need_dx = ctx.needs_input_grad[0]
-    dx, dws, _ = _routed_linear_bwd_op(d_pre, x, order, inverse, offsets, tiles, host_offsets, weights, False, True,
+    dx, dws, _ = op_or_body(ctx, _routed_linear_bwd_op, _routed_linear_bwd)(d_pre, x, order, inverse, offsets, tiles, host_offsets, weights, False, True,
                                       need_dx, ctx.weight_needs_grad, [False] * len(weights), ctx.backend)
     dws = iter(dws)
     grad_w = [next(dws) if want else None for want in ctx.weight_needs_grad]
@@ -85,6 +88,7 @@ def _gate_up_backward(ctx, grad_hidden, _grad_pre):
 
 
 _gate_up_swiglu_op.register_autograd(_gate_up_backward, setup_context=_gate_up_setup_context)
+_gate_up_swiglu_call = eager_autograd(_gate_up_swiglu_op, _gate_up_swiglu, _gate_up_setup_context, _gate_up_backward)
 
 
 def _routing_for(x, modality, weights, biases, routing, backend, weights_name, biases_name) -> Routing:
@@ -125,8 +129,10 @@ def routed_swiglu_mlp(
 
     x2d = x.reshape(-1, x.shape[-1])
     keep_preact = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in gate_up_weights))
-    hidden, _ = _gate_up_swiglu_op(x2d, routing.order, routing.inverse, routing.offsets, routing.tiles,
-                                   routing.host_offsets, list(gate_up_weights), keep_preact, backend)
+    weights = list(gate_up_weights)
+    gate_up = _gate_up_swiglu if runs_body_directly(backend, x, *weights) else _gate_up_swiglu_call
+    hidden, _ = gate_up(x2d, routing.order, routing.inverse, routing.offsets, routing.tiles,
+                        routing.host_offsets, weights, keep_preact, backend)
     # hidden is in routing order: the down projection reads it without a gather.
     y = apply_routed_linear(hidden, routing, down_weights, None, backend, sorted_input=True)
     return y.reshape(x.shape)

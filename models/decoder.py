@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -332,23 +333,53 @@ class Decoder(nn.Module):
         batch-8 decode step's LM head (V = 32000, measured), and argmax / softmax read the view as well.
         """
         weight = self.lm_head_weight
-        rows = hidden.numel() // hidden.shape[-1]
-        if hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and rows <= _SKINNY_ROWS:
-            out = _skinny_logits(hidden, weight)
+        if _transposed_head_is_faster(hidden, weight):
+            out = _transposed_logits(hidden, weight)
             return out.contiguous() if contiguous else out
         return F.linear(hidden, weight).float()
 
 
-# A decode step's few rows against the LM head (V x dim): on CPU, fp32 ``W @ h.T`` runs as a GEMM
-# parallel over the V rows, 2-3x faster than ``F.linear``'s (measured, 2 cores, V = 32000, dim 256:
-# 1 row 5.8 -> 3.1 ms, 8 rows 10.7 -> 4.3 ms; from 64 rows on F.linear wins, and in bf16 always).
-_SKINNY_ROWS = 16
+# A decode step's few rows against the LM head (V x dim) on CPU, fp32: ``F.linear`` (BLAS's GEMV /
+# GEMM over the rows) or ``W @ h.T`` (a GEMM parallel over the V rows). Which is faster depends on
+# the machine's BLAS and cores: on one 2-core VM (V = 32000, dim 256) 1 row took 5.8 ms through
+# F.linear and 3.1 ms transposed, on another 1.0 and 2.5 ms, while at 8 rows the transposed form won
+# on both (3.5 vs 2.7 ms on the second). So each (rows, V, dim, threads) is timed once, the first time
+# it comes, and the faster form kept. From 64 rows on F.linear wins everywhere measured: not timed.
+_SKINNY_ROWS = 32
+_HEAD_FORMS: dict[tuple, bool] = {}  # (rows, V, dim, threads) -> the transposed form is faster
 
 
-def _skinny_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _transposed_head_is_faster(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    rows = hidden.numel() // hidden.shape[-1]
+    if not (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and rows <= _SKINNY_ROWS):
+        return False
+    if torch.compiler.is_compiling():  # a compiled step: Inductor picks the GEMM's form itself
+        return False
+    key = (rows, *weight.shape, torch.get_num_threads())
+    faster = _HEAD_FORMS.get(key)
+    if faster is None:
+        flat = hidden.detach().reshape(rows, -1)
+        with torch.no_grad():
+            faster = _best_of(lambda: _transposed_logits(flat, weight)) < _best_of(lambda: F.linear(flat, weight))
+        _HEAD_FORMS[key] = faster
+    return faster
+
+
+def _best_of(fn: Callable[[], object], calls: int = 3) -> float:
+    """The fastest of a few calls after one untimed call, in seconds."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _transposed_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     flat = hidden.reshape(-1, hidden.shape[-1])
     one = flat.shape[0] == 1
-    # contiguous rows (BLAS's fast layout); one row would be a GEMV, the slow form: two keep it a GEMM
+    # contiguous rows (BLAS's fast layout); one row would be a GEMV, not this GEMM: two keep it one
     flat = flat.expand(2, -1).contiguous() if one else flat.contiguous()
     out = (weight @ flat.T).T  # (rows, V), a transposed view
     return (out[:1] if one else out).view(*hidden.shape[:-1], weight.shape[0])

@@ -3,7 +3,8 @@ ops (whose dispatch outweighs decode-sized arithmetic), and gets what the op giv
 import pytest
 import torch
 
-from mmfuse.kernels import apply_rope, ddpm_training_pair, mixed_attention, rms_norm, routed_rms_norm, swiglu
+from mmfuse.kernels import (apply_rope, ddpm_training_pair, mixed_attention, rms_norm, routed_linear, routed_rms_norm,
+                            routed_swiglu_mlp, swiglu)
 from tests.helpers import count_calls, rel_err
 
 
@@ -26,6 +27,17 @@ def _pair(x0, noise, a):
     return torch.cat([t.flatten() for t in ddpm_training_pair(x0, noise, a.sigmoid(), "v_prediction", backend="torch")])
 
 
+_MODALITY = torch.tensor([[1, 0, 0, 1, 1], [0, 1, 0, 0, 1]])  # interleaved: the routed ops sort and un-sort
+
+
+def _routed_linear(x, w0, w1, b0, b1):
+    return routed_linear(x, _MODALITY, [w0, w1], [b0, b1], backend="torch")
+
+
+def _routed_mlp(x, gate_up0, gate_up1, down0, down1):
+    return routed_swiglu_mlp(x, _MODALITY, [gate_up0, gate_up1], [down0, down1], backend="torch")
+
+
 # name -> (call, input shapes, the custom op it must skip, tolerance vs the op's result)
 CASES = {
     "ddpm_training_pair": (_pair, [(2, 3, 4), (2, 3, 4), (2,)], ("mmfuse.kernels.diffusion_loss", "_mix_pair_op"), 0.0),
@@ -39,6 +51,11 @@ CASES = {
     # A different (dense, few-query) form of the same attention, so equal to rounding.
     "mixed_attention": (_attention, [(2, 4, 1, 16), (2, 2, 9, 16), (2, 2, 9, 16)],
                         ("mmfuse.kernels.mixed_attention", "_mixed_attention_fwd_op"), 1e-6),
+    # Expert weights come as lists: the eager Function takes them flattened.
+    "routed_linear": (_routed_linear, [(2, 5, 16), (24, 16), (24, 16), (24,), (24,)],
+                      ("mmfuse.kernels.routed_linear", "_routed_linear_fwd_op"), 0.0),
+    "routed_swiglu_mlp": (_routed_mlp, [(2, 5, 16), (48, 16), (48, 16), (16, 24), (16, 24)],
+                          ("mmfuse.kernels.routed_mlp", "_gate_up_swiglu_op"), 0.0),
 }
 
 
