@@ -201,7 +201,7 @@ def eager_autograd(op: Callable, body: Callable, setup_context: Callable, backwa
         return output
 
     def flat_backward(ctx, *grads):
-        return (*_flatten(backward(ctx, *grads), ctx.layout, fill=True)[0], None)
+        return (*_flatten_grads(backward(ctx, *grads), ctx.layout), None)
 
     # ctx-style forward: a separate ``setup_context`` would make every apply bind its arguments through
     # ``inspect.signature`` (~15 us).
@@ -217,19 +217,30 @@ def eager_autograd(op: Callable, body: Callable, setup_context: Callable, backwa
     return call
 
 
-def _flatten(values: Sequence, layout: tuple | None = None, *, fill: bool = False) -> tuple[list, tuple]:
+def _flatten(values: Sequence) -> tuple[list, tuple]:
     """Arguments with list arguments spliced in, and the layout that undoes it (None: not a list, n:
-    a list of n). With ``layout`` and ``fill`` (gradients): an empty list stands for n Nones."""
-    flat, sizes = [], []
-    for i, value in enumerate(values):
+    a list of n)."""
+    flat, layout = [], []
+    for value in values:
         if isinstance(value, list):
-            n = len(value) if layout is None else layout[i]
-            flat.extend(value if value or not fill else [None] * n)
-            sizes.append(n)
+            flat.extend(value)
+            layout.append(len(value))
         else:
             flat.append(value)
-            sizes.append(None)
-    return flat, tuple(sizes)
+            layout.append(None)
+    return flat, tuple(layout)
+
+
+def _flatten_grads(grads: Sequence, layout: tuple) -> list:
+    """A backward's gradients, one per argument, flattened like the arguments: an empty list stands
+    for no gradient for any tensor of that list argument."""
+    flat = []
+    for grad, size in zip(grads, layout):
+        if size is None:
+            flat.append(grad)
+        else:
+            flat.extend(grad if grad else [None] * size)
+    return flat
 
 
 def _unflatten(flat: Sequence, layout: tuple) -> list:

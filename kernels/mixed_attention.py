@@ -936,9 +936,8 @@ def _check_metadata(q, k, v, kv_start, kv_end, backend) -> None:
 
 def _check_interval_values(kv_start: torch.Tensor, kv_end: torch.Tensor, kv_len: int) -> None:
     """Both interval tensors within [0, Lk], checked once per tensors (not once per layer: two
-    reductions and host reads, a fifth of a decode step's attention call)."""
-    if is_tracing():  # data-dependent: check_values_in_range skips it there anyway
-        return
+    reductions and host reads, a fifth of a decode step's attention call). Not called under tracing,
+    where the values are data-dependent."""
     facts = _INTERVAL_FACTS.of(kv_start, kv_end)
     if facts is not None and ("in range", kv_len) in facts:
         return

@@ -77,11 +77,13 @@ def _gate_up_backward(ctx, grad_hidden, _grad_pre):
     if pre.numel() == 0 and grad_hidden.numel():
         raise RuntimeError("routed SwiGLU: the forward ran without keeping pre-activations (no grad was needed)")
     gate, up = pre.chunk(2, dim=-1)
-    d_gate, d_up = op_or_body(ctx, _swiglu_bwd_op, _swiglu_bwd)(grad_hidden.contiguous(), gate, up, ctx.backend)
+    swiglu_bwd = op_or_body(ctx, _swiglu_bwd_op, _swiglu_bwd)
+    d_gate, d_up = swiglu_bwd(grad_hidden.contiguous(), gate, up, ctx.backend)
     d_pre = torch.cat([d_gate, d_up], dim=-1)  # laid out like the fused weight's rows: gate | up
     need_dx = ctx.needs_input_grad[0]
-    dx, dws, _ = op_or_body(ctx, _routed_linear_bwd_op, _routed_linear_bwd)(d_pre, x, order, inverse, offsets, tiles, host_offsets, weights, False, True,
-                                      need_dx, ctx.weight_needs_grad, [False] * len(weights), ctx.backend)
+    linear_bwd = op_or_body(ctx, _routed_linear_bwd_op, _routed_linear_bwd)
+    dx, dws, _ = linear_bwd(d_pre, x, order, inverse, offsets, tiles, host_offsets, weights, False, True, need_dx,
+                            ctx.weight_needs_grad, [False] * len(weights), ctx.backend)
     dws = iter(dws)
     grad_w = [next(dws) if want else None for want in ctx.weight_needs_grad]
     return dx if need_dx else None, None, None, None, None, None, grad_w, None, None
