@@ -121,6 +121,12 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, minus the call when t already has it (a no-op ``.to`` costs ~0.8 us on CPU,
+    several per op of a decode step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
     """``UPCAST`` / ``DOT_PRECISION`` constexprs for kernels that call ``tl.dot`` on ``dtype`` operands.
 
@@ -154,6 +160,83 @@ def check_values_in_range(name: str, t: torch.Tensor, low: int, high: int, bound
     found_low, found_high = found_low.item(), found_high.item()
     if found_low < low or found_high > high:
         raise ValueError(f"{name} values must lie in {bounds}, got [{found_low}, {found_high}]")
+
+
+def tensor_metadata(*tensors: object) -> tuple | None:
+    """All that argument checks read from these tensors (shape, dtype, device), as one hashable key
+    for :class:`CheckMemo`; None if one of them is not a tensor (the checks then say which)."""
+    meta = []
+    for t in tensors:  # a loop, not a generator: every op of a decode step calls this
+        if not isinstance(t, torch.Tensor):
+            return None
+        meta.append((t.shape, t.dtype, t.device))
+    return tuple(meta)
+
+
+class CheckMemo:
+    """The key of the last arguments that passed an op's argument checks.
+
+    Every layer of a forward, and every step of a decode, calls an op with arguments of the same
+    shapes, dtypes and devices; their checks cost several microseconds of Python (rope on CPU: ~6 of
+    a ~25 us decode call), so they run when that key changes, not on every call. A key holds what
+    the checks read (:func:`tensor_metadata`, the resolved backend, the grad mode where it matters);
+    a None key (an argument is not a tensor) always checks. Under tracing the checks always run: a
+    graph checks once, when traced, and remembering would make it guard on the memo.
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: tuple | None = None
+
+    def needs_check(self, key: tuple | None) -> bool:
+        """True unless ``key`` is the last key :meth:`passed` recorded (always True under tracing)."""
+        return is_tracing() or key is None or key != self.last  # tracing first: no guard on the memo
+
+    def passed(self, key: tuple | None) -> None:
+        """Record that arguments with this key passed the checks."""
+        if not is_tracing():
+            self.last = key
+
+
+class PairFacts:
+    """What has been derived from the most recent pairs of tensors, kept while they are unchanged.
+
+    Every layer of a forward (and its backward) passes the same interval tensors to attention and the
+    same cos / sin tables to RoPE, so a fact derived from such a pair (a range check, a chunk plan, a
+    rotation table) is derived once per batch or decode step, as a FlexAttention BlockMask is built
+    once per batch.
+
+    The tensors are held with their facts, so no other object can take their ids; an in-place change
+    bumps their version counters and their facts start afresh. Inference tensors have no version
+    counter: nothing is kept for them. The last ``kept`` pairs are remembered, so layers that
+    alternate two masks (sliding-window and full attention) keep both.
+    """
+
+    def __init__(self, kept: int = 2):
+        self.kept = kept
+        self.entries: list[tuple] = []  # (a, b, versions, facts), most recent first
+
+    def of(self, a: torch.Tensor, b: torch.Tensor) -> dict | None:
+        """The facts dict of this pair (empty when new or changed), None for inference tensors."""
+        # A pair, not *tensors: this runs in every layer of a decode step (~0.3 us; a general
+        # n-tensor form costs twice that).
+        for i, (held_a, held_b, versions, facts) in enumerate(self.entries):
+            if held_a is a and held_b is b:  # held tensors: identity cannot be another object's
+                if versions == (a._version, b._version):
+                    return facts
+                del self.entries[i]
+                break
+        if a.is_inference() or b.is_inference():
+            return None
+        facts: dict = {}
+        self.entries.insert(0, (a, b, (a._version, b._version), facts))
+        del self.entries[self.kept:]
+        return facts
+
+    def total(self, name: str) -> int:
+        """The sum of one numeric fact over the kept pairs."""
+        return sum(facts.get(name, 0) for *_, facts in self.entries)
 
 
 def runs_body_directly(backend: str, *tensors: torch.Tensor) -> bool:

@@ -23,6 +23,9 @@ import triton.language as tl
 
 from ._common import (
     FLOAT_DTYPES,
+    CheckMemo,
+    PairFacts,
+    as_dtype,
     check_same_device,
     check_tensor,
     check_values_in_range,
@@ -33,6 +36,7 @@ from ._common import (
     op_or_body,
     resolve_backend,
     runs_body_directly,
+    tensor_metadata,
     triton_interpreting,
 )
 
@@ -584,7 +588,7 @@ def _attention_inference_torch(q, k, v, kv_start, kv_end, scale, softcap=0.0):
         out = q.new_zeros(q.shape)
         for q0, q1, k0, k1, mask, empty in plan:
             out[:, :, q0:q1] = _sdpa_chunk(_span(q, q0, q1), k, v, k0, k1, mask, empty, scale, gqa)
-    return out if dtype == ct else out.to(dtype)  # (a no-op .to still costs ~2 us)
+    return as_dtype(out, dtype)
 
 
 def _sdpa_chunk(q, k, v, k0, k1, mask, empty, scale, gqa):
@@ -626,42 +630,8 @@ def _sdpa_chunks(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
 _PLAN_CACHE_BYTES = 64 << 20  # all kept plans' masks together
 
 
-class _IntervalFacts:
-    """What has been derived from the most recent interval tensors (their range check, their chunk
-    plans), kept while they are unchanged: every layer of a forward, and its backward, passes the
-    same ``kv_start`` / ``kv_end`` objects, so each fact is derived once per batch (or decode step).
-
-    The tensors are held with their facts, so no other object can take their ids; an in-place
-    change bumps their version counters and their facts start afresh. Inference tensors have no
-    version counter: nothing is kept for them. The last ``kept`` pairs are remembered, so layers
-    that alternate two masks (sliding-window and full attention) keep both.
-    """
-
-    def __init__(self, kept: int = 2):
-        self.kept = kept
-        self.entries: list[tuple] = []  # (kv_start, kv_end, versions, facts), most recent first
-
-    def of(self, kv_start: torch.Tensor, kv_end: torch.Tensor) -> dict | None:
-        """The facts dict of these tensors (empty when they are new or changed), None for inference tensors."""
-        for i, (s, e, versions, facts) in enumerate(self.entries):
-            if s is kv_start and e is kv_end:  # held tensors: identity cannot be another object's
-                if versions == (kv_start._version, kv_end._version):
-                    return facts
-                del self.entries[i]
-                break
-        if kv_start.is_inference() or kv_end.is_inference():
-            return None
-        facts: dict = {}
-        self.entries.insert(0, (kv_start, kv_end, (kv_start._version, kv_end._version), facts))
-        del self.entries[self.kept:]
-        return facts
-
-    def total(self, name: str) -> int:
-        """The sum of one numeric fact over the kept tensors."""
-        return sum(facts.get(name, 0) for *_, facts in self.entries)
-
-
-_INTERVAL_FACTS = _IntervalFacts()
+# The range check and chunk plans of the latest interval tensors (every layer passes the same ones).
+_INTERVAL_FACTS = PairFacts(kept=2)
 
 
 def _build_sdpa_plan(kv_start, kv_end, kv_len, dtype) -> list[tuple]:
@@ -887,30 +857,17 @@ _mixed_attention_call = eager_autograd(_mixed_attention_fwd_op, _mixed_attention
 
 
 def _check_inputs(q, k, v, kv_start, kv_end, backend) -> None:
-    if is_tracing():  # a graph checks once, when traced; remembering would make it guard on the memo
+    key = (tensor_metadata(q, k, v, kv_start, kv_end), backend)
+    if _CHECKED.needs_check(key):
         _check_metadata(q, k, v, kv_start, kv_end, backend)
-        return
-    signature = _metadata(q, k, v, kv_start, kv_end, backend)
-    if signature is None or signature != _LAST_CHECKED[0]:
-        _check_metadata(q, k, v, kv_start, kv_end, backend)
-        _LAST_CHECKED[0] = signature
-    _check_interval_values(kv_start, kv_end, k.shape[2])
+        _CHECKED.passed(key)
+    if not is_tracing():  # the values are data-dependent in a graph
+        _check_interval_values(kv_start, kv_end, k.shape[2])
 
 
-# The metadata of the last arguments that passed :func:`_check_metadata`: every layer of a forward
-# (and every step of a decode) calls with the same, and the ten checks cost as much as a decode
-# step's attention arithmetic at short contexts (~9 of ~30 us on CPU).
-_LAST_CHECKED: list[tuple | None] = [None]
-
-
-def _metadata(q, k, v, kv_start, kv_end, backend) -> tuple | None:
-    """All that :func:`_check_metadata` reads (types, shapes, dtypes, devices), or None if an
-    argument is not a tensor."""
-    for t in (q, k, v, kv_start, kv_end):
-        if not isinstance(t, torch.Tensor):
-            return None
-    return (backend, q.shape, k.shape, v.shape, kv_start.shape, kv_end.shape, q.dtype, k.dtype, v.dtype,
-            kv_start.dtype, kv_end.dtype, q.device, k.device, v.device, kv_start.device, kv_end.device)
+# The ten metadata checks cost as much as a decode step's attention arithmetic at short contexts
+# (~9 of ~30 us on CPU): they run when the arguments' metadata changes.
+_CHECKED = CheckMemo()
 
 
 def _check_metadata(q, k, v, kv_start, kv_end, backend) -> None:
@@ -936,8 +893,7 @@ def _check_metadata(q, k, v, kv_start, kv_end, backend) -> None:
 
 def _check_interval_values(kv_start: torch.Tensor, kv_end: torch.Tensor, kv_len: int) -> None:
     """Both interval tensors within [0, Lk], checked once per tensors (not once per layer: two
-    reductions and host reads, a fifth of a decode step's attention call). Not called under tracing,
-    where the values are data-dependent."""
+    reductions and host reads, a fifth of a decode step's attention call)."""
     facts = _INTERVAL_FACTS.of(kv_start, kv_end)
     if facts is not None and ("in range", kv_len) in facts:
         return

@@ -22,6 +22,9 @@ import triton.language as tl
 
 from ._common import (
     FLOAT_DTYPES,
+    CheckMemo,
+    PairFacts,
+    as_dtype,
     check_same_device,
     check_tensor,
     compute_dtype,
@@ -29,6 +32,7 @@ from ._common import (
     op_or_body,
     resolve_backend,
     runs_body_directly,
+    tensor_metadata,
 )
 
 _TILE_ELEMENTS = 2048  # positions per program chosen so one half-tile holds about this many elements
@@ -124,23 +128,18 @@ _FEW_ELEMENTS = 1 << 16
 
 
 def _rope_torch(q, k, cos, sin, transpose):
+    """q (B, Hq, L, D), k (B, Hkv, L, D); cos, sin (B or 1, L, D)."""
     ct = compute_dtype(q)
     half = q.shape[-1] // 2
-    # The (B, L, D) tables are H times smaller than q/k: upcasting them is cheap and makes every
-    # product below run in float32 (a bf16 x bf16 product would round before the sum).
-    c = cos.unsqueeze(1).to(ct)
-    s1, s2 = sin.unsqueeze(1).to(ct).split(half, dim=-1)
-    if transpose:  # R^T: (x1 c1 + x2 s2, x2 c2 - x1 s1)
-        s1, s2 = -s2, -s1
     if q.numel() + k.numel() <= _FEW_ELEMENTS:
         # rotate_half(x) * sin == roll(x, half) * [-s1, s2]
-        signed_sin = torch.cat((-s1, s2), dim=-1)
+        c, signed_sin = _few_element_tables(cos, sin, ct, transpose)
 
         def rotate(x):
-            return torch.mul(x.roll(half, -1), signed_sin).addcmul_(x, c).to(x.dtype)
+            return as_dtype(torch.mul(x.roll(half, -1), signed_sin).addcmul_(x, c), x.dtype)
 
         return rotate(q), rotate(k)
-    c1, c2 = c.split(half, dim=-1)
+    c1, c2, s1, s2 = _half_tables(cos, sin, ct, transpose)
 
     def rotate(x):
         # Written into the halves of one output buffer: no temporaries of q/k's size.
@@ -151,6 +150,53 @@ def _rope_torch(q, k, cos, sin, transpose):
         return out.to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def _half_tables(cos, sin, ct, transpose):
+    """(c1, c2, s1, s2): the halves of cos and sin as (B, 1, L, D / 2) in ``ct``; for R^T the
+    rotation (x1 c1 + x2 s2, x2 c2 - x1 s1) is R's with the sines swapped and negated.
+
+    The (B, L, D) tables are H times smaller than q/k: upcasting them is cheap and makes every
+    product run in float32 (a bf16 x bf16 product would round before the sum)."""
+    half = cos.shape[-1] // 2
+    c1, c2 = cos.unsqueeze(1).to(ct).split(half, dim=-1)
+    s1, s2 = sin.unsqueeze(1).to(ct).split(half, dim=-1)
+    return (c1, c2, -s2, -s1) if transpose else (c1, c2, s1, s2)
+
+
+def _few_element_tables(cos, sin, ct, transpose):
+    """(c, signed_sin) of the roll form: cos as (B, 1, L, D) and [-s1, s2] (R^T: [s2, -s1]), in ``ct``.
+
+    Every layer of a decode step rotates by the same cos / sin objects: the tables are built once
+    per step and kept with them."""
+    facts = _TABLE_FACTS.of(cos, sin)
+    key = (ct, transpose)
+    tables = facts.get(key) if facts is not None else None
+    if tables is None:
+        s = as_dtype(sin.unsqueeze(1), ct)
+        sign = _half_signs(s.shape[-1], ct, s.device, transpose)
+        tables = as_dtype(cos.unsqueeze(1), ct), (s.roll(s.shape[-1] // 2, -1) if transpose else s) * sign
+        if facts is not None:
+            facts[key] = tables
+    return tables
+
+
+def _half_signs(dim: int, dtype: torch.dtype, device: torch.device, transpose: bool) -> torch.Tensor:
+    """(dim,) of -1 then +1 (R^T: +1 then -1): one multiply signs the halves of a sine table."""
+    key = (dim, dtype, device, transpose)
+    sign = _SIGNS.get(key)
+    if sign is None:
+        sign = torch.ones(dim, dtype=dtype, device=device)
+        sign[dim // 2:].neg_() if transpose else sign[:dim // 2].neg_()
+        _SIGNS[key] = sign
+    return sign
+
+
+_SIGNS: dict[tuple, torch.Tensor] = {}  # (dim, dtype, device, transpose) -> constant signs: a handful
+
+
+# The roll form's tables of the latest cos / sin pairs (decode-sized: held tables are small).
+_TABLE_FACTS = PairFacts(kept=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +321,7 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, sections: 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _check_rope_inputs(q, k, cos, sin, backend) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_rope_inputs(q, k, cos, sin, backend) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ()))
     B, _, L, D = q.shape
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,))
@@ -284,16 +330,19 @@ def _check_rope_inputs(q, k, cos, sin, backend) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"q's head dim must be even and positive for rotate-half RoPE, got {D}")
     check_tensor("cos", cos, dtypes=(q.dtype, torch.float32))
     check_tensor("sin", sin, dtypes=(cos.dtype,))
-    if cos.dim() == 2:  # one table shared by the batch
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    if cos.shape[0] not in (1, B) or tuple(cos.shape[1:]) != (L, D):
+    table_shape = tuple(cos.shape[1:]) if cos.dim() == 3 else tuple(cos.shape)
+    if cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] not in (1, B)) or table_shape != (L, D):
         raise ValueError(f"cos must have shape ({B} or 1, {L}, {D}) or ({L}, {D}), got {tuple(cos.shape)}")
     check_tensor("sin", sin, dtypes=(cos.dtype,), shape=tuple(cos.shape))
     check_same_device(q=q, k=k, cos=cos, sin=sin)
     for name, t in (("cos", cos), ("sin", sin)):
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} requires grad, but apply_rope does not differentiate through cos/sin")
-    return cos.expand(B, L, D), sin.expand(B, L, D)
+
+
+# The argument checks cost ~6 us, a quarter of a decode step's rope call: they run when the
+# arguments' metadata changes.
+_CHECKED = CheckMemo()
 
 
 def apply_rope(
@@ -311,10 +360,19 @@ def apply_rope(
     Returns:
         ``(q_rot, k_rot)``, contiguous, in q's dtype; differentiable in q and k (math in float32).
     """
-    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        check_tensor(name, t)
+    meta = tensor_metadata(q, k, cos, sin)
+    if meta is None:
+        for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+            check_tensor(name, t)
     backend = resolve_backend(backend, q, k, cos, sin)
-    cos, sin = _check_rope_inputs(q, k, cos, sin, backend)
+    key = (meta, backend, torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
+    if _CHECKED.needs_check(key):
+        _check_rope_inputs(q, k, cos, sin, backend)
+        _CHECKED.passed(key)
+    if cos.dim() == 2:  # one table shared by the batch
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     if runs_body_directly(backend, q, k):
         return _rope_torch(q, k, cos, sin, False)
-    return _rope_call(q, k, cos, sin, False, backend)
+    # The op's kernels read cos / sin with the batch stride 0 (expanded, never copied).
+    B, _, L, D = q.shape
+    return _rope_call(q, k, cos.expand(B, L, D), sin.expand(B, L, D), False, backend)
