@@ -20,7 +20,11 @@ INSTALL_REQUIRES = [
     "torch>=2.11,<2.14",
     "triton>=3.6,<3.9",
     "numpy>=2.0,<2.4",  # triton's interpreter breaks on numpy >= 2.4
-    "transformers>=5.17,<6",
+    # 5.25 imports the ``kernels`` distribution when it is installed (it requires it), and run from
+    # this checkout's root that name finds the repository's own kernels/ folder first: every
+    # transformers model then fails to import. Until the source folders move under one package
+    # directory, stay below 5.25.
+    "transformers>=5.17,<5.25",
     "diffusers>=0.42,<0.43",
     "safetensors>=0.8",
     "tqdm",
