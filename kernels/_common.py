@@ -189,13 +189,12 @@ class CheckMemo:
     def __init__(self) -> None:
         self.last: tuple | None = None
 
-    def needs_check(self, key: tuple | None) -> bool:
-        """True unless ``key`` is the last key :meth:`passed` recorded (always True under tracing)."""
-        return is_tracing() or key is None or key != self.last  # tracing first: no guard on the memo
-
-    def passed(self, key: tuple | None) -> None:
-        """Record that arguments with this key passed the checks."""
-        if not is_tracing():
+    def check(self, key: tuple | None, checks: Callable[..., None], *args) -> None:
+        """``checks(*args)``, unless ``key`` is that of the last arguments that passed them."""
+        if is_tracing():  # first: a graph must not guard on the memo
+            checks(*args)
+        elif key is None or key != self.last:
+            checks(*args)
             self.last = key
 
 

@@ -857,10 +857,8 @@ _mixed_attention_call = eager_autograd(_mixed_attention_fwd_op, _mixed_attention
 
 
 def _check_inputs(q, k, v, kv_start, kv_end, backend) -> None:
-    key = (tensor_metadata(q, k, v, kv_start, kv_end), backend)
-    if _CHECKED.needs_check(key):
-        _check_metadata(q, k, v, kv_start, kv_end, backend)
-        _CHECKED.passed(key)
+    _CHECKED.check((tensor_metadata(q, k, v, kv_start, kv_end), backend), _check_metadata, q, k, v, kv_start, kv_end,
+                   backend)
     if not is_tracing():  # the values are data-dependent in a graph
         _check_interval_values(kv_start, kv_end, k.shape[2])
 

@@ -343,15 +343,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
         check_tensor("x", x)
         check_tensor("weight", weight)
     backend = resolve_backend(backend, x, weight)
-    key = (meta, backend)
-    if _CHECKED.needs_check(key):
-        _check_x(x, backend)
-        check_tensor("weight", weight, dtypes=(x.dtype,), shape=(x.shape[-1],))
-        check_same_device(x=x, weight=weight)
-        _CHECKED.passed(key)
+    _CHECKED.check((meta, backend), _check_inputs, x, weight, backend)
     if runs_body_directly(backend, x, weight):  # the body broadcasts over any leading dims: no reshape
         return _rms_norm_infer_torch(x, weight, float(eps))
     return _norm(x, weight.unsqueeze(0).contiguous(), None, eps, backend)
+
+
+def _check_inputs(x, weight, backend) -> None:
+    _check_x(x, backend)
+    check_tensor("weight", weight, dtypes=(x.dtype,), shape=(x.shape[-1],))
+    check_same_device(x=x, weight=weight)
 
 
 # rms_norm's checks (~4 us, a third of a decode step's norm) run when its arguments' metadata changes.

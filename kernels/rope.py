@@ -330,8 +330,8 @@ def _check_rope_inputs(q, k, cos, sin, backend) -> None:
         raise ValueError(f"q's head dim must be even and positive for rotate-half RoPE, got {D}")
     check_tensor("cos", cos, dtypes=(q.dtype, torch.float32))
     check_tensor("sin", sin, dtypes=(cos.dtype,))
-    table_shape = tuple(cos.shape[1:]) if cos.dim() == 3 else tuple(cos.shape)
-    if cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] not in (1, B)) or table_shape != (L, D):
+    table = cos.unsqueeze(0) if cos.dim() == 2 else cos  # (L, D): one table shared by the batch
+    if table.dim() != 3 or table.shape[0] not in (1, B) or tuple(table.shape[1:]) != (L, D):
         raise ValueError(f"cos must have shape ({B} or 1, {L}, {D}) or ({L}, {D}), got {tuple(cos.shape)}")
     check_tensor("sin", sin, dtypes=(cos.dtype,), shape=tuple(cos.shape))
     check_same_device(q=q, k=k, cos=cos, sin=sin)
@@ -366,9 +366,7 @@ def apply_rope(
             check_tensor(name, t)
     backend = resolve_backend(backend, q, k, cos, sin)
     key = (meta, backend, torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
-    if _CHECKED.needs_check(key):
-        _check_rope_inputs(q, k, cos, sin, backend)
-        _CHECKED.passed(key)
+    _CHECKED.check(key, _check_rope_inputs, q, k, cos, sin, backend)
     if cos.dim() == 2:  # one table shared by the batch
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     if runs_body_directly(backend, q, k):

@@ -198,10 +198,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         check_tensor("gate", gate)
         check_tensor("up", up)
     backend = resolve_backend(backend, gate, up)
-    key = (meta, backend)
-    if _CHECKED.needs_check(key):
-        _check_inputs(gate, up, backend)
-        _CHECKED.passed(key)
+    _CHECKED.check((meta, backend), _check_inputs, gate, up, backend)
     if runs_body_directly(backend, gate, up):  # elementwise: any shape, no reshape to pay
         return _swiglu_fwd_torch(gate, up)
     shape = gate.shape

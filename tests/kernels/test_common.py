@@ -59,14 +59,28 @@ def test_check_values_in_range_names_the_argument_and_what_it_found():
 
 
 def test_check_memo_skips_only_the_key_that_last_passed():
-    memo = CheckMemo()
+    memo, ran = CheckMemo(), []
     a, b = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)
-    key = tensor_metadata(a, a)
-    assert memo.needs_check(key) and memo.needs_check(None)
-    memo.passed(key)
-    assert not memo.needs_check(tensor_metadata(a, a.clone()))  # other tensors, same metadata
-    assert memo.needs_check(tensor_metadata(a, b)) and memo.needs_check(tensor_metadata(a, a[:1]))
+
+    def checks(name):
+        ran.append(name)
+
+    memo.check(None, checks, "no key")  # an argument that is not a tensor: always checked
+    memo.check(tensor_metadata(a, a), checks, "first")
+    memo.check(tensor_metadata(a, a.clone()), checks, "same metadata")  # other tensors, same metadata
+    memo.check(tensor_metadata(a, b), checks, "dtype")
+    memo.check(tensor_metadata(a, a[:1]), checks, "shape")
+    memo.check(None, checks, "no key again")
+    assert ran == ["no key", "first", "dtype", "shape", "no key again"]
     assert tensor_metadata(a, [1.0]) is None
+
+    def failing(_):
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError):
+        memo.check(tensor_metadata(b, b), failing, None)
+    with pytest.raises(ValueError):  # arguments that failed were not remembered as passed
+        memo.check(tensor_metadata(b, b), failing, None)
 
 
 def test_pair_facts_start_afresh_after_an_in_place_change():
