@@ -9,22 +9,24 @@ attention stays SDPA). Two cases:
 * "generate": greedy ``model.generate`` (KV cache, exactly ``new_tokens`` tokens), ``tokens_per_s``
   counting generated tokens; ``same_tokens`` says whether the patched model generated the baseline's.
 
-Rows carry ms (median), the peak extra memory, ``tokens_per_s`` and ``vs_mmfuse`` (baseline time /
-mmfuse time; > 1: mmfuse is faster); the train rows carry ``loss_diff`` (patched loss minus the
-baseline's on the first step, a sanity check). CPU: fp32 and a small model (hidden 512, 4 layers,
-vocab 32000, batch 2 x 512 tokens; ``--quick`` shrinks it to finish in seconds); GPU: bf16, a
-Llama-3.2-1B-shaped model.
+The two models are timed in interleaved rounds (each round runs each once). Rows carry ms (the
+median over rounds, with min and max), the peak extra memory, ``tokens_per_s`` and ``vs_mmfuse``
+(baseline time / mmfuse time; > 1: mmfuse is faster); the train rows carry ``loss_diff`` (patched
+loss minus the baseline's on the first step, a sanity check). CPU: fp32 and a small model (hidden
+512, 4 layers, vocab 32000, batch 2 x 512 tokens; ``--quick`` shrinks it to finish in seconds);
+GPU: bf16, a Llama-3.2-1B-shaped model.
 
     python -m mmfuse.bench.bench_patch [--quick] [--device cpu|cuda] [--out DIR]
 """
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmfuse.bench.common import add_ratio, append_results, bench_main, peak_memory_mib, print_table, sync, time_ms
+from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table, sync
 from mmfuse.models.patch import patch
 
 
@@ -58,7 +60,8 @@ def build_pair(s: dict, device: torch.device) -> dict[str, LlamaForCausalLM]:
     return {"transformers": base, "mmfuse": ours}
 
 
-def train_row(model: LlamaForCausalLM, s: dict, device: torch.device, reps: int) -> dict:
+def train_step(model: LlamaForCausalLM, s: dict, device: torch.device) -> tuple[Callable[[], object], float]:
+    """The timed training step (forward with labels, backward, ``AdamW.step``) and its first loss."""
     vocab = s["model"]["vocab_size"]
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (s["batch"], s["seq"]), generator=gen).to(device)
@@ -74,16 +77,13 @@ def train_row(model: LlamaForCausalLM, s: dict, device: torch.device, reps: int)
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    first_loss = float(step())  # the warm-up; also allocates the optimizer state before memory is measured
+    first_loss = float(step())  # also allocates the optimizer state before memory is measured
     sync(device)
-    row = time_ms(step, device, warmup=0, reps=reps)
-    row["peak_mib"] = peak_memory_mib(step, device)
-    row["tokens_per_s"] = s["batch"] * s["seq"] / (row["ms"] * 1e-3)
-    row["loss"] = first_loss
-    return row
+    return step, first_loss
 
 
-def generate_row(model: LlamaForCausalLM, s: dict, device: torch.device, reps: int) -> tuple[dict, torch.Tensor]:
+def generate_step(model: LlamaForCausalLM, s: dict, device: torch.device) -> tuple[Callable[[], object], torch.Tensor]:
+    """The timed greedy ``generate`` call and the tokens it returns."""
     vocab, n = s["model"]["vocab_size"], s["new_tokens"]
     gen = torch.Generator(device="cpu").manual_seed(1)
     prompt = torch.randint(0, vocab, (s["gen_batch"], s["prompt"]), generator=gen).to(device)
@@ -95,12 +95,7 @@ def generate_row(model: LlamaForCausalLM, s: dict, device: torch.device, reps: i
         with torch.no_grad():
             return model.generate(prompt, **kwargs)
 
-    tokens = run_generate()  # the warm-up
-    sync(device)
-    row = time_ms(run_generate, device, warmup=0, reps=reps)
-    row["peak_mib"] = peak_memory_mib(run_generate, device)
-    row["tokens_per_s"] = s["gen_batch"] * n / (row["ms"] * 1e-3)
-    return row, tokens
+    return run_generate, run_generate()
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -113,25 +108,29 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = False) -> list[dict]:
     s = sizes(quick or tiny, device, tiny)
-    reps = 1 if tiny else 3 if device.type == "cpu" else 10
+    rounds = 1 if tiny else 7 if device.type == "cpu" else 10
     m = s["model"]
     shape = f"D={m['hidden_size']} layers={m['num_hidden_layers']} V={m['vocab_size']}"
-    rows, tokens = [], {}
-    for impl, model in build_pair(s, device).items():
-        train = train_row(model, s, device, reps)
-        rows.append({"op": "train_step", "shape": f"{shape} B={s['batch']} L={s['seq']}", "mode": "fwd+bwd+adamw",
-                     "impl": impl, **train})
-        gen_row, tokens[impl] = generate_row(model, s, device, reps)
-        gen_shape = f"{shape} B={s['gen_batch']} prompt={s['prompt']} new={s['new_tokens']}"
-        rows.append({"op": "generate", "shape": gen_shape, "mode": "greedy", "impl": impl, **gen_row})
-        del model
-    for r in rows:
-        if r["op"] == "generate":
-            r["same_tokens"] = bool(torch.equal(tokens["mmfuse"], tokens[r["impl"]]))
+    pair = build_pair(s, device)
+    # Both models in one process, timed in interleaved rounds (each round runs each once), so that
+    # load from other processes falls on both alike: the patched model is a few percent either way.
+    train = {impl: train_step(model, s, device) for impl, model in pair.items()}
+    rows = [{"op": "train_step", "shape": f"{shape} B={s['batch']} L={s['seq']}", "mode": "fwd+bwd+adamw",
+             "impl": impl, **measured, "loss": train[impl][1],
+             "tokens_per_s": s["batch"] * s["seq"] / (measured["ms"] * 1e-3)}
+            for impl, measured in measure_interleaved({k: v[0] for k, v in train.items()}, device, rounds).items()]
+    del train  # the optimizer states
+    generate = {impl: generate_step(model, s, device) for impl, model in pair.items()}
+    gen_shape = f"{shape} B={s['gen_batch']} prompt={s['prompt']} new={s['new_tokens']}"
+    for impl, measured in measure_interleaved({k: v[0] for k, v in generate.items()}, device, rounds).items():
+        rows.append({"op": "generate", "shape": gen_shape, "mode": "greedy", "impl": impl, **measured,
+                     "tokens_per_s": s["gen_batch"] * s["new_tokens"] / (measured["ms"] * 1e-3),
+                     "same_tokens": bool(torch.equal(generate["mmfuse"][1], generate[impl][1]))})
     _add_ratios(rows)
     print_table(rows, ["op", "shape", "impl", "ms", "vs_mmfuse", "peak_mib", "tokens_per_s", "loss_diff",
                        "same_tokens"])
-    config = dict(quick=quick, tiny=tiny, dtype=str(s["dtype"]), reps=reps, **{k: v for k, v in s.items() if k != "dtype"})
+    config = dict(quick=quick, tiny=tiny, dtype=str(s["dtype"]), rounds=rounds,
+                  **{k: v for k, v in s.items() if k != "dtype"})
     append_results("patch", device, config, rows, out_dir)
     return rows
 

@@ -13,9 +13,10 @@ Implementations of each layer:
 * ``where``: both experts over all tokens, then ``torch.where`` (public reimplementations; 2x FLOPs).
 * ``gather``: per expert, boolean-mask gather of its tokens, the expert, ``index_put`` back.
 
-Splits: text/image token fractions 50/50 and 90/10. Modes: "fwd" (no grad), "bwd" (backward through
-a kept graph) and "fwd+bwd". On CUDA, ``tflops`` counts only an ideal routed layer's work (each token
-through its own expert; weight gradients for the trainable expert only), the same for every row.
+Splits: text/image token fractions 50/50 and 90/10, each token's modality drawn independently.
+Modes: "fwd" (no grad), "bwd" (backward through a kept graph) and "fwd+bwd". On CUDA, ``tflops``
+counts only an ideal routed layer's work (each token through its own expert; weight gradients for
+the trainable expert only), the same for every row.
 The implementations of one case are timed in interleaved rounds (each round runs each once), and
 each row reports the median over rounds, so load from other processes falls on all of them alike.
 ``vs_mmfuse`` is an implementation's time over mmfuse's (> 1: mmfuse faster); ``peak_mib`` the extra
@@ -139,7 +140,8 @@ def run(quick: bool, device: torch.device, out_dir: str | None, tiny: bool = Fal
     rows = []
     for text_fraction in SPLITS:
         split = f"{round(100 * text_fraction)}/{round(100 * (1 - text_fraction))}"
-        # Interleaved image spans, as in a packed batch; modality ids in token order.
+        # Modality drawn per token: the worst layout for routing (nearly every token out of place, so
+        # the gather and un-sort move every row); a packed batch's image spans are kinder.
         m = (torch.rand(n, device=device) >= text_fraction).long()
         build = time_ms(lambda: build_routing(m, 2), device, warmup=1, reps=reps)
         rows.append({"layer": "-", "split": split, "mode": "-", "impl": "build_routing", **build})

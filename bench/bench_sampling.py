@@ -7,8 +7,10 @@
   ``model.generate(do_sample=False)``, at batch 1 and 8. ``tokens_match``: the row produced the eager
   mmfuse tokens (``first_mismatch``: the first step where they differ; in bf16 a near-tie may go
   either way).
-  On CUDA ``gbps`` = bytes a decode step must read (weights + the KV cache so far) x steps / time,
-  and ``mbu`` = that over the device's memory bandwidth.
+  ``gbps`` = bytes a decode step must read (weights + the KV cache so far) x steps / time (the
+  prompt's prefill inside that time), and ``mbu`` = that over the device's memory bandwidth: the
+  spec sheet's on CUDA, on CPU the ``dst.copy_(src)`` bandwidth measured in the same run (reads
+  alone may go somewhat faster than a copy, so a CPU ``mbu`` near 1 is at the ceiling).
 * image: a random LlamaFusion through ``MMFusePipeline`` (latents out): latency per image against the
   prompt length, with the prompt prefilled once into the KV cache ("cached": each step runs the image
   chunk only, so the cost should stay flat) and with the reference sampler that feeds prompt + image
@@ -46,7 +48,8 @@ import torch
 
 from mmfuse.bench.bench_training import (BOI, EOI, LLAMA_3_2_1B, build_model, device_peak, randomise_zero_init,
                                          random_decoder)
-from mmfuse.bench.common import add_ratio, append_results, bench_main, measure_interleaved, print_table
+from mmfuse.bench.common import (add_ratio, append_results, bench_main, copy_bandwidth_gbps, measure_interleaved,
+                                 print_table)
 from mmfuse.engine.generate import generate
 from mmfuse.engine.pipeline import MMFusePipeline
 from mmfuse.models.denoisers import build_denoiser
@@ -161,6 +164,9 @@ def decode_rows(size: Size, device: torch.device) -> list[dict]:
         save_random_llama(size.decoder, path, dtype)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         ours = from_pretrained(path, dtype=dtype, device=device).eval()
+    # CPU: no spec-sheet figure, so the copy bandwidth measured now is the ceiling.
+    peak_gbps = (device_peak(PEAK_GBPS, device) if device.type == "cuda"
+                 else copy_bandwidth_gbps(device, 8 if size.label == "tiny" else None))
     gen = torch.Generator().manual_seed(0)
     rows = []
     for batch in size.batches:
@@ -195,10 +201,8 @@ def decode_rows(size: Size, device: torch.device) -> list[dict]:
                 row["note"] = note
             if "ms" in m:
                 row["tokens_per_s"] = size.new_tokens * batch / (m["ms"] * 1e-3)
-                if device.type == "cuda":
-                    row["gbps"] = nbytes * size.new_tokens / (m["ms"] * 1e-3) / 1e9
-                    peak = device_peak(PEAK_GBPS, device)
-                    row["mbu"] = row["gbps"] / peak if peak else None
+                row["gbps"] = nbytes * size.new_tokens / (m["ms"] * 1e-3) / 1e9
+                row["mbu"] = row["gbps"] / peak_gbps if peak_gbps else None
             rows.append(row)
     del hf, ours
     return rows
