@@ -247,13 +247,26 @@ def runs_body_directly(backend: str, *tensors: torch.Tensor) -> bool:
     15 us in the body). rms_norm, rope and swiglu run the op's own body (bit-identical results);
     mixed_attention with <= 16 queries takes its dense few-query form, equal to rounding.
     """
-    if backend != "torch" or is_tracing():
-        return False
+    return backend == "torch" and not is_tracing() and not _wants_grad(tensors)
+
+
+def traces_inference_form(backend: str, *tensors: torch.Tensor) -> bool:
+    """True when torch.compile traces an inference call (no gradient wanted) of the torch backend.
+
+    The elementwise ops (rms_norm, rope, swiglu) then put their plain PyTorch form into the graph
+    instead of their custom op: a custom op is opaque to Inductor, which can fuse the plain form
+    with its neighbours. Through the custom ops a compiled CPU decode step ran no faster than the
+    eager one. Training graphs keep the ops (their backward is the op's own, not autograd's).
+    """
+    return backend == "torch" and is_tracing() and not _wants_grad(tensors)
+
+
+def _wants_grad(tensors: tuple[torch.Tensor, ...]) -> bool:
     if torch.is_grad_enabled():
         for t in tensors:  # a loop, not any(<generator>): ~1 us less in every op of a decode step
             if t.requires_grad:
-                return False
-    return True
+                return True
+    return False
 
 
 def eager_autograd(op: Callable, body: Callable, setup_context: Callable, backward: Callable) -> Callable:

@@ -33,6 +33,7 @@ from ._common import (
     resolve_backend,
     runs_body_directly,
     tensor_metadata,
+    traces_inference_form,
 )
 
 _TILE_ELEMENTS = 2048  # positions per program chosen so one half-tile holds about this many elements
@@ -148,6 +149,21 @@ def _rope_torch(q, k, cos, sin, transpose):
         torch.mul(x1, c1, out=o1).addcmul_(x2, s1, value=-1)
         torch.mul(x2, c2, out=o2).addcmul_(x1, s2)
         return out.to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def _rope_traced(q, k, cos, sin):
+    """The rotation as transformers writes it, for a compiled inference graph (Inductor fuses it into
+    one pass over q and one over k; the eager forms' kept tables and ``out=`` halves are Python-side
+    savings that a graph does not need). q (B, Hq, L, D), k (B, Hkv, L, D); cos, sin (B or 1, L, D)."""
+    ct = compute_dtype(q)
+    c, s = cos.unsqueeze(1).to(ct), sin.unsqueeze(1).to(ct)
+
+    def rotate(x):
+        xf = x.to(ct)
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * c + torch.cat((-x2, x1), dim=-1) * s).to(x.dtype)
 
     return rotate(q), rotate(k)
 
@@ -371,6 +387,8 @@ def apply_rope(
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     if runs_body_directly(backend, q, k):
         return _rope_torch(q, k, cos, sin, False)
+    if traces_inference_form(backend, q, k):
+        return _rope_traced(q, k, cos, sin)
     # The op's kernels read cos / sin with the batch stride 0 (expanded, never copied).
     B, _, L, D = q.shape
     return _rope_call(q, k, cos.expand(B, L, D), sin.expand(B, L, D), False, backend)

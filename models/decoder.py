@@ -347,33 +347,42 @@ class Decoder(nn.Module):
 # it comes, and the faster form kept. From 64 rows on F.linear wins everywhere measured: not timed.
 _SKINNY_ROWS = 32
 _HEAD_FORMS: dict[tuple, bool] = {}  # (rows, V, dim, threads) -> the transposed form is faster
+_LATEST_HEAD_FORMS: dict[tuple, bool] = {}  # (rows, V, dim) -> the last choice made, for compiled steps
 
 
 def _transposed_head_is_faster(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = hidden.numel() // hidden.shape[-1]
     if not (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and rows <= _SKINNY_ROWS):
         return False
-    if torch.compiler.is_compiling():  # a compiled step: Inductor picks the GEMM's form itself
-        return False
+    if torch.compiler.is_compiling():
+        # A compiled step can neither time nor read the thread count: it takes the latest eager
+        # choice for its shape (the prefill's last positions are B rows, as in each decode step).
+        return _LATEST_HEAD_FORMS.get((rows, *weight.shape), False)
     key = (rows, *weight.shape, torch.get_num_threads())
     faster = _HEAD_FORMS.get(key)
     if faster is None:
         flat = hidden.detach().reshape(rows, -1)
         with torch.no_grad():
-            faster = _best_of(lambda: _transposed_logits(flat, weight)) < _best_of(lambda: F.linear(flat, weight))
+            transposed, linear = _best_of_each(lambda: _transposed_logits(flat, weight), lambda: F.linear(flat, weight))
+            faster = transposed < linear
         _HEAD_FORMS[key] = faster
+    _LATEST_HEAD_FORMS[key[:-1]] = faster
     return faster
 
 
-def _best_of(fn: Callable[[], object], calls: int = 3) -> float:
-    """The fastest of a few calls after one untimed call, in seconds."""
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
+def _best_of_each(*fns: Callable[[], object], calls: int = 5) -> list[float]:
+    """The fastest of a few calls of each function, in seconds, after one untimed call each. The
+    calls alternate between the functions, so that a passing load spike on a shared machine falls
+    on all of them alike rather than on one function's calls."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = [float("inf")] * len(fns)
+    for _ in range(calls):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def _transposed_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -101,3 +101,33 @@ def test_eager_autograd_equals_the_custom_op(name):
     assert rel_err(traced, eager) <= 1e-6
     for g, t in zip(grads, traced_grads):
         assert rel_err(t, g) <= 1e-6
+
+
+def _graph_ops(fn, *args) -> set[str]:
+    """The targets of the FX graph torch.compile(fullgraph=True) traces for ``fn(*args)``."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True)(*args)
+    return {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "rope", "swiglu"])
+def test_compiled_inference_traces_the_plain_form(name):
+    """Under torch.compile without gradients the elementwise ops put plain PyTorch into the graph
+    (which Inductor can fuse) instead of their opaque custom op; with gradients the op stays."""
+    call, shapes, _, _ = CASES[name]
+    inputs = _inputs(3, *shapes)
+    with torch.no_grad():
+        eager = call(*inputs)
+        ops = _graph_ops(call, *inputs)
+        torch._dynamo.reset()
+        traced = torch.compile(call, backend="aot_eager", fullgraph=True)(*inputs)
+    assert not any("mmfuse" in op for op in ops), ops
+    assert traced.shape == eager.shape and rel_err(traced, eager) <= 1e-6
+    training = _graph_ops(call, inputs[0].clone().requires_grad_(), *inputs[1:])
+    assert any("mmfuse" in op for op in training), training

@@ -274,8 +274,9 @@ def test_logits_of_a_few_rows_equal_the_linear_head(shape, transposed_faster, mo
     """A decode step's few rows take whichever CPU form of the head was timed faster (W @ h.T or F.linear),
     timed once per row count; any form and row count gives F.linear's logits."""
     monkeypatch.setattr(decoder_mod, "_HEAD_FORMS", {})
-    timings = iter([1.0, 2.0] if transposed_faster else [2.0, 1.0])  # (transposed, F.linear); a second timing fails
-    monkeypatch.setattr(decoder_mod, "_best_of", lambda fn: (fn(), next(timings))[1])
+    monkeypatch.setattr(decoder_mod, "_LATEST_HEAD_FORMS", {})
+    timings = iter([[1.0, 2.0] if transposed_faster else [2.0, 1.0]])  # (transposed, F.linear); timed once only
+    monkeypatch.setattr(decoder_mod, "_best_of_each", lambda *fns: ([fn() for fn in fns], next(timings))[1])
     torch.manual_seed(0)
     model = Decoder(DecoderConfig(vocab_size=300, dim=64, hidden_dim=96, num_layers=1, num_heads=2, num_kv_heads=1,
                                   head_dim=32))
@@ -289,3 +290,6 @@ def test_logits_of_a_few_rows_equal_the_linear_head(shape, transposed_faster, mo
     rows = hidden.numel() // 64
     assert decoder_mod._HEAD_FORMS == ({(rows, 300, 64, torch.get_num_threads()): transposed_faster}
                                        if rows <= decoder_mod._SKINNY_ROWS else {})
+    # what a compiled step (which cannot read the thread count) takes for these rows
+    assert decoder_mod._LATEST_HEAD_FORMS == ({(rows, 300, 64): transposed_faster}
+                                              if rows <= decoder_mod._SKINNY_ROWS else {})
