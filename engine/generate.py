@@ -60,7 +60,7 @@ def decode_step(model: Decoder, tokens: torch.Tensor, pos: torch.Tensor, positio
     ``noise``: see :func:`sample_next`.
     """
     hidden = text_step(model, tokens, pos, positions, first)
-    return sample_next(model.logits(hidden[:, -1], contiguous=False), temperature, top_k, top_p, noise=noise)
+    return sample_next(model.logits(hidden[:, -1]), temperature, top_k, top_p, noise=noise)
 
 
 def text_step(model: Decoder, tokens: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
@@ -77,7 +77,7 @@ def text_step(model: Decoder, tokens: torch.Tensor, pos: torch.Tensor, positions
 def prefill_layout(model: Decoder, layout: PromptLayout, noise: torch.Tensor | None, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Run a laid-out prompt into cache slots ``0..P-1`` -> the first new token (B,)."""
-    return sample_next(model.logits(model.prefill(layout)[:, -1], contiguous=False), temperature, top_k, top_p,
+    return sample_next(model.logits(model.prefill(layout)[:, -1]), temperature, top_k, top_p,
                        noise=noise)
 
 

@@ -483,7 +483,7 @@ class MMFusePipeline:
         with decoder.kv_cache(rows, capacity):
             hidden, slot = decoder.prefill(layout), P
             for _ in progress_bar(range(max_new_tokens), progress, desc="interleave"):
-                token = choose(decoder.logits(hidden[0, -1], contiguous=False))
+                token = choose(decoder.logits(hidden[0, -1]))
                 if token == eos or (token == boi and len(latents) == max_images):
                     break
                 new.append(token)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -325,73 +324,16 @@ class Decoder(nn.Module):
         return lm_loss(hidden=hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm_weight=self.lm_head_weight,
                        labels=labels[:, 1:].reshape(-1))
 
-    def logits(self, hidden: torch.Tensor, *, contiguous: bool = True) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, dim) -> (…, V) in float32.
 
-        ``contiguous=False`` (decode steps): a few rows on CPU may come back as a transposed view of
-        the (V, rows) product; making it contiguous is a strided copy of (rows, V) that cost 18% of a
-        batch-8 decode step's LM head (V = 32000, measured), and argmax / softmax read the view as well.
+        ``F.linear`` at every row count. A decode step's few rows were once taken through the
+        transposed product ``(W @ h.T).T`` where that timed faster on its own, but inside a decode
+        loop F.linear was the faster form at 1, 4 and 8 rows (CPU, 2 cores, V = 32000, dim 256,
+        24-token generate: 76 vs 122, 105 vs 140, 138 vs 154 ms); the head timed alone, its weight
+        re-read call after call, ranks the forms differently from a step that reads every layer's.
         """
-        weight = self.lm_head_weight
-        if _transposed_head_is_faster(hidden, weight):
-            out = _transposed_logits(hidden, weight)
-            return out.contiguous() if contiguous else out
-        return F.linear(hidden, weight).float()
-
-
-# A decode step's few rows against the LM head (V x dim) on CPU, fp32: ``F.linear`` (BLAS's GEMV /
-# GEMM over the rows) or ``W @ h.T`` (a GEMM parallel over the V rows). Which is faster depends on
-# the machine's BLAS and cores: on one 2-core VM (V = 32000, dim 256) 1 row took 5.8 ms through
-# F.linear and 3.1 ms transposed, on another 1.0 and 2.5 ms, while at 8 rows the transposed form won
-# on both (3.5 vs 2.7 ms on the second). So each (rows, V, dim, threads) is timed once, the first time
-# it comes, and the faster form kept. From 64 rows on F.linear wins everywhere measured: not timed.
-_SKINNY_ROWS = 32
-_HEAD_FORMS: dict[tuple, bool] = {}  # (rows, V, dim, threads) -> the transposed form is faster
-_LATEST_HEAD_FORMS: dict[tuple, bool] = {}  # (rows, V, dim) -> the last choice made, for compiled steps
-
-
-def _transposed_head_is_faster(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    rows = hidden.numel() // hidden.shape[-1]
-    if not (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and rows <= _SKINNY_ROWS):
-        return False
-    if torch.compiler.is_compiling():
-        # A compiled step can neither time nor read the thread count: it takes the latest eager
-        # choice for its shape (the prefill's last positions are B rows, as in each decode step).
-        return _LATEST_HEAD_FORMS.get((rows, *weight.shape), False)
-    key = (rows, *weight.shape, torch.get_num_threads())
-    faster = _HEAD_FORMS.get(key)
-    if faster is None:
-        flat = hidden.detach().reshape(rows, -1)
-        with torch.no_grad():
-            transposed, linear = _best_of_each(lambda: _transposed_logits(flat, weight), lambda: F.linear(flat, weight))
-            faster = transposed < linear
-        _HEAD_FORMS[key] = faster
-    _LATEST_HEAD_FORMS[key[:-1]] = faster
-    return faster
-
-
-def _best_of_each(*fns: Callable[[], object], calls: int = 5) -> list[float]:
-    """The fastest of a few calls of each function, in seconds, after one untimed call each. The
-    calls alternate between the functions, so that a passing load spike on a shared machine falls
-    on all of them alike rather than on one function's calls."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(calls):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
-def _transposed_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    one = flat.shape[0] == 1
-    # contiguous rows (BLAS's fast layout); one row would be a GEMV, not this GEMM: two keep it one
-    flat = flat.expand(2, -1).contiguous() if one else flat.contiguous()
-    out = (weight @ flat.T).T  # (rows, V), a transposed view
-    return (out[:1] if one else out).view(*hidden.shape[:-1], weight.shape[0])
+        return F.linear(hidden, self.lm_head_weight).float()
 
 
 # ----------------------------------------------------------------------------------------------
