@@ -12,6 +12,7 @@ the decode steps after it are the same text steps.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Callable, Sequence
 
@@ -209,6 +210,16 @@ def generate(
                 if i + 1 < max_new_tokens:
                     out[:, L + i + 1:] = stops[0]
                 break
-            tok = decode(model, tok[:, None], torch.tensor([L + i], device=device), next_pos + i, first, draw_noise(),
-                         *sampling)
+            with _steady_guards(compile and i > 0):
+                tok = decode(model, tok[:, None], torch.tensor([L + i], device=device), next_pos + i, first,
+                             draw_noise(), *sampling)
     return out
+
+
+def _steady_guards(steady: bool):
+    """From the second compiled step of a call on, Dynamo checks only the guards that tell its
+    compiled entries apart, not every guard of every entry (each step's inputs have the first step's
+    shapes, dtypes and devices, the cache and the weights stay the same objects, and the first step
+    of every call still checks them all). Checking them all cost 5% of a compiled CPU decode (bench
+    quick decode model, batch 1, 24 tokens: 38.5 vs 36.6 ms, same tokens)."""
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if steady else contextlib.nullcontext()
