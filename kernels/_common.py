@@ -244,21 +244,22 @@ def runs_body_directly(backend: str, *tensors: torch.Tensor) -> bool:
     That is the torch backend, outside torch.compile, with no gradient wanted (inference: a decode
     step, sampling). The custom-op wrapper is there for autograd and for graphs; at decode sizes
     its dispatch costs more than the arithmetic (CPU, rms_norm on (8, 256): 57 us through the op,
-    15 us in the body). rms_norm, rope and swiglu run the op's own body (bit-identical results);
-    mixed_attention with <= 16 queries takes its dense few-query form, equal to rounding.
+    15 us in the body). The routed ops and the diffusion pair run the op's own body (bit-identical
+    results); mixed_attention with <= 16 queries takes its dense few-query form, equal to rounding.
     """
     return backend == "torch" and not is_tracing() and not _wants_grad(tensors)
 
 
-def traces_inference_form(backend: str, *tensors: torch.Tensor) -> bool:
-    """True when torch.compile traces an inference call (no gradient wanted) of the torch backend.
+def runs_plain_form(backend: str, *tensors: torch.Tensor) -> bool:
+    """True for an inference call (no gradient wanted) of the torch backend, eager or under
+    torch.compile: the elementwise ops (rms_norm, rope, swiglu) then run their plain PyTorch form.
 
-    The elementwise ops (rms_norm, rope, swiglu) then put their plain PyTorch form into the graph
-    instead of their custom op: a custom op is opaque to Inductor, which can fuse the plain form
-    with its neighbours. Through the custom ops a compiled CPU decode step ran no faster than the
-    eager one. Training graphs keep the ops (their backward is the op's own, not autograd's).
+    Eagerly that skips the custom op's dispatch, as :func:`runs_body_directly`. In a graph a custom
+    op is opaque to Inductor, which can fuse the plain form with its neighbours: through the custom
+    ops a compiled CPU decode step ran no faster than the eager one. Training graphs keep the ops
+    (their backward is the op's own, not autograd's).
     """
-    return backend == "torch" and is_tracing() and not _wants_grad(tensors)
+    return backend == "torch" and not _wants_grad(tensors)
 
 
 def _wants_grad(tensors: tuple[torch.Tensor, ...]) -> bool:

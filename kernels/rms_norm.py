@@ -31,9 +31,8 @@ from ._common import (
     eager_autograd,
     op_or_body,
     resolve_backend,
-    runs_body_directly,
+    runs_plain_form,
     tensor_metadata,
-    traces_inference_form,
 )
 
 _MAX_TRITON_DIM = 32768  # one row lives in registers; wider rows would spill
@@ -320,7 +319,7 @@ def _check_x(x, backend) -> None:
 
 def _norm(x, weight_stack, modality, eps, backend):
     shape = x.shape
-    if runs_body_directly(backend, x, weight_stack) or traces_inference_form(backend, x, weight_stack):
+    if runs_plain_form(backend, x, weight_stack):
         y, _ = _rms_norm_fwd_torch(_as_rows(x), weight_stack, modality, float(eps))
     else:
         y, _ = _rms_norm_call(_as_rows(x), weight_stack, modality, float(eps), backend)
@@ -345,7 +344,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
         check_tensor("weight", weight)
     backend = resolve_backend(backend, x, weight)
     _CHECKED.check((meta, backend), _check_inputs, x, weight, backend)
-    if runs_body_directly(backend, x, weight) or traces_inference_form(backend, x, weight):  # any leading dims
+    if runs_plain_form(backend, x, weight):  # the body broadcasts over any leading dims: no reshape
         return _rms_norm_infer_torch(x, weight, float(eps))
     return _norm(x, weight.unsqueeze(0).contiguous(), None, eps, backend)
 

@@ -29,11 +29,11 @@ from ._common import (
     check_tensor,
     compute_dtype,
     eager_autograd,
+    is_tracing,
     op_or_body,
     resolve_backend,
-    runs_body_directly,
+    runs_plain_form,
     tensor_metadata,
-    traces_inference_form,
 )
 
 _TILE_ELEMENTS = 2048  # positions per program chosen so one half-tile holds about this many elements
@@ -385,10 +385,8 @@ def apply_rope(
     _CHECKED.check(key, _check_rope_inputs, q, k, cos, sin, backend)
     if cos.dim() == 2:  # one table shared by the batch
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    if runs_body_directly(backend, q, k):
-        return _rope_torch(q, k, cos, sin, False)
-    if traces_inference_form(backend, q, k):
-        return _rope_traced(q, k, cos, sin)
+    if runs_plain_form(backend, q, k):  # a graph takes the traceable form, without the kept tables
+        return _rope_traced(q, k, cos, sin) if is_tracing() else _rope_torch(q, k, cos, sin, False)
     # The op's kernels read cos / sin with the batch stride 0 (expanded, never copied).
     B, _, L, D = q.shape
     return _rope_call(q, k, cos.expand(B, L, D), sin.expand(B, L, D), False, backend)

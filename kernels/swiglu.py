@@ -26,9 +26,8 @@ from ._common import (
     eager_autograd,
     op_or_body,
     resolve_backend,
-    runs_body_directly,
+    runs_plain_form,
     tensor_metadata,
-    traces_inference_form,
 )
 from .rms_norm import _as_rows
 
@@ -200,7 +199,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         check_tensor("up", up)
     backend = resolve_backend(backend, gate, up)
     _CHECKED.check((meta, backend), _check_inputs, gate, up, backend)
-    if runs_body_directly(backend, gate, up) or traces_inference_form(backend, gate, up):  # any shape
+    if runs_plain_form(backend, gate, up):  # elementwise: any shape, no reshape to pay
         return _swiglu_fwd_torch(gate, up)
     shape = gate.shape
     return _swiglu_call(_as_rows(gate), _as_rows(up), backend).view(shape)
