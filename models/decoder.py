@@ -183,7 +183,13 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RoutedRMSNorm(c.dim, c.norm_eps, c.num_experts)
         self.mlp = RoutedMLP(c.dim, c.hidden_dim, c.num_experts)
 
-    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BatchContext, cache_only: bool = False) -> torch.Tensor | None:
+        """x (B, L, dim) -> (B, L, dim); ``cache_only``: write x's keys and values into the cache and
+        stop there (None). A flag of ``forward``, not a method of its own, so that the call goes
+        through the module's hooks (an FSDP2 unit gathers its weights in them)."""
+        if cache_only:
+            self.attn.fill_cache(self.attn_norm(x, ctx.modality), ctx)
+            return None
         x = x + self.attn(self.attn_norm(x, ctx.modality), ctx)
         return x + self.mlp(self.mlp_norm(x, ctx.modality), ctx.modality, ctx.routing)
 
@@ -257,10 +263,27 @@ class Decoder(nn.Module):
 
     def prefill(self, layout: PromptLayout) -> torch.Tensor:
         """A laid-out prompt into cache slots ``0..P-1`` (after :meth:`kv_cache`) -> hidden (B, P, dim)."""
+        return self(**self._prefill_args(layout))
+
+    def fill_cache(self, layout: PromptLayout) -> None:
+        """:meth:`prefill` for a prompt whose hidden states nothing reads (a MetaQuery prompt before
+        its queries, a prompt before an image): the same keys and values into cache slots ``0..P-1``,
+        but the last layer stops at its cache write, so its attention, MLP and the final norm never
+        run (a layer's work less)."""
+        args = self._prefill_args(layout)
+        x, ctx = self._context(self._embed(None, args.pop("inputs_embeds")), **args)
+        for i, layer in enumerate(self.layers):
+            if i == len(self.layers) - 1:
+                layer(x, ctx, cache_only=True)
+            else:
+                x = layer(x, ctx)
+
+    def _prefill_args(self, layout: PromptLayout) -> dict:
+        """:meth:`forward`'s arguments for a laid-out prompt into cache slots ``0..P-1``."""
         P = layout.input_ids.shape[1]
-        modality = layout.modality if self.config.num_experts > 1 else None
-        return self(inputs_embeds=layout.inputs_embeds, position_ids=layout.position_ids, kv_start=layout.kv_start,
-                    kv_end=layout.kv_end, modality=modality, input_pos=torch.arange(P, device=layout.first.device))
+        return dict(inputs_embeds=layout.inputs_embeds, position_ids=layout.position_ids, kv_start=layout.kv_start,
+                    kv_end=layout.kv_end, modality=layout.modality if self.config.num_experts > 1 else None,
+                    input_pos=torch.arange(P, device=layout.first.device))
 
     def forward(
         self,
@@ -284,7 +307,14 @@ class Decoder(nn.Module):
             modality: int (B, L) expert per token; required when the model has several experts.
             input_pos: int64 (L,) cache slots of these tokens, when ``setup_cache`` was called.
         """
-        x = self._embed(input_ids, inputs_embeds)
+        x, ctx = self._context(self._embed(input_ids, inputs_embeds), position_ids=position_ids, kv_start=kv_start,
+                               kv_end=kv_end, modality=modality, input_pos=input_pos)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x, ctx.modality)
+
+    def _context(self, x, *, position_ids, kv_start, kv_end, modality, input_pos) -> tuple[torch.Tensor, BatchContext]:
+        """:meth:`forward`'s arguments -> (embeddings x, the layers' shared context), defaults filled in."""
         B, L, _ = x.shape
         steps = input_pos if input_pos is not None else torch.arange(L, device=x.device)
         if position_ids is None:
@@ -302,10 +332,7 @@ class Decoder(nn.Module):
             cos, sin = mrope_cos_sin(streams, self.inv_freq, self.config.mrope_section, torch.float32)
         else:
             cos, sin = rope_cos_sin(position_ids, self.inv_freq, torch.float32)
-        ctx = BatchContext(modality, routing, cos, sin, kv_start, kv_end, input_pos)
-        for layer in self.layers:
-            x = layer(x, ctx)
-        return self.norm(x, modality)
+        return x, BatchContext(modality, routing, cos, sin, kv_start, kv_end, input_pos)
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):

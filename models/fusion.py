@@ -478,7 +478,7 @@ def condition_layout(model: LlamaFusion, layout: PromptLayout, recompute: bool =
         yield _recomputing_denoiser(model, layout, chunk)
         return
     with model.decoder.kv_cache(R, P + n):
-        model.decoder.prefill(layout)
+        model.decoder.fill_cache(layout)
         yield chunk.denoiser(model)
 
 

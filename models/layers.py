@@ -211,6 +211,21 @@ class MixedAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         """x (B, L, dim) -> (B, L, dim)."""
         B, L, _ = x.shape
+        q, k, v = self._project(x, ctx)
+        out = mixed_attention(q, k, v, ctx.kv_start, ctx.kv_end)
+        return self.o(out.transpose(1, 2).reshape(B, L, -1), ctx.modality, ctx.routing)
+
+    def fill_cache(self, x: torch.Tensor, ctx: BatchContext) -> None:
+        """Only write x's keys and values (x (B, L, dim), normed) into the cache at ``ctx.input_pos``:
+        all a prefix's last layer has to do when nothing reads its output."""
+        if self.kv_cache is None:
+            raise ValueError("fill_cache needs a KV cache: call it inside Decoder.kv_cache(...)")
+        self._project(x, ctx)
+
+    def _project(self, x: torch.Tensor, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, Hq, L, Dh) rotated, and the keys / values to attend to: x's own (B, Hkv, L, Dh), or,
+        with a cache, the whole cache after x's are written into it."""
+        B, L, _ = x.shape
         qkv = self.qkv(x, ctx.modality, ctx.routing).view(B, L, -1, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), ctx.cos, ctx.sin)
@@ -219,8 +234,7 @@ class MixedAttention(nn.Module):
             if ctx.input_pos is None:
                 raise ValueError("this layer has a KV cache: pass input_pos (the cache slots of the new tokens)")
             k, v = self.kv_cache.update(ctx.input_pos, k, v)
-        out = mixed_attention(q, k, v, ctx.kv_start, ctx.kv_end)
-        return self.o(out.transpose(1, 2).reshape(B, L, -1), ctx.modality, ctx.routing)
+        return q, k, v
 
 
 # ----------------------------------------------------------------------------------------------

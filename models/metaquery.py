@@ -230,8 +230,8 @@ class MetaQuery(nn.Module):
         with self.llm.kv_cache(B, P + N, dtype):
             if P:
                 with torch.no_grad():
-                    self.llm.prefill(PromptLayout.causal(layout.input_ids, layout.attention_mask,
-                                                         layout.inputs_embeds, pos))
+                    self.llm.fill_cache(PromptLayout.causal(layout.input_ids, layout.attention_mask,
+                                                            layout.inputs_embeds, pos))
             return self.llm(inputs_embeds=queries, position_ids=query_pos, kv_start=kv_start, kv_end=kv_end,
                             input_pos=torch.arange(P, P + N, device=pos.device))
 

@@ -1,4 +1,5 @@
 """The lean decoder vs transformers on tiny random checkpoints built here (no download)."""
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mmfuse.models import CheckpointError, Decoder, DecoderConfig, from_pretrained, save_pretrained
+from mmfuse.models.decoder import PromptLayout
 from tests.helpers import rel_err
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -145,6 +147,37 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(tmp_path):
         steps = [model.logits(model(ids[:, i : i + 1], input_pos=torch.tensor([i]))) for i in range(8, 12)]
     assert rel_err(prefill, full[:, :8]) <= 1e-5
     assert rel_err(torch.cat(steps, dim=1), full[:, 8:]) <= 1e-5
+
+
+@pytest.mark.parametrize("experts", [1, 2])
+def test_fill_cache_writes_the_keys_prefill_writes_and_skips_the_last_layers_rest(experts):
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=50, dim=32, hidden_dim=48, num_layers=3, num_heads=4, num_kv_heads=2,
+                                  head_dim=8, num_experts=experts)).eval()
+    for p in model.parameters():  # random norm weights too: a missed norm would show
+        torch.nn.init.normal_(p, std=0.3)
+    layout = PromptLayout.of_tokens([torch.randint(0, 50, (n,)) for n in (9, 5)], model.embed)
+    if experts > 1:  # a few image-expert positions among the real ones
+        layout = dataclasses.replace(layout, modality=(torch.rand(layout.modality.shape) < 0.4).long())
+    caches = []
+    with torch.no_grad():
+        for fill in (model.prefill, model.fill_cache):
+            with model.kv_cache(2, 12):
+                fill(layout)
+                caches.append([(layer.attn.kv_cache.k.clone(), layer.attn.kv_cache.v.clone()) for layer in model.layers])
+    for (k0, v0), (k1, v1) in zip(*caches):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    assert caches[0][-1][0].abs().sum() > 0  # the last layer's keys were written at all
+
+    ran = []
+    last = model.layers[-1]
+    hooks = [m.register_forward_hook(lambda *a, name=name: ran.append(name))
+             for name, m in (("mlp", last.mlp), ("o", last.attn.o), ("final norm", model.norm))]
+    with torch.no_grad(), model.kv_cache(2, 12):
+        model.fill_cache(layout)
+    for h in hooks:
+        h.remove()
+    assert ran == []
 
 
 # ------------------------------------------------------------------ strict loading

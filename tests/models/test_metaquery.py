@@ -108,10 +108,11 @@ def test_llm_pass_is_causal(qwen):
         model.query_states(ids, mask)
         model.queries[-1].normal_()
         model.query_states(ids, mask)
-    # each call: the prompt (prefilled into the KV cache) then the queries
-    (prompt_before, before), (prompt_after, after) = outputs[:2], outputs[2:]
-    assert torch.equal(prompt_before, prompt_after) and torch.equal(before[:, :-1], after[:, :-1])
-    assert not torch.allclose(before[:, -1], after[:, -1])  # the prompt and the earlier queries see no change
+    # Each call fills the KV cache with the prompt (Decoder.fill_cache: not a forward, and before any
+    # query exists, so no query can reach it), then runs the queries: one forward per call.
+    before, after = outputs
+    assert torch.equal(before[:, :-1], after[:, :-1])  # the earlier queries see no change
+    assert not torch.allclose(before[:, -1], after[:, -1])
 
 
 def reference_connector(connector: Connector, x: torch.Tensor) -> torch.Tensor:
@@ -227,12 +228,14 @@ def test_triton_backend_matches_torch_backend(qwen_one_layer, kind):
 def test_the_pipeline_runs_the_llm_and_connector_once(qwen, kind, guidance):
     model = make_model(kind, qwen[1]).eval()
     calls = {"llm": 0, "connector": 0, "diffusion": 0}
-    for name in calls:
-        getattr(model, name).register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    # the LLM counted by its first layer: the prompt's cache fill is not a forward of the LLM itself
+    watched = {"llm": model.llm.layers[0], "connector": model.connector, "diffusion": model.diffusion}
+    for name, module in watched.items():
+        module.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
     pipe = MMFusePipeline(model)
     prompts = [[5, 6, 7], [8, 9], [10]]
     latents = pipe(prompt_ids=prompts, num_inference_steps=3, guidance_scale=guidance, seed=2, output_type="latent").images
-    # one conditioning (the LLM: the prompt's prefill, then the queries), not one per step; guidance:
+    # one conditioning (the LLM: the prompt's cache fill, then the queries), not one per step; guidance:
     # both halves in the same calls
     assert calls == {"llm": 2, "connector": 1, "diffusion": 3}
     assert latents.shape == (3, 4, 8, 8) and torch.isfinite(latents).all()
